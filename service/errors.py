@@ -1,0 +1,86 @@
+"""One exception hierarchy for the whole service.
+
+CRM errors say what the worker should do with them; `worker.classify` is the one place that
+maps them to behaviour (retry, pause everyone, dead-letter, open the circuit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RelayError(Exception):
+    """Something went wrong in crm-relay."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class SettingsError(RelayError):
+    """A setting has a value we cannot use."""
+
+    def __init__(self, variable: str, expected: str) -> None:
+        self.variable = variable
+        self.expected = expected
+        super().__init__(f"{variable}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field of a submission, as shown to the sender."""
+
+    field: str
+    message: str
+
+
+class BadInput(RelayError):
+    """The submission cannot be accepted as it is."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
+
+
+class StoreUnavailable(RelayError):
+    """The database cannot be reached right now."""
+
+
+class CrmError(RelayError):
+    """The CRM did not do what we asked."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class CrmRetryable(CrmError):
+    """A passing CRM failure (5xx, timeout, connection error): retry later with backoff."""
+
+
+class CrmRateLimited(CrmError):
+    """The CRM asked us to slow down (429 / QUERY_LIMIT_EXCEEDED): pause every sender."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        scope: str | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        # None: the whole account; otherwise one method (Bitrix24 OPERATION_TIME_LIMIT)
+        self.scope = scope
+        super().__init__(message, status=status)
+
+
+class CrmPermanent(CrmError):
+    """The CRM rejected the request for a reason a retry will not change (4xx validation)."""
+
+
+class CrmBlocked(CrmError):
+    """The CRM blocked the account (amoCRM 403, Bitrix24 OVERLOAD_LIMIT): stop sending, alert."""
+
+
+class CrmUnauthorized(CrmError):
+    """The CRM refused our credentials (401): refresh once, then treat as blocked."""
