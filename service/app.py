@@ -1,0 +1,202 @@
+"""The app factory: every resource is a cleanup context, stored under a typed AppKey.
+
+Start order: database (embedded server, pool, migrations) → CRM (HTTP session, in-process
+simulator when no CRM is configured, adapter, rate gate) → intake (group commit, spool drainer)
+→ worker. Shutdown runs the same list backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from service import health, intake
+from service.crm.amocrm import AmoCrmAdapter
+from service.crm.amocrm_api import AmoCrmApi, StaticToken, TokenSource
+from service.crm.base import CrmAdapter
+from service.database import EmbeddedPostgres, create_pool, migrate
+from service.errors import StoreUnavailable
+from service.health import RUNTIME, Runtime
+from service.ingest import Intake
+from service.keys import IdempotencyWindow
+from service.limits import RateGate
+from service.oauth import OAuthTokens
+from service.settings import Settings
+from service.spool import Spool
+from service.store import Store
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+STORE = web.AppKey("store", Store)
+DSN = web.AppKey("dsn", str)
+GATE = web.AppKey("gate", RateGate)
+ADAPTER = web.AppKey("adapter", CrmAdapter)
+WORKER = web.AppKey("worker", Worker)
+SPOOL_DRAIN_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which parts this process runs (`serve --no-worker` / `--worker-only`)."""
+
+    http: bool = True
+    worker: bool = True
+
+
+@contextlib.asynccontextmanager
+async def background(
+    coro: Coroutine[Any, Any, None], name: str
+) -> AsyncIterator[asyncio.Task[None]]:
+    """create_task → yield → cancel → await, as every background task here does."""
+    task = asyncio.create_task(coro, name=name)
+    yield task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
+    """Build the aiohttp application for `settings`."""
+    app = web.Application(client_max_size=settings.max_body_bytes + 1024)
+    app[intake.SETTINGS] = settings
+    app[RUNTIME] = Runtime(worker_expected=roles.worker, crm=settings.crm)
+    app.cleanup_ctx.extend([database_ctx, crm_ctx, intake_ctx])
+    if roles.worker:
+        app.cleanup_ctx.append(worker_ctx)
+    app.on_shutdown.append(_mark_shutting_down)
+    app.add_routes(health.routes())
+    if roles.http:
+        app.add_routes(intake.routes())
+    return app
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[RUNTIME].shutting_down = True
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[intake.SETTINGS]
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+        log.info(
+            "embedded PostgreSQL running",
+            extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
+        )
+    pool = await create_pool(dsn)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    app[DSN] = dsn
+    app[STORE] = app[RUNTIME].store = Store(pool)
+    yield
+    await pool.close()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+
+
+async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[intake.SETTINGS]
+    gate = app[GATE] = app[RUNTIME].gate = RateGate(settings.crm_rate_limit)
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        base_url, tokens = await _crm_endpoint(app, settings, session, gate, stack)
+        api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=settings.crm_timeout_s)
+        app[ADAPTER] = AmoCrmAdapter(api, settings)
+        yield
+
+
+async def _crm_endpoint(
+    app: web.Application,
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    gate: RateGate,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[str, TokenSource]:
+    if settings.crm == "simulator":
+        from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
+
+        sim = AmoCrmSimulator(SimulatorConfig(rate_limit=7))
+        runner, url = await start_simulator(sim)
+        stack.push_async_callback(runner.cleanup)
+        print(
+            f"*** crm-relay: no CRM configured: leads go to the IN-PROCESS amoCRM SIMULATOR at "
+            f"{url} (inspect {url}/_sim/state). Set CRM=amocrm and AMOCRM_* for real delivery ***",
+            file=sys.stderr,
+            flush=True,
+        )
+        return url, StaticToken(sim.config.access_token)
+    assert settings.amocrm_base_url is not None  # checked by Settings
+    if settings.amocrm_access_token:
+        return settings.amocrm_base_url, StaticToken(settings.amocrm_access_token)
+    tokens = OAuthTokens(app[STORE], session, settings, gate)
+    await tokens.seed()
+    return settings.amocrm_base_url, tokens
+
+
+async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[intake.SETTINGS]
+    store = app[STORE]
+    spool = Spool(settings.spool_dir)
+    window = IdempotencyWindow(settings.idempotency_window_s, settings.idempotency_window_size)
+    service = Intake(store, spool, window=window, write_timeout_s=settings.db_write_timeout_s)
+    app[intake.INTAKE] = app[RUNTIME].intake = service
+    handlers = {"submission": service.drain_spooled, "rejected": _rejected_handler(store)}
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(background(service.writer.run(), "group-commit"))
+        await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))
+        yield
+    spool.close()
+
+
+def _rejected_handler(store: Store) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
+    async def handle(entries: list[dict[str, Any]]) -> None:
+        for e in entries:
+            body = str(e.get("body", "")).encode("latin-1")
+            await store.save_rejected(
+                str(e.get("endpoint")), e.get("content_type"), body, e.get("errors", [])
+            )
+
+    return handle
+
+
+async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
+    """Re-ingest spooled work whenever there is some and the database answers."""
+    while True:
+        await asyncio.sleep(SPOOL_DRAIN_EVERY_S)
+        if not spool.pending_files():
+            continue
+        try:
+            n = await spool.drain(handlers)
+        except StoreUnavailable:
+            continue
+        if n:
+            log.info("spooled entries stored", extra={"action": "spool_drain", "entries": n})
+
+
+async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[intake.SETTINGS]
+    worker = Worker(app[STORE], app[ADAPTER], app[GATE], settings, app[DSN])
+    app[WORKER] = app[RUNTIME].worker = worker
+    task = asyncio.create_task(worker.run(), name="worker")
+    yield
+    t0 = time.monotonic()
+    await worker.stop(timeout_s=8.0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info(
+        "worker stopped",
+        extra={"action": "worker_stopped", "seconds": round(time.monotonic() - t0, 2)},
+    )

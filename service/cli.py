@@ -1,0 +1,132 @@
+"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, fake-crm."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+
+from aiohttp import web
+
+from service import logs
+from service.app import Roles, create_app
+from service.database import EmbeddedPostgres, create_pool, migrate
+from service.errors import RelayError, SettingsError
+from service.settings import Settings
+from service.store import Store
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crm-relay", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="HTTP intake and the delivery worker")
+    roles = serve.add_mutually_exclusive_group()
+    roles.add_argument("--no-worker", action="store_true", help="intake only (scale HTTP apart)")
+    roles.add_argument(
+        "--worker-only", action="store_true", help="delivery only (probes still served)"
+    )
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    status = sub.add_parser("status", help="queue counts and dead letters")
+    status.add_argument("--limit", type=int, default=20)
+    replay = sub.add_parser("replay", help="make dead jobs due again")
+    replay.add_argument("job_ids", nargs="*", type=int, help="job ids (default: every dead job)")
+    fake = sub.add_parser("fake-crm", help="run the CRM simulator")
+    fake.add_argument("--kind", choices=["amocrm", "bitrix24"], default="amocrm")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8090)
+    fake.add_argument("--rate-limit", type=int, default=7)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "fake-crm":
+        return fake_crm(args)
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        print(f"crm-relay: bad setting {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    try:
+        if args.command == "serve":
+            return serve(settings, Roles(http=not args.worker_only, worker=not args.no_worker))
+        commands: dict[str, Callable[[Store], Awaitable[int]]] = {
+            "migrate": lambda store: _noop(),
+            "status": lambda store: status(store, args.limit),
+            "replay": lambda store: replay(store, args.job_ids or None),
+        }
+        return asyncio.run(with_store(settings, commands[args.command]))
+    except RelayError as exc:
+        print(f"crm-relay: {exc}", file=sys.stderr)
+        return 1
+
+
+def serve(settings: Settings, roles: Roles) -> int:
+    app = create_app(settings, roles)
+    # SIGTERM/SIGINT: aiohttp stops accepting, waits up to shutdown_timeout for requests, then
+    # runs cleanup contexts (the worker finishes in-flight CRM calls): exit well within 10 s
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=2.0,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )
+    return 0
+
+
+async def with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        for name in applied:
+            print(f"applied {name}")
+        return await fn(Store(pool))
+    finally:
+        await pool.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _noop() -> int:
+    return 0
+
+
+async def status(store: Store, limit: int) -> int:
+    counts = await store.queue_counts()
+    for key, value in asdict(counts).items():
+        print(f"{key:>18}: {value}")
+    dead = await store.dead_jobs(limit)
+    if dead:
+        print(f"\ndead letters (newest {len(dead)}):")
+    for d in dead:
+        print(
+            f"  job {d.id}  submission {d.submission_id}  form {d.form}  attempts {d.attempts}  "
+            f"{d.updated_at:%Y-%m-%d %H:%M:%S}  {d.last_error}"
+        )
+    return 0
+
+
+async def replay(store: Store, job_ids: list[int] | None) -> int:
+    n = await store.replay(job_ids)
+    print(f"replayed {n} dead job(s)")
+    return 0
+
+
+def fake_crm(args: argparse.Namespace) -> int:
+    from service.crm.simulator import SimulatorConfig, run_fake_crm
+
+    run_fake_crm(args.kind, args.host, args.port, SimulatorConfig(rate_limit=args.rate_limit))
+    return 0

@@ -1,0 +1,437 @@
+"""The amoCRM / Kommo API v4 over HTTP: requests, status mapping and parsing, no business logic.
+
+Every answer is treated as untrusted input: shapes are checked, odd values are skipped, and a 2xx
+whose envelope we cannot read is `CrmRetryable` rather than "nothing found" (which would make
+the caller create duplicates).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from service.crm.http import Gate, retry_after_seconds, send_json
+from service.errors import CrmBlocked, CrmPermanent, CrmRateLimited, CrmRetryable, CrmUnauthorized
+
+CLOSED_STATUSES = frozenset({142, 143})  # won, lost: the same ids in every amoCRM pipeline
+MAX_BATCH = 50  # amoCRM's limit for leads/complex, and its advice for every other batch
+_PERMANENT = frozenset({400, 404, 405, 409, 422})
+_MESSAGE_LIMIT = 500
+_DEFAULT_TOKEN_LIFETIME_S = 86400.0  # what amoCRM documents for `expires_in`
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """An OAuth2 access/refresh token pair; tokens are kept out of repr so they never get logged."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_at: float  # unix seconds
+
+
+class TokenSource(Protocol):
+    """Where the client gets its bearer token, and a fresh one after a 401."""
+
+    async def access_token(self) -> str:
+        """The token to send now."""
+        ...
+
+    async def refresh(self, stale_access_token: str) -> str:
+        """A fresh token to replace `stale_access_token`, which the CRM just refused.
+
+        Implementations refresh only once when many callers report the same stale token.
+        """
+        ...
+
+
+class StaticToken:
+    """A long-lived token (amoCRM private integration): nothing to refresh it with."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __repr__(self) -> str:
+        return "StaticToken(<hidden>)"
+
+    async def access_token(self) -> str:
+        """The configured token."""
+        return self._token
+
+    async def refresh(self, stale_access_token: str) -> str:
+        """Always fails: a refused long-lived token can only be replaced by hand."""
+        raise CrmUnauthorized("the long-lived AMOCRM_ACCESS_TOKEN was refused", status=401)
+
+
+async def exchange_refresh_token(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    *,
+    client_id: str,
+    client_secret: str,
+    refresh_token: str,
+    redirect_uri: str,
+    timeout_s: float,
+    gate: Gate,
+) -> TokenPair:
+    """Trade a (single-use) refresh token for a new pair; the caller must store it at once.
+
+    400/401 mean the refresh token is revoked or already used → `CrmUnauthorized`.
+    """
+    status, body, headers = await send_json(
+        session,
+        gate,
+        "POST",
+        f"{base_url.rstrip('/')}/oauth2/access_token",
+        json_body={
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "redirect_uri": redirect_uri,
+        },
+        timeout_s=timeout_s,
+    )
+    if status in (400, 401):
+        raise CrmUnauthorized(
+            _clip(f"amoCRM refused the refresh token ({status}): {_problem_summary(body)}"),
+            status=status,
+        )
+    _raise_for(status, body, headers)
+    return _parse_token_pair(body)
+
+
+def _parse_token_pair(body: Any) -> TokenPair:
+    access = body.get("access_token") if isinstance(body, dict) else None
+    refresh = body.get("refresh_token") if isinstance(body, dict) else None
+    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+        raise CrmRetryable("amoCRM answered the token exchange without a token pair")
+    # The old refresh token is already dead, so a pair with an odd `expires_in` is still worth
+    # keeping; assume the documented lifetime instead of throwing the pair away.
+    lifetime = body.get("expires_in")
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+        lifetime = _DEFAULT_TOKEN_LIFETIME_S
+    return TokenPair(access, refresh, time.time() + float(lifetime))
+
+
+@dataclass(frozen=True)
+class AmoContact:
+    """A contact as found by search, with the phones, e-mails and leads amoCRM returned."""
+
+    id: int
+    name: str | None
+    phones: tuple[str, ...]
+    emails: tuple[str, ...]
+    lead_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AmoLead:
+    """A lead's position in the funnel and its linked contacts."""
+
+    id: int
+    pipeline_id: int
+    status_id: int
+    contact_ids: tuple[int, ...]
+
+    @property
+    def is_open(self) -> bool:
+        """True unless the lead is won (142) or lost (143)."""
+        return self.status_id not in CLOSED_STATUSES
+
+
+@dataclass(frozen=True)
+class ComplexResult:
+    """What `leads/complex` made of one requested lead."""
+
+    lead_id: int
+    contact_id: int | None
+    merged: bool  # amoCRM's duplicate control merged the contact into an existing one
+    request_id: str | None
+
+
+class AmoCrmApi:
+    """amoCRM API v4 client: one method per endpoint the relay uses."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        tokens: TokenSource,
+        gate: Gate,
+        *,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._tokens = tokens
+        self._gate = gate
+        self._timeout_s = timeout_s
+
+    async def search_contacts(self, query: str) -> list[AmoContact]:
+        """Contacts matching a phone or e-mail (fuzzy: re-check the fields); none → []."""
+        body = await self._call("GET", "/api/v4/contacts", params={"query": query, "with": "leads"})
+        if body is None:
+            return []
+        contacts = (_parse_contact(item) for item in _embedded_list(body, "contacts", strict=True))
+        return [contact for contact in contacts if contact is not None]
+
+    async def get_lead(self, lead_id: int) -> AmoLead | None:
+        """One lead with its contacts; None when amoCRM does not know it (404)."""
+        body = await self._call(
+            "GET", f"/api/v4/leads/{int(lead_id)}", params={"with": "contacts"}, none_on_404=True
+        )
+        if body is None:
+            return None
+        lead = _parse_lead(body)
+        if lead is None:
+            raise CrmRetryable(f"amoCRM answered lead {lead_id} without id/pipeline_id/status_id")
+        return lead
+
+    async def create_complex(self, leads: Sequence[Mapping[str, Any]]) -> list[ComplexResult]:
+        """Create leads with their embedded contact in one call; results in request order."""
+        _check_batch(leads)
+        if not leads:
+            return []
+        body = await self._call("POST", "/api/v4/leads/complex", json_body=list(leads))
+        if not isinstance(body, list) or len(body) != len(leads):
+            raise CrmRetryable(
+                f"amoCRM answered leads/complex for {len(leads)} leads with an unexpected body"
+            )
+        return _in_request_order(leads, [_parse_complex(item) for item in body])
+
+    async def create_leads(self, leads: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Create leads (link contacts via `_embedded.contacts[{id}]`); their ids in order."""
+        _check_batch(leads)
+        if not leads:
+            return []
+        body = await self._call("POST", "/api/v4/leads", json_body=list(leads))
+        ids = [_as_int(item.get("id")) for item in _embedded_list(body, "leads", strict=True)]
+        if len(ids) != len(leads) or None in ids:
+            raise CrmRetryable(f"amoCRM answered {len(leads)} created leads with unexpected ids")
+        return [lead_id for lead_id in ids if lead_id is not None]
+
+    async def update_leads(self, patches: Sequence[Mapping[str, Any]]) -> None:
+        """Patch leads; every patch carries the lead's `id`."""
+        await self._patch("/api/v4/leads", patches)
+
+    async def update_contacts(self, patches: Sequence[Mapping[str, Any]]) -> None:
+        """Patch contacts; every patch carries the contact's `id`."""
+        await self._patch("/api/v4/contacts", patches)
+
+    async def add_notes(self, notes: Sequence[Mapping[str, Any]]) -> None:
+        """Add notes to leads (`entity_id`, `note_type`, `params`)."""
+        _check_batch(notes)
+        if notes:
+            await self._call("POST", "/api/v4/leads/notes", json_body=list(notes))
+
+    async def pipelines(self) -> dict[int, set[int]]:
+        """Every pipeline id with the ids of its statuses."""
+        body = await self._call("GET", "/api/v4/leads/pipelines")
+        result: dict[int, set[int]] = {}
+        for pipeline in _embedded_list(body, "pipelines", strict=True):
+            pipeline_id = _as_int(pipeline.get("id"))
+            if pipeline_id is not None:
+                result[pipeline_id] = set(_ids(_embedded_list(pipeline, "statuses")))
+        return result
+
+    async def _patch(self, path: str, patches: Sequence[Mapping[str, Any]]) -> None:
+        _check_batch(patches)
+        if any(_as_int(patch.get("id")) is None for patch in patches):
+            raise ValueError("every patch needs an integer 'id'")
+        if patches:
+            await self._call("PATCH", path, json_body=list(patches))
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        none_on_404: bool = False,
+    ) -> Any:
+        """Send with the current token; on 401 refresh it once and repeat once."""
+        token = await self._tokens.access_token()
+        for attempt in range(2):
+            status, body, headers = await send_json(
+                self._session,
+                self._gate,
+                method,
+                self._base + path,
+                json_body=json_body,
+                params=params,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout_s=self._timeout_s,
+            )
+            if status != 401 or attempt:
+                break
+            token = await self._tokens.refresh(token)
+        if status == 404 and none_on_404:
+            return None
+        _raise_for(status, body, headers)
+        return body
+
+
+def _raise_for(status: int, body: Any, headers: Mapping[str, str]) -> None:
+    """The one place amoCRM statuses become errors; 2xx passes."""
+    if 200 <= status < 300:
+        return
+    if status == 401:
+        raise CrmUnauthorized("amoCRM refused the access token even after a refresh", status=401)
+    if status == 429:
+        raise CrmRateLimited(
+            "amoCRM: too many requests (429)", status=429, retry_after=retry_after_seconds(headers)
+        )
+    if status == 403:
+        raise CrmBlocked(
+            "amoCRM answered 403: the account or IP is blocked (stop sending, may need support)",
+            status=403,
+        )
+    if status in _PERMANENT:
+        message = _clip(f"amoCRM rejected the request ({status}): {_problem_summary(body)}")
+        raise CrmPermanent(message, status=status)
+    if status == 504:
+        raise CrmRetryable("amoCRM gateway timeout (504): the batch may be too big", status=504)
+    if status >= 500:
+        raise CrmRetryable(f"amoCRM server error ({status})", status=status)
+    raise CrmRetryable(f"amoCRM answered an unexpected status {status}", status=status)
+
+
+def _problem_summary(body: Any) -> str:
+    """`path: detail` pairs from application/problem+json, else its title/detail/hint."""
+    pairs: list[str] = []
+    if isinstance(body, dict):
+        for item in _dicts(body.get("validation-errors")):
+            for error in _dicts(item.get("errors")):
+                pairs.append(f"{error.get('path', '?')}: {error.get('detail', error.get('code'))}")
+        if not pairs:
+            pairs = [str(body[key]) for key in ("title", "detail", "hint") if body.get(key)]
+    elif isinstance(body, str) and body.strip():
+        pairs = [" ".join(body.split())]
+    return "; ".join(pairs) or "no details"
+
+
+def _clip(message: str) -> str:
+    # Error messages end up in logs, alerts and the dead-letter table: keep them short.
+    return message if len(message) <= _MESSAGE_LIMIT else message[: _MESSAGE_LIMIT - 1] + "…"
+
+
+def _check_batch(items: Sequence[Mapping[str, Any]]) -> None:
+    if len(items) > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} items per amoCRM request, got {len(items)}")
+
+
+def _in_request_order(
+    leads: Sequence[Mapping[str, Any]], results: list[ComplexResult]
+) -> list[ComplexResult]:
+    # amoCRM answers in request order; when the caller tagged every lead with a distinct
+    # request_id and the answer echoes them all, match on those instead of trusting position.
+    wanted = [lead.get("request_id") for lead in leads]
+    by_id = {result.request_id: result for result in results}
+    if len(set(wanted)) == len(wanted) and all(isinstance(w, str) and w in by_id for w in wanted):
+        return [by_id[w] for w in wanted]
+    return results
+
+
+def _parse_complex(item: Any) -> ComplexResult:
+    lead_id = _as_int(item.get("id")) if isinstance(item, dict) else None
+    if lead_id is None:
+        raise CrmRetryable("amoCRM answered leads/complex with a result that has no lead id")
+    request_id = item.get("request_id")
+    if isinstance(request_id, list):  # documented as a list with one element
+        request_id = request_id[0] if request_id else None
+    return ComplexResult(
+        lead_id=lead_id,
+        contact_id=_as_int(item.get("contact_id")),
+        merged=item.get("merged") is True,
+        request_id=None if request_id is None else str(request_id),
+    )
+
+
+def _parse_contact(item: dict[str, Any]) -> AmoContact | None:
+    contact_id = _as_int(item.get("id"))
+    if contact_id is None:
+        return None
+    name = item.get("name")
+    fields = item.get("custom_fields_values")
+    return AmoContact(
+        id=contact_id,
+        name=name if isinstance(name, str) and name else None,
+        phones=_field_values(fields, "PHONE"),
+        emails=_field_values(fields, "EMAIL"),
+        lead_ids=tuple(_ids(_embedded_list(item, "leads"))),
+    )
+
+
+def _parse_lead(body: Any) -> AmoLead | None:
+    if not isinstance(body, dict):
+        return None
+    lead_id, pipeline_id, status_id = (
+        _as_int(body.get(key)) for key in ("id", "pipeline_id", "status_id")
+    )
+    if lead_id is None or pipeline_id is None or status_id is None:
+        return None
+    contact_ids = tuple(_ids(_embedded_list(body, "contacts")))
+    return AmoLead(lead_id, pipeline_id, status_id, contact_ids)
+
+
+def _field_values(custom_fields: Any, code: str) -> tuple[str, ...]:
+    """Non-empty values of the field with `field_code == code`; anything malformed is skipped."""
+    found: list[str] = []
+    for custom_field in _dicts(custom_fields):
+        if custom_field.get("field_code") != code:
+            continue
+        for entry in _dicts(custom_field.get("values")):
+            value = entry.get("value")
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a phone stored as a number is still a phone
+            if isinstance(value, str) and value.strip():
+                found.append(value.strip())
+    return tuple(found)
+
+
+def _embedded_list(body: Any, key: str, *, strict: bool = False) -> list[dict[str, Any]]:
+    """`body["_embedded"][key]` as a list of dicts; `strict` makes a missing envelope an error."""
+    embedded = body.get("_embedded") if isinstance(body, dict) else None
+    items = embedded.get(key) if isinstance(embedded, dict) else None
+    if not isinstance(items, list):
+        if strict:
+            raise CrmRetryable(f"amoCRM answered without _embedded.{key}")
+        return []
+    return _dicts(items)
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _ids(items: list[dict[str, Any]]) -> list[int]:
+    return [i for i in (_as_int(item.get("id")) for item in items) if i is not None]
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def contact_fields(phone: str | None, email: str | None) -> list[dict[str, Any]]:
+    """`custom_fields_values` for a contact's work phone and e-mail (empty ones left out)."""
+    fields: list[dict[str, Any]] = []
+    for code, value in (("PHONE", phone), ("EMAIL", email)):
+        if value:
+            fields.append({"field_code": code, "values": [{"value": value, "enum_code": "WORK"}]})
+    return fields
+
+
+def digits(phone: str) -> str:
+    """Only the ASCII digits of a phone, for comparing numbers written differently."""
+    return "".join(ch for ch in phone if "0" <= ch <= "9")

@@ -1,0 +1,284 @@
+"""Settings, read once from the environment in `main()` and passed down.
+
+A wrong value stops start-up with one line that names the variable and what it expects
+(`SettingsError`); nothing else in the service reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from service.errors import SettingsError
+
+T = TypeVar("T")
+
+CRM_KINDS = ("amocrm", "bitrix24", "simulator")
+DEFAULT_RATES = {"amocrm": 6.0, "bitrix24": 2.0, "simulator": 6.0}
+
+
+@dataclass(frozen=True)
+class FormRule:
+    """How submissions of one form become a lead: pipeline, status, tags, custom fields."""
+
+    pipeline_id: int | None = None
+    status_id: int | None = None
+    tags: tuple[str, ...] = ()
+    # our field name (e.g. "utm_source", "fields.course") -> CRM custom field id
+    field_map: Mapping[str, int] = field(default_factory=dict)
+    lead_name: str = "{form}: {name}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for passing CRM failures."""
+
+    base_s: float = 2.0
+    factor: float = 2.0
+    max_s: float = 900.0
+    max_attempts: int = 12
+    jitter: float = 0.2  # +/- this fraction
+
+    def delay(self, attempt: int, rnd: float) -> float:
+        """Delay before attempt number `attempt + 1`; `rnd` is uniform in [0, 1)."""
+        raw = min(self.max_s, self.base_s * self.factor ** max(attempt - 1, 0))
+        return max(0.0, raw * (1 + self.jitter * (2 * rnd - 1)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service is told from outside."""
+
+    database_url: str | None = None
+    data_dir: Path = Path("./var")
+    redis_url: str | None = None
+    crm: str = "simulator"
+    amocrm_base_url: str | None = None
+    amocrm_access_token: str | None = None
+    amocrm_client_id: str | None = None
+    amocrm_client_secret: str | None = None
+    amocrm_refresh_token: str | None = None
+    amocrm_redirect_uri: str | None = None
+    bitrix24_webhook_url: str | None = None
+    bitrix24_app_token: str | None = None
+    crm_rate_limit: float = 6.0
+    crm_timeout_s: float = 30.0
+    idempotency_window_s: float = 300.0
+    idempotency_window_size: int = 100_000
+    admin_token: str | None = None
+    webhook_secret: str | None = None
+    telegram_bot_token: str | None = None
+    telegram_chat_id: str | None = None
+    alert_webhook_url: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "text"
+    default_phone_region: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8080
+    webhook_forward_url: str | None = None
+    max_body_bytes: int = 64 * 1024
+    retry: RetryPolicy = RetryPolicy()
+    worker_batch: int = 50
+    worker_concurrency: int = 16
+    lease_s: float = 30.0
+    circuit_cooldown_s: float = 60.0
+    db_write_timeout_s: float = 2.0
+    default_pipeline_id: int | None = None
+    default_status_id: int | None = None
+    forms: Mapping[str, FormRule] = field(default_factory=dict)
+    config_path: Path | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    def form_rule(self, form: str) -> FormRule:
+        """The rule for `form`, falling back to the `*` rule and then to the defaults."""
+        rule = self.forms.get(form) or self.forms.get("*") or FormRule()
+        return replace(
+            rule,
+            pipeline_id=rule.pipeline_id or self.default_pipeline_id,
+            status_id=rule.status_id or self.default_status_id,
+        )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from environment variables; raise SettingsError on a bad value."""
+        r = _Reader(env)
+        crm = r.choice("CRM", CRM_KINDS, default=None) or _guess_crm(env)
+        rate_default = DEFAULT_RATES[crm]
+        s = cls(
+            database_url=r.url("DATABASE_URL", ("postgres", "postgresql")),
+            data_dir=Path(r.text("CRM_RELAY_DATA_DIR") or "./var"),
+            redis_url=r.url("REDIS_URL", ("redis", "rediss", "unix")),
+            crm=crm,
+            amocrm_base_url=r.url("AMOCRM_BASE_URL", ("http", "https")),
+            amocrm_access_token=r.text("AMOCRM_ACCESS_TOKEN"),
+            amocrm_client_id=r.text("AMOCRM_CLIENT_ID"),
+            amocrm_client_secret=r.text("AMOCRM_CLIENT_SECRET"),
+            amocrm_refresh_token=r.text("AMOCRM_REFRESH_TOKEN"),
+            amocrm_redirect_uri=r.text("AMOCRM_REDIRECT_URI"),
+            bitrix24_webhook_url=r.url("BITRIX24_WEBHOOK_URL", ("http", "https")),
+            bitrix24_app_token=r.text("BITRIX24_APP_TOKEN"),
+            crm_rate_limit=r.number("CRM_RATE_LIMIT", float, rate_default, 0.1, 1000),
+            crm_timeout_s=r.number("CRM_TIMEOUT_S", float, 30.0, 0.1, 600),
+            idempotency_window_s=r.number("IDEMPOTENCY_WINDOW_S", float, 300.0, 0, 86400),
+            admin_token=r.text("ADMIN_TOKEN"),
+            webhook_secret=r.text("WEBHOOK_SECRET"),
+            telegram_bot_token=r.text("TELEGRAM_BOT_TOKEN"),
+            telegram_chat_id=r.text("TELEGRAM_CHAT_ID"),
+            alert_webhook_url=r.url("ALERT_WEBHOOK_URL", ("http", "https")),
+            log_level=r.choice(
+                "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
+            )
+            or "INFO",
+            log_format=r.choice("LOG_FORMAT", ("json", "text"), "text") or "text",
+            default_phone_region=r.region("DEFAULT_PHONE_REGION"),
+            host=r.text("HOST") or "0.0.0.0",
+            port=r.number("PORT", int, 8080, 0, 65535),
+            webhook_forward_url=r.url("WEBHOOK_FORWARD_URL", ("http", "https")),
+            max_body_bytes=r.number("MAX_BODY_BYTES", int, 64 * 1024, 1024, 64 * 1024 * 1024),
+            retry=RetryPolicy(
+                base_s=r.number("RETRY_BASE_S", float, 2.0, 0.001, 3600),
+                max_s=r.number("RETRY_MAX_S", float, 900.0, 0.001, 86400),
+                max_attempts=r.number("RETRY_MAX_ATTEMPTS", int, 12, 1, 1000),
+            ),
+            worker_batch=r.number("WORKER_BATCH", int, 50, 1, 1000),
+            worker_concurrency=r.number("WORKER_CONCURRENCY", int, 16, 1, 1000),
+            lease_s=r.number("LEASE_S", float, 30.0, 1, 3600),
+            circuit_cooldown_s=r.number("CIRCUIT_COOLDOWN_S", float, 60.0, 0.1, 86400),
+            default_pipeline_id=r.number("AMOCRM_PIPELINE_ID", int, 0, 0, 2**62) or None,
+            default_status_id=r.number("AMOCRM_STATUS_ID", int, 0, 0, 2**62) or None,
+        )
+        s = _check_crm(s)
+        path = r.text("CRM_RELAY_CONFIG")
+        return load_config(s, Path(path)) if path else s
+
+
+def _guess_crm(env: Mapping[str, str]) -> str:
+    if env.get("AMOCRM_BASE_URL"):
+        return "amocrm"
+    if env.get("BITRIX24_WEBHOOK_URL"):
+        return "bitrix24"
+    return "simulator"
+
+
+def _check_crm(s: Settings) -> Settings:
+    if s.crm == "amocrm":
+        if not s.amocrm_base_url:
+            raise SettingsError(
+                "AMOCRM_BASE_URL", "the account URL, e.g. https://example.amocrm.ru"
+            )
+        oauth = (s.amocrm_client_id, s.amocrm_client_secret, s.amocrm_refresh_token)
+        if not s.amocrm_access_token and not all(oauth):
+            raise SettingsError(
+                "AMOCRM_ACCESS_TOKEN",
+                "a long-lived token, or AMOCRM_CLIENT_ID/AMOCRM_CLIENT_SECRET/"
+                "AMOCRM_REFRESH_TOKEN/AMOCRM_REDIRECT_URI for OAuth",
+            )
+    if s.crm == "bitrix24" and not s.bitrix24_webhook_url:
+        raise SettingsError("BITRIX24_WEBHOOK_URL", "https://<portal>/rest/<user>/<secret>/")
+    return s
+
+
+class _Reader:
+    """Reads one variable at a time and says exactly what was wrong with it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def number(self, name: str, kind: Callable[[str], T], default: T, lo: float, hi: float) -> T:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        what = "an integer" if kind is int else "a number"
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise SettingsError(name, f"{what} from {lo:g} to {hi:g}, got {raw!r}") from None
+        if not lo <= value <= hi:  # type: ignore[operator]
+            raise SettingsError(name, f"{what} from {lo:g} to {hi:g}, got {raw!r}")
+        return value
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str | None, *, upper: bool = False
+    ) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in options:
+            raise SettingsError(name, f"one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parsed = urlparse(raw)
+        if parsed.scheme not in schemes or not (parsed.netloc or parsed.path):
+            raise SettingsError(name, f"a {'/'.join(schemes)} URL, got {raw!r}")
+        return raw
+
+    def region(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        import phonenumbers  # imported here: only this setting needs it
+
+        if raw.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise SettingsError(name, f"a two-letter region code such as KZ or RU, got {raw!r}")
+        return raw.upper()
+
+
+def load_config(s: Settings, path: Path) -> Settings:
+    """Merge the optional TOML file (per-form rules) into the settings."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError("CRM_RELAY_CONFIG", f"a readable TOML file ({exc})") from None
+    amo = data.get("amocrm", {})
+    forms = {name: _form_rule(name, raw) for name, raw in data.get("forms", {}).items()}
+    return replace(
+        s,
+        forms=forms,
+        config_path=path,
+        default_pipeline_id=_int(amo.get("pipeline_id"), "amocrm.pipeline_id")
+        or s.default_pipeline_id,
+        default_status_id=_int(amo.get("status_id"), "amocrm.status_id") or s.default_status_id,
+    )
+
+
+def _form_rule(name: str, raw: Any) -> FormRule:
+    where = f"forms.{name}"
+    if not isinstance(raw, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", f"[{where}] to be a table")
+    fields = raw.get("fields", {})
+    if not isinstance(fields, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.fields to map names to field ids")
+    tags = raw.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.tags to be a list of strings")
+    return FormRule(
+        pipeline_id=_int(raw.get("pipeline_id"), f"{where}.pipeline_id"),
+        status_id=_int(raw.get("status_id"), f"{where}.status_id"),
+        tags=tuple(tags),
+        field_map={str(k): _int(v, f"{where}.fields.{k}") or 0 for k, v in fields.items()},
+        lead_name=str(raw.get("lead_name", FormRule.lead_name)),
+    )
+
+
+def _int(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where} to be an integer, got {value!r}")
+    return value

@@ -1,0 +1,308 @@
+"""The repository: every SQL statement the service runs, behind typed methods.
+
+Queries live in `sql/queries.sql` as named queries; driver errors are translated here into
+`StoreUnavailable`, so callers never see asyncpg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from service.errors import StoreUnavailable
+from service.model import Lead
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+T = TypeVar("T")
+
+# Errors that mean "the database is not there right now", as opposed to a bug in our SQL.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, str]:
+    """Split a file of `-- name: x` sections into {name: sql}."""
+    queries: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+    for line in [*path.read_text(encoding="utf-8").splitlines(), "-- name: <end>"]:
+        if line.startswith("-- name:"):
+            if name:
+                queries[name] = "\n".join(lines).strip()
+            name, lines = line.split(":", 1)[1].strip(), []
+        elif name and not line.startswith("--"):
+            lines.append(line)
+    return queries
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A submission ready to be stored: the id is ours, so a spooled copy keeps it."""
+
+    id: uuid.UUID
+    idem_key: str
+    lead: Lead
+    received_at: dt.datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "idem_key": self.idem_key,
+            "form": self.lead.form,
+            "lead": self.lead.to_json(),
+            "identities": self.lead.identities(),
+            "received_at": self.received_at.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Pending:
+        return cls(
+            id=uuid.UUID(data["id"]),
+            idem_key=data["idem_key"],
+            lead=Lead.from_json(data["lead"]),
+            received_at=dt.datetime.fromisoformat(data["received_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What the database made of one submission."""
+
+    idem_key: str
+    id: uuid.UUID
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed delivery job, with what the worker needs to deliver it."""
+
+    id: int
+    person_id: int
+    submission_id: uuid.UUID
+    attempts: int
+    contact_id: int | None
+    lead_id: int | None
+    lead: Lead
+
+
+@dataclass(frozen=True)
+class DeadJob:
+    id: int
+    submission_id: uuid.UUID
+    form: str
+    attempts: int
+    last_error: str | None
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    pending: int = 0
+    running: int = 0
+    done: int = 0
+    dead: int = 0
+    due: int = 0
+    oldest_due_age_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StoredTokens:
+    access_token: str
+    refresh_token: str
+    expires_at: float
+
+
+class Store:
+    """Typed access to the database; takes the pool but does not own its lifecycle."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.q = load_queries()
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        try:
+            async with self.pool.acquire() as conn:
+                return await fn(conn)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.fetchval("SELECT 1"))
+
+    # --- intake -------------------------------------------------------------------------
+
+    async def ingest(self, items: Sequence[Pending]) -> list[Accepted]:
+        """Store submissions and their jobs in one transaction; repeats get the original id."""
+        payload = orjson.dumps([p.to_json() for p in items]).decode()
+        rows = await self._run(lambda c: c.fetch(self.q["ingest"], payload))
+        return [Accepted(r["idem_key"], r["submission_id"], r["duplicate"]) for r in rows]
+
+    async def find_submission(self, idem_key: str) -> uuid.UUID | None:
+        found: uuid.UUID | None = await self._run(
+            lambda c: c.fetchval(self.q["find_submission"], idem_key)
+        )
+        return found
+
+    async def save_rejected(
+        self, endpoint: str, content_type: str | None, body: bytes, errors: list[dict[str, str]]
+    ) -> uuid.UUID:
+        rid = uuid.uuid4()
+        await self._run(
+            lambda c: c.execute(
+                self.q["save_rejected"],
+                rid,
+                endpoint,
+                content_type,
+                body,
+                orjson.dumps(errors).decode(),
+            )
+        )
+        return rid
+
+    # --- delivery -----------------------------------------------------------------------
+
+    async def reap_expired(self) -> int:
+        status: str = await self._run(lambda c: c.execute(self.q["reap_expired"]))
+        return int(status.split()[-1])
+
+    async def claim(self, owner: str, people: int, lease_s: float) -> list[Job]:
+        rows = await self._run(lambda c: c.fetch(self.q["claim"], owner, people, lease_s))
+        jobs = [
+            Job(
+                id=r["id"],
+                person_id=r["person_id"],
+                submission_id=r["submission_id"],
+                attempts=r["attempts"],
+                contact_id=r["crm_contact_id"],
+                lead_id=r["crm_lead_id"],
+                lead=Lead.from_json(orjson.loads(r["lead"])),
+            )
+            for r in rows
+        ]
+        return sorted(jobs, key=lambda j: j.id)
+
+    async def heartbeat(
+        self, owner: str, people: list[int], jobs: list[int], lease_s: float
+    ) -> None:
+        async def beat(c: asyncpg.Connection) -> None:
+            await c.execute(self.q["heartbeat_people"], owner, people, lease_s)
+            await c.execute(self.q["heartbeat_jobs"], owner, jobs, lease_s)
+
+        await self._run(beat)
+
+    async def release_people(self, owner: str, people: list[int]) -> None:
+        await self._run(lambda c: c.execute(self.q["release_people"], owner, people))
+
+    async def job_done(
+        self, job: Job, owner: str, contact_id: int | None, lead_id: int | None
+    ) -> bool:
+        """Mark the job delivered and remember the CRM link, in one transaction."""
+        async with self.transaction() as c:
+            sid = await c.fetchval(self.q["job_done"], job.id, owner)
+            if sid is None:
+                return False  # our lease was lost; whoever holds it now finishes the job
+            await c.execute(self.q["submission_delivered"], sid, contact_id, lead_id)
+            await c.execute(self.q["person_link"], job.person_id, contact_id, lead_id)
+            return True
+
+    async def job_retry(
+        self, job: Job, owner: str, *, counted: bool, delay_s: float, error: str
+    ) -> None:
+        await self._run(
+            lambda c: c.execute(self.q["job_retry"], job.id, owner, counted, delay_s, error[:2000])
+        )
+
+    async def job_dead(self, job: Job, owner: str, error: str) -> None:
+        async with self.transaction() as c:
+            sid = await c.fetchval(self.q["job_dead"], job.id, owner, error[:2000])
+            if sid is not None:
+                await c.execute(self.q["submission_dead"], sid)
+
+    async def replay(self, job_ids: list[int] | None = None) -> int:
+        async with self.transaction() as c:
+            n: int = await c.fetchval(self.q["replay"], job_ids)
+            if n:
+                await c.execute(self.q["notify_jobs"])
+            return n
+
+    async def next_due_in(self) -> float | None:
+        wait: dt.timedelta | None = await self._run(lambda c: c.fetchval(self.q["next_due"]))
+        return None if wait is None else max(0.0, wait.total_seconds())
+
+    async def queue_counts(self) -> QueueCounts:
+        async def read(c: asyncpg.Connection) -> QueueCounts:
+            by_state = {r["state"]: r["n"] for r in await c.fetch(self.q["queue_counts"])}
+            due = await c.fetchrow(self.q["queue_due"])
+            oldest = due["oldest"]
+            age = (dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else None
+            return QueueCounts(**by_state, due=due["n"], oldest_due_age_s=age)
+
+        return await self._run(read)
+
+    async def dead_jobs(self, limit: int = 100) -> list[DeadJob]:
+        rows = await self._run(lambda c: c.fetch(self.q["dead_jobs"], limit))
+        return [DeadJob(**dict(r)) for r in rows]
+
+    # --- OAuth tokens -------------------------------------------------------------------
+
+    async def seed_tokens(self, crm: str, tokens: StoredTokens) -> None:
+        await self._run(
+            lambda c: c.execute(
+                self.q["token_seed"],
+                crm,
+                tokens.access_token,
+                tokens.refresh_token,
+                tokens.expires_at,
+            )
+        )
+
+    async def tokens(self, crm: str) -> StoredTokens | None:
+        row = await self._run(lambda c: c.fetchrow(self.q["token_get"], crm))
+        return None if row is None else StoredTokens(**{k: row[k] for k in row.keys()})
+
+    async def refresh_tokens(
+        self,
+        crm: str,
+        stale_access_token: str,
+        exchange: Callable[[str], Awaitable[StoredTokens]],
+    ) -> StoredTokens:
+        """Refresh once across every process: the row lock serialises refreshers, and whoever
+        finds the token already changed uses the new one instead of spending the refresh token.
+        The new pair is committed before anyone uses it (the old refresh token is dead)."""
+        async with self.transaction() as c:
+            row = await c.fetchrow(self.q["token_for_update"], crm)
+            if row is None:
+                raise StoreUnavailable(f"no OAuth tokens stored for {crm}")
+            if row["access_token"] != stale_access_token:
+                return StoredTokens(row["access_token"], row["refresh_token"], row["expires_at"])
+            fresh = await exchange(row["refresh_token"])
+            await c.execute(
+                self.q["token_save"], crm, fresh.access_token, fresh.refresh_token, fresh.expires_at
+            )
+            return fresh

@@ -1,0 +1,273 @@
+"""The delivery worker: claims due jobs, delivers them through the CRM adapter, records outcomes.
+
+Several workers (in one or many processes) share the queue: a person is leased to one worker at a
+time (see the `claim` query), leases are kept alive by a heartbeat and retaken when a worker dies,
+and LISTEN/NOTIFY wakes idle workers the moment a job is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from itertools import groupby
+
+import asyncpg
+
+from service.crm.base import CrmAdapter, Link
+from service.errors import (
+    CrmBlocked,
+    CrmError,
+    CrmPermanent,
+    CrmRateLimited,
+    CrmRetryable,
+    CrmUnauthorized,
+    StoreUnavailable,
+)
+from service.limits import RateGate
+from service.settings import Settings
+from service.store import Job, Store
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "relay_jobs"
+IDLE_WAIT_S = 5.0
+REAP_EVERY_S = 2.0
+
+
+class Worker:
+    """One delivery loop; `run()` until cancelled or `stop()`ped."""
+
+    def __init__(
+        self, store: Store, adapter: CrmAdapter, gate: RateGate, settings: Settings, dsn: str
+    ) -> None:
+        self.store = store
+        self.adapter = adapter
+        self.gate = gate
+        self.settings = settings
+        self.dsn = dsn
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.paused = False
+        self.running = False
+        self.in_flight: dict[int, list[Job]] = {}  # person id → its claimed jobs
+        self.delivered = 0
+        self.last_success: float | None = None
+        self.last_failure: tuple[float, str] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rate_limit_streak = 0
+        # test hook: called after the CRM accepted a job and before we commit it ("crash here")
+        self.after_crm: Callable[[Job], None] | None = None
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until stopped; survive database outages."""
+        self.running = True
+        listener = asyncio.create_task(self._listen())
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._loop()
+        finally:
+            self.running = False
+            for t in (listener, beat):
+                t.cancel()
+            for t in (listener, beat):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    async def _loop(self) -> None:
+        last_reap = 0.0
+        while not self._stopping:
+            try:
+                if time.monotonic() - last_reap > REAP_EVERY_S:
+                    await self.store.reap_expired()
+                    last_reap = time.monotonic()
+                claimed = await self._claim()
+            except StoreUnavailable as exc:
+                log.warning(
+                    "worker: database unavailable",
+                    extra={"action": "worker_db_down", "error": str(exc)},
+                )
+                await self._sleep(1.0)
+                continue
+            if not claimed:
+                await self._sleep(await self._idle_wait())
+
+    async def _claim(self) -> bool:
+        free = self.settings.worker_concurrency - len(self.in_flight)
+        if self.paused or free <= 0 or (self.gate.circuit.is_open and self._circuit_waiting()):
+            return False
+        jobs = await self.store.claim(
+            self.owner, min(free, self.settings.worker_batch), self.settings.lease_s
+        )
+        for person_id, group in groupby(
+            sorted(jobs, key=lambda j: (j.person_id, j.id)), key=lambda j: j.person_id
+        ):
+            person_jobs = list(group)
+            self.in_flight[person_id] = person_jobs
+            task = asyncio.create_task(self._deliver_person(person_id, person_jobs))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return bool(jobs)
+
+    def _circuit_waiting(self) -> bool:
+        return time.monotonic() < self.gate.circuit.open_until
+
+    async def _idle_wait(self) -> float:
+        if self.paused or len(self.in_flight) >= self.settings.worker_concurrency:
+            return IDLE_WAIT_S
+        if self.gate.circuit.is_open:
+            return max(0.05, self.gate.circuit.open_until - time.monotonic())
+        due_in = await self.store.next_due_in()
+        return IDLE_WAIT_S if due_in is None else min(IDLE_WAIT_S, max(due_in, 0.01))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _deliver_person(self, person_id: int, jobs: list[Job]) -> None:
+        link = Link(jobs[0].contact_id, jobs[0].lead_id)
+        try:
+            for i, job in enumerate(jobs):
+                if self._stopping:
+                    await self._put_back(jobs[i:], 0.0, "worker stopped before this job")
+                    return
+                outcome = await self._deliver_one(job, link)
+                if outcome is None:
+                    # the person's later jobs wait for this one, in order
+                    delay = self._last_delay
+                    await self._put_back(
+                        jobs[i + 1 :], delay, "waiting for an earlier job of this person"
+                    )
+                    return
+                link = outcome
+        except StoreUnavailable as exc:
+            # our leases will lapse and the jobs will be retaken: nothing is lost
+            log.warning(
+                "worker: cannot record outcome",
+                extra={"action": "worker_db_down", "error": str(exc)},
+            )
+        finally:
+            self.in_flight.pop(person_id, None)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release_people(self.owner, [person_id])
+            self.wake()
+
+    async def _deliver_one(self, job: Job, link: Link) -> Link | None:
+        """Deliver one job; the new link on success, None when it was rescheduled or killed."""
+        try:
+            new_link = await self.adapter.deliver(job.lead, link, job.submission_id)
+        except CrmError as exc:
+            await self._failed(job, exc)
+            return None
+        except Exception as exc:  # a bug in an adapter must not kill the worker or lose the job
+            log.exception(
+                "worker: unexpected error", extra={"action": "job_error", "job_id": job.id}
+            )
+            await self._failed(job, CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}"))
+            return None
+        if self.after_crm is not None:
+            self.after_crm(job)
+        await self.store.job_done(job, self.owner, new_link.contact_id, new_link.lead_id)
+        self._succeeded()
+        log.info(
+            "job delivered",
+            extra={
+                "action": "job_success",
+                "job_id": job.id,
+                "submission_id": str(job.submission_id),
+            },
+        )
+        return new_link
+
+    def _succeeded(self) -> None:
+        self.delivered += 1
+        self.last_success = time.time()
+        self._rate_limit_streak = 0
+        if self.gate.circuit.is_open:
+            self.gate.close_circuit()
+
+    _last_delay = 0.0
+
+    async def _failed(self, job: Job, exc: CrmError) -> None:
+        """The one place where a CRM error becomes behaviour."""
+        self.last_failure = (time.time(), f"{exc.__class__.__name__}: {exc}")
+        error = f"{exc.__class__.__name__}: {exc}"
+        extra = {"job_id": job.id, "submission_id": str(job.submission_id), "error": error}
+        if isinstance(exc, CrmRateLimited):
+            self._rate_limit_streak += 1
+            pause = exc.retry_after or min(60.0, 2.0 ** min(self._rate_limit_streak, 6))
+            self.gate.pause(pause)
+            await self._reschedule(job, counted=False, delay=pause, error=error)
+        elif isinstance(exc, CrmBlocked | CrmUnauthorized):
+            cooldown = self.settings.circuit_cooldown_s
+            self.gate.open_circuit(error, cooldown)
+            await self._reschedule(job, counted=False, delay=cooldown, error=error)
+        elif isinstance(exc, CrmPermanent) or job.attempts + 1 >= self.settings.retry.max_attempts:
+            self._last_delay = 0.0
+            await self.store.job_dead(job, self.owner, error)
+            log.error("job dead", extra={"action": "job_dead", **extra})
+        else:
+            delay = self.settings.retry.delay(job.attempts + 1, random.random())
+            await self._reschedule(job, counted=True, delay=delay, error=error)
+            log.warning(
+                "job retry", extra={"action": "job_retry", "delay_s": round(delay, 2), **extra}
+            )
+
+    async def _reschedule(self, job: Job, *, counted: bool, delay: float, error: str) -> None:
+        self._last_delay = delay
+        await self.store.job_retry(job, self.owner, counted=counted, delay_s=delay, error=error)
+
+    async def _put_back(self, jobs: list[Job], delay: float, why: str) -> None:
+        for job in jobs:
+            await self.store.job_retry(job, self.owner, counted=False, delay_s=delay, error=why)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            people = list(self.in_flight)
+            jobs = [j.id for group in self.in_flight.values() for j in group]
+            if people:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.heartbeat(self.owner, people, jobs, self.settings.lease_s)
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection; reconnect after outages (and wake up to catch up)."""
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                await asyncio.sleep(1.0)
+                continue
+            lost = asyncio.Event()
+            try:
+                conn.add_termination_listener(lambda _conn, ev=lost: ev.set())
+                await conn.add_listener(CHANNEL, self.wake)
+                self.wake()
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+
+    async def stop(self, timeout_s: float = 8.0) -> None:
+        """Stop claiming, let in-flight CRM calls finish, give back what was not started."""
+        self._stopping = True
+        self.wake()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release_people(self.owner, list(self.in_flight))

@@ -1,0 +1,135 @@
+-- Named queries, loaded by service/store.py into a dict. Each starts with "-- name: <name>".
+
+-- name: ingest
+SELECT idem_key, submission_id, duplicate FROM relay_ingest($1::jsonb);
+
+-- name: find_submission
+SELECT id FROM submissions WHERE idem_key = $1;
+
+-- name: reap_expired
+-- A worker that died (or lost its database) let its leases run out: its jobs are due again.
+UPDATE jobs
+   SET state = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = now()
+ WHERE state = 'running' AND lease_until < now();
+
+-- name: claim
+-- Lease up to $2 people that have due jobs and no live lease, and take all their due jobs.
+-- FOR UPDATE SKIP LOCKED on the person row makes concurrent claimers pass each other by, and
+-- re-checks lease_until on the row's newest version, so one person is never leased twice.
+WITH due AS (
+    SELECT DISTINCT person_id FROM (
+        SELECT person_id FROM jobs
+         WHERE state = 'pending' AND run_at <= now()
+         ORDER BY run_at
+         LIMIT $2 * 4
+    ) AS oldest
+), free AS (
+    SELECT p.id FROM people p JOIN due ON due.person_id = p.id
+     WHERE p.lease_until IS NULL OR p.lease_until < now()
+     LIMIT $2
+       FOR UPDATE OF p SKIP LOCKED
+), leased AS (
+    UPDATE people p
+       SET lease_owner = $1, lease_until = now() + make_interval(secs => $3)
+      FROM free WHERE p.id = free.id
+    RETURNING p.id, p.crm_contact_id, p.crm_lead_id
+)
+UPDATE jobs j
+   SET state = 'running', lease_owner = $1,
+       lease_until = now() + make_interval(secs => $3), updated_at = now()
+  FROM leased
+ WHERE j.person_id = leased.id AND j.state = 'pending' AND j.run_at <= now()
+RETURNING j.id, j.person_id, j.submission_id, j.attempts,
+          leased.crm_contact_id, leased.crm_lead_id,
+          (SELECT s.lead FROM submissions s WHERE s.id = j.submission_id) AS lead;
+
+-- name: heartbeat_people
+UPDATE people SET lease_until = now() + make_interval(secs => $3)
+ WHERE id = ANY($2::bigint[]) AND lease_owner = $1;
+
+-- name: heartbeat_jobs
+UPDATE jobs SET lease_until = now() + make_interval(secs => $3)
+ WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND state = 'running';
+
+-- name: release_people
+UPDATE people SET lease_owner = NULL, lease_until = NULL
+ WHERE id = ANY($2::bigint[]) AND lease_owner = $1;
+
+-- name: job_done
+UPDATE jobs SET state = 'done', lease_owner = NULL, lease_until = NULL, last_error = NULL,
+                attempts = attempts + 1, updated_at = now()
+ WHERE id = $1 AND lease_owner = $2 AND state = 'running'
+RETURNING submission_id;
+
+-- name: submission_delivered
+UPDATE submissions SET state = 'delivered', crm_contact_id = $2, crm_lead_id = $3,
+                       delivered_at = now()
+ WHERE id = $1;
+
+-- name: person_link
+UPDATE people SET crm_contact_id = $2, crm_lead_id = $3, updated_at = now() WHERE id = $1;
+
+-- name: job_retry
+-- $3: whether this attempt counts toward the limit (a rate-limit pause does not)
+UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_until = NULL,
+                attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END,
+                run_at = now() + make_interval(secs => $4), last_error = $5, updated_at = now()
+ WHERE id = $1 AND lease_owner = $2 AND state = 'running';
+
+-- name: job_dead
+UPDATE jobs SET state = 'dead', lease_owner = NULL, lease_until = NULL,
+                attempts = attempts + 1, last_error = $3, updated_at = now()
+ WHERE id = $1 AND lease_owner = $2 AND state = 'running'
+RETURNING submission_id;
+
+-- name: submission_dead
+UPDATE submissions SET state = 'dead' WHERE id = $1;
+
+-- name: replay
+-- Dead jobs (all, or the given ids) are due again with a fresh attempt budget.
+WITH revived AS (
+    UPDATE jobs SET state = 'pending', attempts = 0, run_at = now(), last_error = NULL,
+                    updated_at = now()
+     WHERE state = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
+    RETURNING id, submission_id
+), pending AS (
+    UPDATE submissions s SET state = 'pending' FROM revived WHERE s.id = revived.submission_id
+)
+SELECT count(*) AS n FROM revived;
+
+-- name: notify_jobs
+SELECT pg_notify('relay_jobs', 'replay');
+
+-- name: queue_counts
+SELECT state, count(*) AS n FROM jobs GROUP BY state;
+
+-- name: queue_due
+SELECT count(*) AS n, min(run_at) AS oldest FROM jobs WHERE state = 'pending' AND run_at <= now();
+
+-- name: next_due
+SELECT min(run_at) - now() AS wait FROM jobs WHERE state = 'pending';
+
+-- name: dead_jobs
+SELECT j.id, j.submission_id, j.attempts, j.last_error, j.updated_at, s.form
+  FROM jobs j JOIN submissions s ON s.id = j.submission_id
+ WHERE j.state = 'dead' ORDER BY j.updated_at DESC LIMIT $1;
+
+-- name: save_rejected
+INSERT INTO rejected (id, endpoint, content_type, body, errors) VALUES ($1, $2, $3, $4, $5::jsonb);
+
+-- name: token_for_update
+SELECT access_token, refresh_token, extract(epoch FROM expires_at) AS expires_at
+  FROM oauth_tokens WHERE crm = $1 FOR UPDATE;
+
+-- name: token_get
+SELECT access_token, refresh_token, extract(epoch FROM expires_at) AS expires_at
+  FROM oauth_tokens WHERE crm = $1;
+
+-- name: token_seed
+INSERT INTO oauth_tokens (crm, access_token, refresh_token, expires_at)
+VALUES ($1, $2, $3, to_timestamp($4)) ON CONFLICT (crm) DO NOTHING;
+
+-- name: token_save
+UPDATE oauth_tokens SET access_token = $2, refresh_token = $3, expires_at = to_timestamp($4),
+                        updated_at = now()
+ WHERE crm = $1;

