@@ -86,6 +86,9 @@ class Settings:
     worker_concurrency: int = 16
     lease_s: float = 30.0
     circuit_cooldown_s: float = 60.0
+    # a 429 without Retry-After pauses every sender: base, doubling per 429 in a row, up to max
+    pause_base_s: float = 1.0
+    pause_max_s: float = 60.0
     db_write_timeout_s: float = 2.0
     default_pipeline_id: int | None = None
     default_status_id: int | None = None
@@ -151,6 +154,8 @@ class Settings:
             worker_concurrency=r.number("WORKER_CONCURRENCY", int, 16, 1, 1000),
             lease_s=r.number("LEASE_S", float, 30.0, 1, 3600),
             circuit_cooldown_s=r.number("CIRCUIT_COOLDOWN_S", float, 60.0, 0.1, 86400),
+            pause_base_s=r.number("CRM_PAUSE_BASE_S", float, 1.0, 0.01, 3600),
+            pause_max_s=r.number("CRM_PAUSE_MAX_S", float, 60.0, 0.01, 86400),
             default_pipeline_id=r.number("AMOCRM_PIPELINE_ID", int, 0, 0, 2**62) or None,
             default_status_id=r.number("AMOCRM_STATUS_ID", int, 0, 0, 2**62) or None,
         )

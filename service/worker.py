@@ -142,12 +142,9 @@ class Worker:
                     await self._put_back(jobs[i:], 0.0, "worker stopped before this job")
                     return
                 outcome = await self._deliver_one(job, link)
-                if outcome is None:
+                if not isinstance(outcome, Link):
                     # the person's later jobs wait for this one, in order
-                    delay = self._last_delay
-                    await self._put_back(
-                        jobs[i + 1 :], delay, "waiting for an earlier job of this person"
-                    )
+                    await self._put_back(jobs[i + 1 :], outcome, "waiting for an earlier job")
                     return
                 link = outcome
         except StoreUnavailable as exc:
@@ -162,19 +159,19 @@ class Worker:
                 await self.store.release_people(self.owner, [person_id])
             self.wake()
 
-    async def _deliver_one(self, job: Job, link: Link) -> Link | None:
-        """Deliver one job; the new link on success, None when it was rescheduled or killed."""
+    async def _deliver_one(self, job: Job, link: Link) -> Link | float:
+        """Deliver one job: the new link on success, else the delay it was rescheduled by."""
         try:
             new_link = await self.adapter.deliver(job.lead, link, job.submission_id)
         except CrmError as exc:
-            await self._failed(job, exc)
-            return None
+            return await self._failed(job, exc)
         except Exception as exc:  # a bug in an adapter must not kill the worker or lose the job
             log.exception(
                 "worker: unexpected error", extra={"action": "job_error", "job_id": job.id}
             )
-            await self._failed(job, CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}"))
-            return None
+            return await self._failed(
+                job, CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")
+            )
         if self.after_crm is not None:
             self.after_crm(job)
         await self.store.job_done(job, self.owner, new_link.contact_id, new_link.lead_id)
@@ -196,36 +193,33 @@ class Worker:
         if self.gate.circuit.is_open:
             self.gate.close_circuit()
 
-    _last_delay = 0.0
-
-    async def _failed(self, job: Job, exc: CrmError) -> None:
-        """The one place where a CRM error becomes behaviour."""
+    async def _failed(self, job: Job, exc: CrmError) -> float:
+        """The one place where a CRM error becomes behaviour; returns the job's delay."""
         self.last_failure = (time.time(), f"{exc.__class__.__name__}: {exc}")
         error = f"{exc.__class__.__name__}: {exc}"
         extra = {"job_id": job.id, "submission_id": str(job.submission_id), "error": error}
         if isinstance(exc, CrmRateLimited):
             self._rate_limit_streak += 1
-            pause = exc.retry_after or min(60.0, 2.0 ** min(self._rate_limit_streak, 6))
+            s = self.settings
+            backoff = s.pause_base_s * 2.0 ** min(self._rate_limit_streak - 1, 16)
+            pause = exc.retry_after or min(s.pause_max_s, backoff)
             self.gate.pause(pause)
-            await self._reschedule(job, counted=False, delay=pause, error=error)
-        elif isinstance(exc, CrmBlocked | CrmUnauthorized):
+            return await self._reschedule(job, counted=False, delay=pause, error=error)
+        if isinstance(exc, CrmBlocked | CrmUnauthorized):
             cooldown = self.settings.circuit_cooldown_s
             self.gate.open_circuit(error, cooldown)
-            await self._reschedule(job, counted=False, delay=cooldown, error=error)
-        elif isinstance(exc, CrmPermanent) or job.attempts + 1 >= self.settings.retry.max_attempts:
-            self._last_delay = 0.0
+            return await self._reschedule(job, counted=False, delay=cooldown, error=error)
+        if isinstance(exc, CrmPermanent) or job.attempts + 1 >= self.settings.retry.max_attempts:
             await self.store.job_dead(job, self.owner, error)
             log.error("job dead", extra={"action": "job_dead", **extra})
-        else:
-            delay = self.settings.retry.delay(job.attempts + 1, random.random())
-            await self._reschedule(job, counted=True, delay=delay, error=error)
-            log.warning(
-                "job retry", extra={"action": "job_retry", "delay_s": round(delay, 2), **extra}
-            )
+            return 0.0
+        delay = self.settings.retry.delay(job.attempts + 1, random.random())
+        log.warning("job retry", extra={"action": "job_retry", "delay_s": round(delay, 2), **extra})
+        return await self._reschedule(job, counted=True, delay=delay, error=error)
 
-    async def _reschedule(self, job: Job, *, counted: bool, delay: float, error: str) -> None:
-        self._last_delay = delay
+    async def _reschedule(self, job: Job, *, counted: bool, delay: float, error: str) -> float:
         await self.store.job_retry(job, self.owner, counted=counted, delay_s=delay, error=error)
+        return delay
 
     async def _put_back(self, jobs: list[Job], delay: float, why: str) -> None:
         for job in jobs:

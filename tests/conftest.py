@@ -115,6 +115,8 @@ def make_settings(db_dsn: str, crm_url: str, data_dir: Path, **overrides: Any) -
         retry=RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=6),
         lease_s=5.0,
         circuit_cooldown_s=1.0,
+        pause_base_s=0.2,
+        pause_max_s=1.0,
     )
     return replace(base, **overrides)
 

@@ -1,0 +1,306 @@
+"""A parsed body → a `Lead`: find the contact in whatever field names the page used.
+
+Decisions a landing-page owner would make, since every lead is paid for:
+- A lead with one usable contact is kept. A bad phone next to a good email (or the reverse) is
+  dropped from the contact and kept verbatim in `fields["phone_raw"]` / `fields["email_raw"]`;
+  only when no contact remains is it `BadInput`, listing every problem.
+- Errors name the field as it was sent (`"Phone"`, `"contact.tel"`), so a page can highlight it.
+- When several aliases are present the first in alias order wins, top level before nested, then
+  by key; the choice never depends on key order, so equal input gives an equal Lead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import phonenumbers
+
+from service.errors import BadInput, FieldError
+from service.model import Lead
+
+_FORM = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_CONTAINERS = frozenset({"contact", "contacts", "fields", "form", "data"})
+_PHONE_KEYS = ("phone", "tel", "telephone", "phone_number", "phonenumber", "mobile", "телефон")
+_EMAIL_KEYS = ("email", "e-mail", "mail", "почта")
+_NAME_KEYS = ("name", "fio", "full_name", "fullname", "имя")
+_UTM_KEYS = ("source", "medium", "campaign", "content", "term")
+_MAX_NAME = 255
+_MAX_EMAIL = 254
+
+Path = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """One candidate field: where it was found and what it holds."""
+
+    rank: tuple[int, int, str]  # (alias position, nesting level, key): lower wins
+    path: Path
+    value: Any
+
+    @property
+    def label(self) -> str:
+        return ".".join(self.path)
+
+
+def normalize(
+    form: str,
+    data: Mapping[str, Any],
+    *,
+    default_region: str | None = None,
+    max_field_chars: int = 10_000,
+) -> Lead:
+    """Build a Lead from a parsed body, or raise `BadInput` listing every problem found.
+
+    At least one valid phone or email is required; every field not used for the contact, the
+    name or UTM is kept in `Lead.fields` as sent.
+    """
+    errors = _check_form(form) + _check_lengths(data, max_field_chars)
+    hits = _candidates(data)
+    consumed: set[Path] = set()
+    extra: dict[str, Any] = {}
+    phone, email = _contact(hits, default_region, consumed, extra, errors)
+    if errors:
+        raise BadInput(errors)
+    name = _name(hits, consumed, extra)
+    utm = _utm(data, consumed)
+    fields = _remaining(data, consumed)
+    fields.update(extra)
+    return Lead(form=form, phone=phone, email=email, name=name, utm=utm, fields=fields)
+
+
+def _check_form(form: str) -> list[FieldError]:
+    if _FORM.fullmatch(form):
+        return []
+    return [FieldError("form", "form name must be 1-64 characters: letters, digits, _ . -")]
+
+
+def _check_lengths(data: Mapping[str, Any], limit: int) -> list[FieldError]:
+    """Every string anywhere in data longer than limit; iterative, whatever the nesting."""
+    errors = []
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in data.items()]
+    while stack:
+        label, value = stack.pop()
+        if isinstance(value, str) and len(value) > limit:
+            errors.append(FieldError(label, f"longer than {limit} characters"))
+        elif isinstance(value, Mapping):
+            stack.extend((f"{label}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{label}[{i}]", v) for i, v in enumerate(value))
+    return sorted(errors, key=lambda e: e.field)
+
+
+def _candidates(data: Mapping[str, Any]) -> list[tuple[str, Path, Any]]:
+    """(case-folded key, path, value) at the top level and one level into contact containers."""
+    found: list[tuple[str, Path, Any]] = []
+    for key, value in data.items():
+        if not isinstance(key, str):
+            continue
+        folded = key.strip().casefold()
+        found.append((folded, (key,), value))
+        if folded in _CONTAINERS and isinstance(value, Mapping):
+            found.extend(
+                (k.strip().casefold(), (key, k), v) for k, v in value.items() if isinstance(k, str)
+            )
+    return found
+
+
+def _pick(found: list[tuple[str, Path, Any]], aliases: tuple[str, ...]) -> _Hit | None:
+    """The best non-blank field among aliases, by alias order, then level, then key."""
+    hits = [
+        _Hit((aliases.index(folded), len(path), "\0".join(path)), path, value)
+        for folded, path, value in found
+        if folded in aliases and not _blank(value)
+    ]
+    return min(hits, key=lambda h: h.rank, default=None)
+
+
+def _blank(value: Any) -> bool:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
+def _text(value: Any) -> str | None:
+    """A field as text: a string, a number, or a one-element list of either; None otherwise."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # A phone sent as a JSON number may arrive as 77011234567.0.
+        return str(int(value)) if value.is_integer() else str(value)
+    return None
+
+
+def _contact(
+    hits: list[tuple[str, Path, Any]],
+    default_region: str | None,
+    consumed: set[Path],
+    extra: dict[str, Any],
+    errors: list[FieldError],
+) -> tuple[str | None, str | None]:
+    """(phone, email); appends to errors only when neither is usable."""
+    phone_hit, email_hit = _pick(hits, _PHONE_KEYS), _pick(hits, _EMAIL_KEYS)
+    if phone_hit is None and email_hit is None:
+        errors.append(FieldError("phone", "a phone or an email is required"))
+        return None, None
+    problems: list[FieldError] = []
+    phone = _apply(phone_hit, lambda s: normalize_phone(s, default_region), problems)
+    email = _apply(email_hit, normalize_email, problems)
+    if phone is None and email is None:
+        errors.extend(problems)
+        return None, None
+    for hit, result, raw_key in ((phone_hit, phone, "phone_raw"), (email_hit, email, "email_raw")):
+        if hit is not None:
+            consumed.add(hit.path)
+            if result is None:
+                extra[raw_key] = hit.value
+    return phone, email
+
+
+def _apply(hit: _Hit | None, check: Callable[[str], str], problems: list[FieldError]) -> str | None:
+    """check(hit's text), or None with its problems relabelled to the field as sent."""
+    if hit is None:
+        return None
+    text = _text(hit.value)
+    if text is None:
+        problems.append(FieldError(hit.label, "must be text or a number"))
+        return None
+    try:
+        return check(text)
+    except BadInput as exc:
+        problems.extend(FieldError(hit.label, e.message) for e in exc.errors)
+        return None
+
+
+def normalize_phone(value: str, default_region: str | None) -> str:
+    """The number in E.164 (`+77011234567`), or `BadInput` on field "phone".
+
+    We require `is_valid_number`, not just `is_possible_number`: the phone is the person's
+    identity for de-duplication, and a merely well-sized number such as +7 000 000-00-00 (what bots
+    and bored visitors type) would merge strangers into one CRM contact.
+    """
+    text = value.strip()
+    if not text:
+        raise BadInput([FieldError("phone", "phone is empty")])
+    region = default_region.upper() if default_region else None
+    number = _parse_phone(text, region)
+    if number is None and not text.startswith("+"):
+        digits = re.sub(r"\D", "", text)
+        # The product's users are in Russia and Kazakhstan, where 11 digits starting with 8 (trunk
+        # prefix) or 7 (country code) are how people write +7 numbers; only tried when the
+        # configured region (or none) gave no valid number.
+        if len(digits) == 11 and digits[0] in "78":
+            number = _parse_phone("+7" + digits[1:], None)
+    if number is None:
+        hint = "" if region or text.startswith("+") else " (add the country code, e.g. +7)"
+        raise BadInput([FieldError("phone", f"not a valid phone number{hint}")])
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def _parse_phone(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return number if phonenumbers.is_valid_number(number) else None
+
+
+def normalize_email(value: str) -> str:
+    """The address trimmed and lower-cased, or `BadInput` on field "email" if it cannot be one.
+
+    A sanity check, not RFC 5322: it catches typos and junk without refusing real addresses.
+    """
+    email = value.strip().lower()
+    local, at, domain = email.partition("@")
+    labels = domain.split(".")
+    problem = None
+    if len(email) > _MAX_EMAIL:
+        problem = f"longer than {_MAX_EMAIL} characters"
+    elif any(ch.isspace() or not ch.isprintable() for ch in email):
+        problem = "must not contain spaces"
+    elif not at or "@" in domain or not local:
+        problem = "must look like name@example.com"
+    elif len(labels) < 2 or not all(labels):
+        problem = "the part after @ must be a domain such as example.com"
+    if problem:
+        raise BadInput([FieldError("email", problem)])
+    return email
+
+
+def _name(
+    hits: list[tuple[str, Path, Any]], consumed: set[Path], extra: dict[str, Any]
+) -> str | None:
+    """The name field, or first_name + last_name; over-long names are cut, the original kept."""
+    parts = [h for h in (_pick(hits, _NAME_KEYS),) if h is not None and _text(h.value)]
+    if not parts:
+        first, last = _pick(hits, ("first_name",)), _pick(hits, ("last_name",))
+        parts = [h for h in (first, last) if h is not None and _text(h.value)]
+    if not parts:
+        return None
+    consumed.update(h.path for h in parts)
+    name = " ".join(" ".join(str(_text(h.value)).split()) for h in parts)
+    if len(name) > _MAX_NAME:
+        extra["name_raw"] = name
+        name = name[:_MAX_NAME].rstrip()
+    return name or None
+
+
+def _utm(data: Mapping[str, Any], consumed: set[Path]) -> dict[str, str]:
+    """UTM tags from `utm_source`-style keys, or else from a nested `utm` object."""
+    top: list[tuple[str, Path, Any]] = [
+        (k.casefold(), (k,), v) for k, v in data.items() if isinstance(k, str)
+    ]
+    nested: list[tuple[str, Path, Any]] = []
+    for key, value in data.items():
+        if isinstance(key, str) and key.casefold() == "utm" and isinstance(value, Mapping):
+            nested.extend(
+                ("utm_" + k.casefold(), (key, k), v) for k, v in value.items() if isinstance(k, str)
+            )
+    utm: dict[str, str] = {}
+    for tag in _UTM_KEYS:
+        hit = _pick(top, ("utm_" + tag,)) or _pick(nested, ("utm_" + tag,))
+        text = _text(hit.value) if hit else None
+        if hit and text and text.strip():
+            utm[tag] = text.strip()
+            consumed.add(hit.path)
+    return utm
+
+
+def _remaining(data: Mapping[str, Any], consumed: set[Path]) -> dict[str, Any]:
+    """data without the consumed fields; a container emptied by that is dropped."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if (key,) in consumed:
+            continue
+        inner = {path[1] for path in consumed if len(path) == 2 and path[0] == key}
+        if inner and isinstance(value, Mapping):
+            rest = {k: v for k, v in value.items() if k not in inner}
+            if rest:
+                out[key] = rest
+            continue
+        out[key] = value
+    return out
+
+
+def mask_phone(e164: str) -> str:
+    """`+77011232233` → `+7******2233`: enough to recognise in a log, not enough to call."""
+    if len(e164) <= 6:
+        return "*" * len(e164)
+    return e164[:2] + "*" * (len(e164) - 6) + e164[-4:]
+
+
+def mask_email(email: str) -> str:
+    """`ivan@example.com` → `i***@example.com`."""
+    local, at, domain = email.partition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
