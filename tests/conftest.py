@@ -133,7 +133,9 @@ class Service:
     async def submit(
         self, form: str, data: dict[str, Any], headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, Any]]:
-        async with self.http.post(f"{self.url}/api/v1/forms/{form}", json=data, headers=headers) as r:
+        async with self.http.post(
+            f"{self.url}/api/v1/forms/{form}", json=data, headers=headers
+        ) as r:
             return r.status, await r.json(content_type=None)
 
     async def close(self) -> None:
@@ -168,7 +170,7 @@ async def service_factory(
         await svc.close()
 
 
-async def wait_for(
+async def wait_for(  # noqa: ASYNC109 - a polling helper: the deadline is its whole job
     predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05
 ) -> None:
     """Poll until `predicate()` is true; fail with the timeout otherwise."""

@@ -58,7 +58,9 @@ async def test_backlog_drains_at_the_limit_without_a_single_429(
     sim.config.rate_limit = 5
     intake = await service_factory(Roles(worker=False))
     for batch in range(0, 300, 50):
-        await asyncio.gather(*(intake.submit("course", lead_of(i)) for i in range(batch, batch + 50)))
+        await asyncio.gather(
+            *(intake.submit("course", lead_of(i)) for i in range(batch, batch + 50))
+        )
     assert await db.fetchval("SELECT count(*) FROM jobs WHERE state = 'pending'") == 300
 
     await service_factory(Roles(http=False), crm_rate_limit=5.0, worker_concurrency=4)
