@@ -170,8 +170,8 @@ async def service_factory(
         await svc.close()
 
 
-async def wait_for(  # noqa: ASYNC109 - a polling helper: the deadline is its whole job
-    predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05  # noqa: ASYNC109 - a polling helper
 ) -> None:
     """Poll until `predicate()` is true; fail with the timeout otherwise."""
     deadline = asyncio.get_running_loop().time() + timeout
