@@ -171,7 +171,7 @@ async def service_factory(
 
 
 async def wait_for(
-    predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05  # noqa: ASYNC109 - a polling helper
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05
 ) -> None:
     """Poll until `predicate()` is true; fail with the timeout otherwise."""
     deadline = asyncio.get_running_loop().time() + timeout

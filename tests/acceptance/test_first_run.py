@@ -1,0 +1,82 @@
+"""The README's first command on a fresh machine: no database, no CRM, no configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"service exited with {proc.returncode}"
+            try:
+                async with http.get(f"{url}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{url}/readyz not ready within {timeout} s")
+
+
+async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMOCRM_", "BITRIX24_"))}
+    env.update(
+        CRM_RELAY_DATA_DIR=str(tmp_path / "var"), PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="INFO"
+    )
+    for var in ("DATABASE_URL", "CRM", "REDIS_URL", "CRM_RELAY_CONFIG"):
+        env.pop(var, None)
+    errlog = open(tmp_path / "stderr.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve"], env=env, stdout=errlog, stderr=errlog
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, proc)
+        banner = (tmp_path / "stderr.log").read_text()
+        match = re.search(r"IN-PROCESS amoCRM SIMULATOR at (\S+)", banner)
+        assert match, f"no simulator banner in:\n{banner}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{url}/api/v1/forms/landing",
+                data={"name": "Асель", "phone": "8 701 555 44 33", "utm[source]": "ig"},
+            ) as r:
+                answer = await r.json()
+            assert r.status == 200 and answer["ok"] is True, answer
+            leads: list[object] = []
+            for _ in range(100):
+                async with http.get(f"{match.group(1)}/_sim/state") as r:
+                    leads = (await r.json())["leads"]
+                if leads:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(leads) == 1
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 15)
+        assert code == 0, (tmp_path / "stderr.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 10.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        errlog.close()

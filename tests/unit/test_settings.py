@@ -1,0 +1,80 @@
+"""Settings: defaults, validation, and the one-line refusal at start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.errors import SettingsError
+from service.settings import Settings
+
+
+def test_defaults_use_embedded_database_and_simulator() -> None:
+    s = Settings.from_env({})
+    assert s.database_url is None and s.crm == "simulator"
+    assert s.port == 8080 and s.crm_timeout_s == 30 and s.idempotency_window_s == 300
+
+
+def test_crm_defaults_follow_the_configured_crm() -> None:
+    amo = Settings.from_env({"AMOCRM_BASE_URL": "https://x.amocrm.ru", "AMOCRM_ACCESS_TOKEN": "t"})
+    assert amo.crm == "amocrm" and amo.crm_rate_limit == 6
+    b24 = Settings.from_env({"BITRIX24_WEBHOOK_URL": "https://p.bitrix24.kz/rest/1/s/"})
+    assert b24.crm == "bitrix24" and b24.crm_rate_limit == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"CRM_RATE_LIMIT": "0"}, "CRM_RATE_LIMIT"),
+        ({"CRM": "salesforce"}, "CRM"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"DEFAULT_PHONE_REGION": "XX"}, "DEFAULT_PHONE_REGION"),
+        ({"CRM": "amocrm"}, "AMOCRM_BASE_URL"),
+        ({"CRM": "amocrm", "AMOCRM_BASE_URL": "https://x.amocrm.ru"}, "AMOCRM_ACCESS_TOKEN"),
+        ({"CRM_RELAY_CONFIG": "/nonexistent.toml"}, "CRM_RELAY_CONFIG"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_env(env)
+    assert exc.value.variable == variable
+    assert str(exc.value).startswith(f"{variable}: expected ")
+
+
+def test_config_file_sets_form_rules(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[amocrm]\npipeline_id = 1000\n\n[forms.course]\nstatus_id = 10001\ntags = ["course"]\n'
+        'fields = { utm_source = 501 }\n'
+    )
+    s = Settings.from_env({"CRM_RELAY_CONFIG": str(path)})
+    rule = s.form_rule("course")
+    assert (rule.pipeline_id, rule.status_id, rule.tags) == (1000, 10001, ("course",))
+    assert rule.field_map == {"utm_source": 501}
+    assert s.form_rule("other").pipeline_id == 1000
+
+
+def test_config_file_with_wrong_types_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[forms.course]\npipeline_id = "main"\n')
+    with pytest.raises(SettingsError, match=r"forms\.course\.pipeline_id"):
+        Settings.from_env({"CRM_RELAY_CONFIG": str(path)})
+
+
+def test_start_up_refuses_a_bad_value_in_one_line_with_exit_code_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env={"PORT": "eighty", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.decode().strip().splitlines()
+    expected = "crm-relay: bad setting PORT: expected an integer from 0 to 65535, got 'eighty'"
+    assert lines == [expected]
