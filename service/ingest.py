@@ -63,11 +63,19 @@ class GroupCommit:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
                 await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[Pending, asyncio.Future[Accepted]]]) -> None:
+    async def _commit(
+        self, batch: list[tuple[Pending, asyncio.Future[Accepted]]], retries: int = 3
+    ) -> None:
         self.batches += 1
         try:
             results = await self.store.ingest([p for p, _ in batch])
         except asyncpg.PostgresError as exc:
+            # A deadlock or serialization failure (SQLSTATE class 40) against another process's
+            # batch rolled the whole transaction back: transient, not bad input. Write it again
+            # (bounded) instead of answering a valid lead {"ok": false, "cannot be stored"}.
+            if isinstance(exc, asyncpg.exceptions.TransactionRollbackError) and retries > 0:
+                await self._commit(batch, retries - 1)
+                return
             # not an outage but one bad item (say, a value Postgres will not store): write them
             # one by one so only that item fails
             if len(batch) > 1:

@@ -1,0 +1,337 @@
+"""normalize and its helpers: contacts in any field name, strict where it matters, never a crash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.errors import BadInput, FieldError
+from service.model import Lead
+from service.normalize import (
+    mask_email,
+    mask_phone,
+    normalize,
+    normalize_email,
+    normalize_phone,
+)
+
+
+def errors_of(form: str, data: dict[str, Any], **kwargs: Any) -> list[FieldError]:
+    with pytest.raises(BadInput) as info:
+        normalize(form, data, **kwargs)
+    return info.value.errors
+
+
+# --- phones -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "region", "expected"),
+    [
+        ("+7 (701) 123-45-67", None, "+77011234567"),
+        ("87011234567", None, "+77011234567"),
+        ("77011234567", None, "+77011234567"),
+        ("8 (701) 123 45 67", "KZ", "+77011234567"),
+        ("8 (701) 123 45 67", "kz", "+77011234567"),
+        ("701 123 45 67", "KZ", "+77011234567"),
+        ("8-916-123-45-67", "RU", "+79161234567"),
+        ("8 916 123 45 67", None, "+79161234567"),
+        ("+1 650 253 0000", None, "+16502530000"),
+        ("+1 650 253 0000", "KZ", "+16502530000"),
+        ("  +44 20 7946 0018 ", None, "+442079460018"),
+        ("87011234567", "US", "+77011234567"),  # region gave nothing valid: RU/KZ fallback
+    ],
+)
+def test_phone_formats(value: str, region: str | None, expected: str) -> None:
+    assert normalize_phone(value, region) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "region"),
+    [
+        ("12345", None),
+        ("12345", "KZ"),
+        ("12345", "RU"),
+        ("+7 000 000 00 00", None),  # possible length, not a real number
+        ("7011234567", None),  # 10 digits and no region: which country?
+        ("not a phone", "KZ"),
+        ("", "KZ"),
+        ("   ", None),
+        ("+" + "1" * 300, None),
+    ],
+)
+def test_phone_rejected(value: str, region: str | None) -> None:
+    with pytest.raises(BadInput) as info:
+        normalize_phone(value, region)
+    assert info.value.errors[0].field == "phone"
+
+
+# --- emails -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("  Ivan@Example.COM ", "ivan@example.com"),
+        ("first.last+tag@sub.example.co.uk", "first.last+tag@sub.example.co.uk"),
+        ("Иван@Почта.РФ", "иван@почта.рф"),
+    ],
+)
+def test_email_normalized(value: str, expected: str) -> None:
+    assert normalize_email(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ivan",
+        "ivan@",
+        "@example.com",
+        "ivan@example",
+        "ivan@@example.com",
+        "a@b@example.com",
+        "ivan @example.com",
+        "ivan@exa mple.com",
+        "ivan@example.",
+        "ivan@.example.com",
+        "ivan@example..com",
+        "iv\x00an@example.com",
+        "a" * 250 + "@example.com",
+        "",
+    ],
+)
+def test_email_rejected(value: str) -> None:
+    with pytest.raises(BadInput) as info:
+        normalize_email(value)
+    assert info.value.errors[0].field == "email"
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+def test_masks() -> None:
+    assert mask_phone("+77011232233") == "+7******2233"
+    assert mask_phone("+16502530000") == "+1******0000"
+    assert mask_phone("+123") == "****"
+    assert mask_email("ivan@example.com") == "i***@example.com"
+    assert mask_email("not-an-email") == "***"
+
+
+# --- normalize ----------------------------------------------------------------------------------
+
+
+def test_full_submission() -> None:
+    lead = normalize(
+        "landing-1",
+        {
+            "Phone": "8 (701) 123 45 67",
+            "E-mail": "  Ivan@Example.COM ",
+            "Name": "  Ivan \t  Petrov ",
+            "utm_source": " yandex ",
+            "utm_medium": "cpc",
+            "comment": "Robert'); DROP TABLE leads;--",
+            "answers": {"q1": ["a", "b"]},
+        },
+        default_region="KZ",
+    )
+    assert lead == Lead(
+        form="landing-1",
+        phone="+77011234567",
+        email="ivan@example.com",
+        name="Ivan Petrov",
+        utm={"source": "yandex", "medium": "cpc"},
+        fields={"comment": "Robert'); DROP TABLE leads;--", "answers": {"q1": ["a", "b"]}},
+    )
+
+
+@pytest.mark.parametrize(
+    "key", "phone tel telephone Phone_Number PHONENUMBER mobile Телефон".split()
+)
+def test_phone_aliases(key: str) -> None:
+    assert normalize("f", {key: "+77011234567"}).phone == "+77011234567"
+
+
+@pytest.mark.parametrize("key", ["email", "E-Mail", "mail", "Почта"])
+def test_email_aliases(key: str) -> None:
+    assert normalize("f", {key: "a@b.kz"}).email == "a@b.kz"
+
+
+@pytest.mark.parametrize("key", ["name", "FIO", "full_name", "fullname", "Имя"])
+def test_name_aliases(key: str) -> None:
+    assert normalize("f", {key: "Ivan", "email": "a@b.kz"}).name == "Ivan"
+
+
+def test_first_and_last_name_joined() -> None:
+    lead = normalize("f", {"first_name": " Ivan ", "last_name": "Petrov", "email": "a@b.kz"})
+    assert lead.name == "Ivan Petrov"
+    assert lead.fields == {}
+    assert normalize("f", {"last_name": "Petrov", "email": "a@b.kz"}).name == "Petrov"
+
+
+@pytest.mark.parametrize("container", ["contact", "Contacts", "fields", "form", "data"])
+def test_contact_nested_one_level(container: str) -> None:
+    lead = normalize("f", {container: {"Phone": "+77011234567", "Name": "Ivan", "age": "30"}})
+    assert (lead.phone, lead.name) == ("+77011234567", "Ivan")
+    assert lead.fields == {container: {"age": "30"}}  # used fields leave, the rest stays
+
+
+def test_contact_nested_two_levels_is_not_searched() -> None:
+    assert errors_of("f", {"data": {"x": {"phone": "+77011234567"}}}) == [
+        FieldError("phone", "a phone or an email is required")
+    ]
+
+
+def test_value_shapes() -> None:
+    assert normalize("f", {"phone": 77011234567}).phone == "+77011234567"
+    assert normalize("f", {"phone": 77011234567.0}).phone == "+77011234567"
+    assert normalize("f", {"phone": ["+77011234567"]}).phone == "+77011234567"
+    assert normalize("f", {"email": ["A@B.kz"]}).email == "a@b.kz"
+    assert errors_of("f", {"phone": ["+77011234567", "+77011234568"]}) == [
+        FieldError("phone", "must be text or a number")
+    ]
+    assert errors_of("f", {"phone": True})[0].field == "phone"
+
+
+def test_top_level_beats_nested_and_alias_order_decides() -> None:
+    data = {"contact": {"phone": "+77011234567"}, "tel": "+77011234568", "phone": "+77011234569"}
+    lead = normalize("f", data)
+    assert lead.phone == "+77011234569"
+    assert lead.fields == {"contact": {"phone": "+77011234567"}, "tel": "+77011234568"}
+
+
+def test_blank_alias_is_skipped() -> None:
+    assert normalize("f", {"phone": "  ", "tel": "+77011234567"}).phone == "+77011234567"
+
+
+def test_no_contact() -> None:
+    required = [FieldError("phone", "a phone or an email is required")]
+    assert errors_of("f", {}) == required
+    assert errors_of("f", {"name": "Ivan", "comment": "hi"}) == required
+    assert errors_of("f", {"phone": "", "email": " "}) == required
+
+
+def test_bad_phone_with_good_email_keeps_the_lead() -> None:
+    lead = normalize("f", {"phone": "12345", "email": "a@b.kz"})
+    assert (lead.phone, lead.email) == (None, "a@b.kz")
+    assert lead.fields == {"phone_raw": "12345"}
+
+
+def test_bad_email_with_good_phone_keeps_the_lead() -> None:
+    lead = normalize("f", {"phone": "+77011234567", "email": "nope"})
+    assert (lead.phone, lead.email) == ("+77011234567", None)
+    assert lead.fields == {"email_raw": "nope"}
+
+
+def test_neither_valid_lists_each_problem_by_the_name_sent() -> None:
+    errors = errors_of("f", {"contact": {"Tel": "12345"}, "E-mail": "ivan@"})
+    assert [e.field for e in errors] == ["contact.Tel", "E-mail"]
+    assert "not a valid phone number" in errors[0].message
+
+
+def test_default_region_is_used() -> None:
+    assert normalize("f", {"phone": "701 123 45 67"}, default_region="KZ").phone == "+77011234567"
+    assert errors_of("f", {"phone": "701 123 45 67"})[0].field == "phone"
+
+
+def test_utm_flat_and_nested() -> None:
+    lead = normalize(
+        "f",
+        {
+            "email": "a@b.kz",
+            "UTM_Source": " google ",
+            "utm": {"source": "ignored", "campaign": "spring", "term": 5, "referrer": "x"},
+            "utm_content": "",
+        },
+    )
+    assert lead.utm == {"source": "google", "campaign": "spring", "term": "5"}
+    assert lead.fields == {"utm": {"source": "ignored", "referrer": "x"}, "utm_content": ""}
+
+
+def test_name_collapsed_and_capped() -> None:
+    long = "Ivan " * 100
+    lead = normalize("f", {"name": long, "email": "a@b.kz"})
+    assert lead.name is not None
+    assert len(lead.name) <= 255
+    assert lead.name.startswith("Ivan Ivan")
+    assert lead.fields["name_raw"] == long.strip()
+
+
+def test_field_over_the_limit() -> None:
+    errors = errors_of(
+        "f", {"email": "a@b.kz", "notes": {"long": ["x" * 101]}}, max_field_chars=100
+    )
+    assert errors == [FieldError("notes.long[0]", "longer than 100 characters")]
+    assert normalize("f", {"email": "a@b.kz", "c": "x" * 100}, max_field_chars=100)
+
+
+@pytest.mark.parametrize("form", ["", "a b", "a/b", "x" * 65, "форма", "a;drop"])
+def test_bad_form_name(form: str) -> None:
+    assert errors_of(form, {"email": "a@b.kz"})[0].field == "form"
+
+
+def test_every_problem_listed_together() -> None:
+    errors = errors_of("bad form", {"comment": "x" * 11}, max_field_chars=10)
+    assert {e.field for e in errors} == {"form", "comment", "phone"}
+
+
+def test_fields_kept_as_sent_including_nested_and_sql() -> None:
+    data = {
+        "email": "a@b.kz",
+        "q": "1; DELETE FROM submissions WHERE 1=1 --",
+        "deep": {"a": [1, {"b": None}], "c": True},
+    }
+    lead = normalize("f", data)
+    assert lead.fields == {"q": data["q"], "deep": data["deep"]}
+
+
+def test_deterministic_whatever_the_key_order() -> None:
+    a = {"tel": "+77011234567", "phone": "+77011234568", "email": "a@b.kz", "x": {"y": 1}}
+    b = dict(reversed(list(a.items())))
+    assert normalize("f", a) == normalize("f", b) == normalize("f", a)
+
+
+# --- property -----------------------------------------------------------------------------------
+
+KEYS = st.one_of(
+    st.sampled_from(
+        "phone Tel email E-mail name first_name last_name contact data utm utm_source source "
+        "телефон form".split()
+    ),
+    st.text(alphabet="aeilmnopt_-EPТт", max_size=8),
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(alphabet="+78 ()-0123456789@.abcXY\t", max_size=20),
+    st.sampled_from(["+77011234567", "87011234567", "a@b.kz", " X@Y.COM ", "12345", "@"]),
+)
+# Two levels are what normalize looks into; st.recursive was too slow to draw for the time budget.
+VALUES = st.one_of(
+    SCALARS,
+    st.lists(SCALARS, max_size=2),
+    st.dictionaries(KEYS, st.one_of(SCALARS, st.lists(SCALARS, max_size=2)), max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    form=st.one_of(st.just("landing"), st.text(max_size=10)),
+    data=st.dictionaries(KEYS, VALUES, max_size=6),
+    region=st.sampled_from([None, "KZ", "RU", "US", "XX"]),
+)
+def test_normalize_returns_a_lead_or_raises_bad_input(
+    form: str, data: dict[str, Any], region: str | None
+) -> None:
+    try:
+        lead = normalize(form, data, default_region=region, max_field_chars=20)
+    except BadInput as exc:
+        assert exc.errors
+        return
+    assert isinstance(lead, Lead)
+    assert lead.phone or lead.email
+    assert lead == normalize(form, data, default_region=region, max_field_chars=20)
