@@ -181,6 +181,10 @@ async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
             n = await spool.drain(handlers)
         except StoreUnavailable:
             continue
+        except Exception:
+            # e.g. a deadlock while re-ingesting: the file stays, the next pass tries again
+            log.exception("spool drain failed", extra={"action": "spool_drain_error"})
+            continue
         if n:
             log.info("spooled entries stored", extra={"action": "spool_drain", "entries": n})
 

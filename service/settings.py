@@ -83,13 +83,17 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     retry: RetryPolicy = RetryPolicy()
     worker_batch: int = 50
-    worker_concurrency: int = 16
+    worker_concurrency: int = 100  # people in flight
     lease_s: float = 30.0
     circuit_cooldown_s: float = 60.0
     # a 429 without Retry-After pauses every sender: base, doubling per 429 in a row, up to max
     pause_base_s: float = 1.0
     pause_max_s: float = 60.0
     db_write_timeout_s: float = 2.0
+    # skip the per-person CRM search for new people and let the account's own duplicate control
+    # merge contacts (fewer requests; a crash between create and commit can then leave a second
+    # lead for the person)
+    amocrm_trust_duplicates: bool = False
     default_pipeline_id: int | None = None
     default_status_id: int | None = None
     forms: Mapping[str, FormRule] = field(default_factory=dict)
@@ -151,11 +155,12 @@ class Settings:
                 max_attempts=r.number("RETRY_MAX_ATTEMPTS", int, 12, 1, 1000),
             ),
             worker_batch=r.number("WORKER_BATCH", int, 50, 1, 1000),
-            worker_concurrency=r.number("WORKER_CONCURRENCY", int, 16, 1, 1000),
+            worker_concurrency=r.number("WORKER_CONCURRENCY", int, 100, 1, 10000),
             lease_s=r.number("LEASE_S", float, 30.0, 1, 3600),
             circuit_cooldown_s=r.number("CIRCUIT_COOLDOWN_S", float, 60.0, 0.1, 86400),
             pause_base_s=r.number("CRM_PAUSE_BASE_S", float, 1.0, 0.01, 3600),
             pause_max_s=r.number("CRM_PAUSE_MAX_S", float, 60.0, 0.01, 86400),
+            amocrm_trust_duplicates=r.flag("AMOCRM_TRUST_DUPLICATE_CONTROL"),
             default_pipeline_id=r.number("AMOCRM_PIPELINE_ID", int, 0, 0, 2**62) or None,
             default_status_id=r.number("AMOCRM_STATUS_ID", int, 0, 0, 2**62) or None,
         )
@@ -223,6 +228,12 @@ class _Reader:
         if value not in options:
             raise SettingsError(name, f"one of {', '.join(options)}, got {raw!r}")
         return value
+
+    def flag(self, name: str) -> bool:
+        raw = (self.text(name) or "false").lower()
+        if raw not in ("1", "0", "true", "false", "yes", "no"):
+            raise SettingsError(name, f"true or false, got {raw!r}")
+        return raw in ("1", "true", "yes")
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
         raw = self.text(name)

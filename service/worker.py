@@ -15,11 +15,10 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from itertools import groupby
 
 import asyncpg
 
-from service.crm.base import CrmAdapter, Link
+from service.crm.base import CrmAdapter, Delivery, Link
 from service.errors import (
     CrmBlocked,
     CrmError,
@@ -90,16 +89,15 @@ class Worker:
                 if time.monotonic() - last_reap > REAP_EVERY_S:
                     await self.store.reap_expired()
                     last_reap = time.monotonic()
-                claimed = await self._claim()
+                if not await self._claim():
+                    await self._sleep(await self._idle_wait())
             except StoreUnavailable as exc:
+                # every database step of the loop is in here: an outage must never end it
                 log.warning(
                     "worker: database unavailable",
                     extra={"action": "worker_db_down", "error": str(exc)},
                 )
                 await self._sleep(1.0)
-                continue
-            if not claimed:
-                await self._sleep(await self._idle_wait())
 
     async def _claim(self) -> bool:
         free = self.settings.worker_concurrency - len(self.in_flight)
@@ -108,15 +106,16 @@ class Worker:
         jobs = await self.store.claim(
             self.owner, min(free, self.settings.worker_batch), self.settings.lease_s
         )
-        for person_id, group in groupby(
-            sorted(jobs, key=lambda j: (j.person_id, j.id)), key=lambda j: j.person_id
-        ):
-            person_jobs = list(group)
-            self.in_flight[person_id] = person_jobs
-            task = asyncio.create_task(self._deliver_person(person_id, person_jobs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return bool(jobs)
+        if not jobs:
+            return False
+        people: dict[int, list[Job]] = {}
+        for job in sorted(jobs, key=lambda j: j.id):
+            people.setdefault(job.person_id, []).append(job)
+        self.in_flight.update(people)
+        task = asyncio.create_task(self._deliver_people(people))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
 
     def _circuit_waiting(self) -> bool:
         return time.monotonic() < self.gate.circuit.open_until
@@ -134,19 +133,21 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    async def _deliver_person(self, person_id: int, jobs: list[Job]) -> None:
-        link = Link(jobs[0].contact_id, jobs[0].lead_id)
+    async def _deliver_people(self, people: dict[int, list[Job]]) -> None:
+        """Deliver the claimed people's jobs in rounds: each round sends every person's oldest
+        job in adapter-sized batches, so one person never has two deliveries in flight."""
+        queues = {pid: list(jobs) for pid, jobs in people.items()}
+        links = {pid: Link(jobs[0].contact_id, jobs[0].lead_id) for pid, jobs in people.items()}
         try:
-            for i, job in enumerate(jobs):
-                if self._stopping:
-                    await self._put_back(jobs[i:], 0.0, "worker stopped before this job")
-                    return
-                outcome = await self._deliver_one(job, link)
-                if not isinstance(outcome, Link):
-                    # the person's later jobs wait for this one, in order
-                    await self._put_back(jobs[i + 1 :], outcome, "waiting for an earlier job")
-                    return
-                link = outcome
+            while queues and not self._stopping:
+                heads = [q[0] for q in queues.values()]
+                for start in range(0, len(heads), self.adapter.max_batch):
+                    chunk = heads[start : start + self.adapter.max_batch]
+                    outcomes = await self._deliver_chunk(chunk, links)
+                    for job, outcome in zip(chunk, outcomes, strict=True):
+                        await self._advance(job, outcome, queues, links)
+            for queue in queues.values():
+                await self._put_back(queue, 0.0, "worker stopped before this job")
         except StoreUnavailable as exc:
             # our leases will lapse and the jobs will be retaken: nothing is lost
             log.warning(
@@ -154,27 +155,54 @@ class Worker:
                 extra={"action": "worker_db_down", "error": str(exc)},
             )
         finally:
-            self.in_flight.pop(person_id, None)
+            for pid in people:
+                self.in_flight.pop(pid, None)
             with contextlib.suppress(StoreUnavailable):
-                await self.store.release_people(self.owner, [person_id])
+                await self.store.release_people(self.owner, list(people))
             self.wake()
 
-    async def _deliver_one(self, job: Job, link: Link) -> Link | float:
-        """Deliver one job: the new link on success, else the delay it was rescheduled by."""
+    async def _advance(
+        self,
+        job: Job,
+        outcome: Link | float,
+        queues: dict[int, list[Job]],
+        links: dict[int, Link],
+    ) -> None:
+        queue = queues[job.person_id]
+        if isinstance(outcome, Link):
+            links[job.person_id] = outcome
+            queue.pop(0)
+            if not queue:
+                del queues[job.person_id]
+            return
+        # the person's later jobs wait for this one, in order
+        await self._put_back(queue[1:], outcome, "waiting for an earlier job")
+        del queues[job.person_id]
+
+    async def _deliver_chunk(self, jobs: list[Job], links: dict[int, Link]) -> list[Link | float]:
+        """One adapter call for `jobs` (one per person); each outcome recorded on its own."""
+        items = [
+            Delivery(j.id, j.person_id, j.submission_id, j.lead, links[j.person_id]) for j in jobs
+        ]
         try:
-            new_link = await self.adapter.deliver(job.lead, link, job.submission_id)
+            results = await self.adapter.deliver_batch(items)
         except CrmError as exc:
-            return await self._failed(job, exc)
-        except Exception as exc:  # a bug in an adapter must not kill the worker or lose the job
-            log.exception(
-                "worker: unexpected error", extra={"action": "job_error", "job_id": job.id}
-            )
-            return await self._failed(
-                job, CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")
-            )
+            results = [exc] * len(items)
+        except Exception as exc:  # a bug in an adapter must not kill the worker or lose jobs
+            log.exception("worker: unexpected error", extra={"action": "job_error"})
+            results = [CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")] * len(items)
+        outcomes: list[Link | float] = []
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, CrmError):
+                outcomes.append(await self._failed(job, result))
+            else:
+                outcomes.append(await self._done(job, result))
+        return outcomes
+
+    async def _done(self, job: Job, link: Link) -> Link:
         if self.after_crm is not None:
             self.after_crm(job)
-        await self.store.job_done(job, self.owner, new_link.contact_id, new_link.lead_id)
+        await self.store.job_done(job, self.owner, link.contact_id, link.lead_id)
         self._succeeded()
         log.info(
             "job delivered",
@@ -184,7 +212,7 @@ class Worker:
                 "submission_id": str(job.submission_id),
             },
         )
-        return new_link
+        return link
 
     def _succeeded(self) -> None:
         self.delivered += 1

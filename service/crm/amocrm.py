@@ -8,13 +8,23 @@ created and updates its open lead instead of creating another.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from service.crm.amocrm_api import AmoContact, AmoCrmApi, AmoLead, contact_fields, digits
-from service.crm.base import Link
+from service.crm.amocrm_api import (
+    MAX_BATCH,
+    AmoContact,
+    AmoCrmApi,
+    AmoLead,
+    contact_fields,
+    digits,
+)
+from service.crm.base import Delivery, Link
+from service.errors import CrmError, CrmRetryable
 from service.model import Lead
 from service.settings import FormRule, Settings
 
@@ -23,34 +33,82 @@ NOTE_LIMIT = 4000
 
 
 class AmoCrmAdapter:
-    """Delivers submissions to amoCRM through `AmoCrmApi` (which goes through the rate gate)."""
+    """Delivers submissions to amoCRM through `AmoCrmApi` (which goes through the rate gate).
+
+    Per batch: people we know (link table) cost one GET each for their lead; new people cost one
+    search each (unless the account's own duplicate control is trusted), and all the new
+    contacts + leads of the batch go out in one `leads/complex` call; notes and status changes
+    go out as one array call each.
+    """
 
     name = "amocrm"
+    max_batch = MAX_BATCH
 
     def __init__(self, api: AmoCrmApi, settings: Settings) -> None:
         self.api = api
         self.settings = settings
 
-    async def deliver(self, lead: Lead, link: Link, submission_id: uuid.UUID) -> Link:
-        rule = self.settings.form_rule(lead.form)
+    async def deliver_batch(self, items: Sequence[Delivery]) -> list[Link | CrmError]:
+        plan = _Plan(items)
+        results = await asyncio.gather(
+            *(self._prepare(item, plan) for item in items), return_exceptions=True
+        )
+        out: list[Link | CrmError | None] = [_as_result(r) for r in results]
+        await self._create_new(plan, out)
+        await self._flush(plan, out)
+        return [r if r is not None else CrmRetryable("not delivered") for r in out]
+
+    async def _prepare(self, item: Delivery, plan: _Plan) -> Link | None:
+        """Work out what the item needs; return its link now, or None if it waits for the
+        batch's complex create."""
+        rule = self.settings.form_rule(item.lead.form)
+        link, lead = item.link, item.lead
         if link.contact_id and link.lead_id:
             known = await self.api.get_lead(link.lead_id)
             if known is not None and known.is_open:
-                await self._touch(known, lead, rule, submission_id)
+                plan.touch(item, known, rule)
                 return link
-            return Link(
-                link.contact_id, await self._new_lead(link.contact_id, lead, rule, submission_id)
-            )
-        contact = await self.find_contact(lead)
+            return Link(link.contact_id, await self._new_lead(link.contact_id, lead, rule, item))
+        contact = None if self.settings.amocrm_trust_duplicates else await self.find_contact(lead)
         if contact is None:
-            created = await self.api.create_complex([self._complex(lead, rule, submission_id)])
-            return Link(created[0].contact_id, created[0].lead_id)
+            plan.new.append(item)
+            return None
         await self._complete_contact(contact, lead)
         open_lead = await self._open_lead(contact, rule)
         if open_lead is not None:
-            await self._touch(open_lead, lead, rule, submission_id)
+            plan.touch(item, open_lead, rule)
             return Link(contact.id, open_lead.id)
-        return Link(contact.id, await self._new_lead(contact.id, lead, rule, submission_id))
+        return Link(contact.id, await self._new_lead(contact.id, lead, rule, item))
+
+    async def _create_new(self, plan: _Plan, out: list[Link | CrmError | None]) -> None:
+        """One `leads/complex` call for every new person of the batch."""
+        if not plan.new:
+            return
+        bodies = [self._complex(d.lead, self.settings.form_rule(d.lead.form), d) for d in plan.new]
+        slots = [plan.slot[d.job_id] for d in plan.new]
+        try:
+            created = await self.api.create_complex(bodies)
+        except CrmError as exc:
+            for slot in slots:
+                out[slot] = exc
+            return
+        for slot, res in zip(slots, created, strict=True):
+            out[slot] = Link(res.contact_id, res.lead_id)
+
+    async def _flush(self, plan: _Plan, out: list[Link | CrmError | None]) -> None:
+        """Status changes and notes for existing leads, one array call each. A failure fails
+        only the items that still needed it (their lead exists; the retry will update it)."""
+        for call, bodies in (
+            (self.api.update_leads, plan.patches),
+            (self.api.add_notes, plan.notes),
+        ):
+            if not bodies:
+                continue
+            try:
+                await call([body for _, body in bodies])
+            except CrmError as exc:
+                for slot in {s for s, _ in bodies}:
+                    out[slot] = exc
 
     async def find_contact(self, lead: Lead) -> AmoContact | None:
         """The oldest contact whose phone or email really matches (the search is fuzzy)."""
@@ -90,28 +148,50 @@ class AmoCrmAdapter:
         ]
         await self.api.update_contacts([{"id": contact.id, "custom_fields_values": fields}])
 
-    async def _touch(self, existing: AmoLead, lead: Lead, rule: FormRule, sid: uuid.UUID) -> None:
-        if rule.status_id and existing.status_id != rule.status_id:
-            patch: dict[str, Any] = {"id": existing.id, "status_id": rule.status_id}
-            if rule.pipeline_id:
-                patch["pipeline_id"] = rule.pipeline_id
-            await self.api.update_leads([patch])
-        await self.api.add_notes([note(existing.id, lead, sid)])
-
-    async def _new_lead(self, contact_id: int, lead: Lead, rule: FormRule, sid: uuid.UUID) -> int:
-        body = lead_body(lead, rule, sid)
+    async def _new_lead(self, contact_id: int, lead: Lead, rule: FormRule, item: Delivery) -> int:
+        body = lead_body(lead, rule, item.submission_id)
         body["_embedded"] = {"contacts": [{"id": contact_id}], **body.get("_embedded", {})}
         ids = await self.api.create_leads([body])
         return ids[0]
 
-    def _complex(self, lead: Lead, rule: FormRule, sid: uuid.UUID) -> dict[str, Any]:
-        body = lead_body(lead, rule, sid)
+    def _complex(self, lead: Lead, rule: FormRule, item: Delivery) -> dict[str, Any]:
+        body = lead_body(lead, rule, item.submission_id)
         contact = {
             "first_name": lead.name or lead.phone or lead.email or "",
             "custom_fields_values": contact_fields(lead.phone, lead.email),
         }
         body["_embedded"] = {"contacts": [contact], **body.get("_embedded", {})}
         return body
+
+
+class _Plan:
+    """What a batch still has to send after the per-person lookups."""
+
+    def __init__(self, items: Sequence[Delivery]) -> None:
+        self.slot = {d.job_id: i for i, d in enumerate(items)}  # position in the batch
+        self.new: list[Delivery] = []
+        self.patches: list[tuple[int, dict[str, Any]]] = []  # (slot, body)
+        self.notes: list[tuple[int, dict[str, Any]]] = []
+
+    def touch(self, item: Delivery, existing: AmoLead, rule: FormRule) -> None:
+        """Move the lead to the form's status (if set and different) and add the note."""
+        slot = self.slot[item.job_id]
+        if rule.status_id and existing.status_id != rule.status_id:
+            patch: dict[str, Any] = {"id": existing.id, "status_id": rule.status_id}
+            if rule.pipeline_id:
+                patch["pipeline_id"] = rule.pipeline_id
+            self.patches.append((slot, patch))
+        self.notes.append((slot, note(existing.id, item.lead, item.submission_id)))
+
+
+def _as_result(result: Link | BaseException | None) -> Link | CrmError | None:
+    if isinstance(result, CrmError):
+        return result
+    if isinstance(result, BaseException):
+        if not isinstance(result, Exception):
+            raise result
+        return CrmRetryable(f"unexpected {result.__class__.__name__}: {result}")
+    return result
 
 
 def _matches(contact: AmoContact, lead: Lead) -> bool:
