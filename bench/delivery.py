@@ -37,7 +37,11 @@ async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str
 
         sim: Any = AmoCrmSimulator(SimulatorConfig(rate_limit=rate))
         runner, url = await start_simulator(sim)
-        env = {"crm": "amocrm", "amocrm_base_url": url, "amocrm_access_token": sim.config.access_token}
+        env = {
+            "crm": "amocrm",
+            "amocrm_base_url": url,
+            "amocrm_access_token": sim.config.access_token,
+        }
         return sim, runner, url, env
     from service.crm.simulator_bitrix24 import (  # type: ignore[import-not-found,unused-ignore]
         BitrixSimulator,
