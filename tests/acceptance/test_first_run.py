@@ -70,6 +70,18 @@ async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: P
                     break
                 await asyncio.sleep(0.1)
             assert len(leads) == 1
+        # a second process on the same data dir joins the running embedded server
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "service", "status"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr.decode()[-2000:]
+        assert "done: 1" in status.stdout.decode(), status.stdout.decode()
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as r:
+            assert r.status == 200, "the service lost its database when `status` exited"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 15)

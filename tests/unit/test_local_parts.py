@@ -1,0 +1,158 @@
+"""The in-process building blocks: rate gate, idempotency window, key locks, spool."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from service.crm.simulator_common import max_in_window
+from service.errors import CrmBlocked
+from service.keys import IdempotencyWindow, submission_key
+from service.limits import RateGate
+from service.locks import KeyLocks
+from service.model import Lead
+from service.spool import Spool
+
+
+async def test_gate_never_puts_more_than_the_rate_into_any_second() -> None:
+    gate = RateGate(10)
+    stamps: list[float] = []
+
+    async def caller() -> None:
+        for _ in range(5):
+            async with gate.slot():
+                stamps.append(time.monotonic())
+
+    await asyncio.gather(*(caller() for _ in range(6)))  # 30 calls, a burst from the start
+    assert max_in_window(stamps, 1.0) <= 10
+    # and it is not timid: 30 calls at 10/s take about 3 s, not much more
+    assert stamps[-1] - stamps[0] < 3.5
+
+
+async def test_pause_holds_every_caller() -> None:
+    gate = RateGate(100)
+    gate.pause(0.3)
+    t0 = time.monotonic()
+    async with gate.slot():
+        pass
+    assert time.monotonic() - t0 >= 0.29
+
+
+def test_open_circuit_refuses_until_cooldown() -> None:
+    gate = RateGate(5)
+    gate.open_circuit("403 account blocked", cooldown_s=60)
+    with pytest.raises(CrmBlocked):
+        gate.check_circuit()
+    gate.close_circuit()
+    gate.check_circuit()
+
+
+def test_window_expires_and_stays_bounded() -> None:
+    window = IdempotencyWindow(ttl_s=60, size=3)
+    ids = [uuid.uuid4() for _ in range(4)]
+    for n, sid in enumerate(ids):
+        window.put(f"k{n}", sid)
+    assert window.get("k0") is None  # oldest evicted
+    assert window.get("k3") == ids[3]
+    assert len(window) == 3
+    off = IdempotencyWindow(ttl_s=0, size=3)
+    off.put("k", ids[0])
+    assert off.get("k") is None
+
+
+def test_content_key_ignores_nothing_the_person_typed() -> None:
+    a = Lead("f", "+77011234567", None, "Ivan", fields={"comment": "hi"})
+    b = Lead("f", "+77011234567", None, "Ivan", fields={"comment": "hi!"})
+    assert submission_key("f", a, None) == submission_key("f", a, None)
+    assert submission_key("f", a, None) != submission_key("f", b, None)
+    assert submission_key("f", a, "k1") == submission_key("f", b, "k1")
+    assert submission_key("g", a, "k1") != submission_key("f", a, "k1")
+
+
+async def test_key_locks_serialise_overlapping_holders_only() -> None:
+    locks = KeyLocks()
+    order: list[str] = []
+
+    async def hold(name: str, keys: list[str], pause: float) -> None:
+        async with locks.hold(keys):
+            order.append(f"{name}+")
+            await asyncio.sleep(pause)
+            order.append(f"{name}-")
+
+    await asyncio.gather(
+        hold("a", ["phone:1", "email:x"], 0.05),
+        hold("b", ["email:x", "phone:1"], 0.0),  # same keys, other order: no deadlock
+        hold("c", ["phone:2"], 0.0),
+    )
+    assert order.index("a-") < order.index("b+")
+    assert order.index("c-") < order.index("a-")  # c did not wait for a
+    assert locks.held() == {}
+
+
+async def test_key_locks_release_on_cancel() -> None:
+    locks = KeyLocks()
+    async with locks.hold(["k"]):
+        waiter = asyncio.create_task(_take(locks))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    async with locks.hold(["k"]):
+        assert list(locks.held()) == ["k"]
+    assert locks.held() == {}
+
+
+async def _take(locks: KeyLocks) -> None:
+    async with locks.hold(["k"]):
+        pass
+
+
+async def test_spool_drains_every_entry_and_skips_a_torn_last_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for n in range(3):
+        await spool.append({"type": "t", "n": n})
+    # a write that was never fsynced (never acknowledged) may be torn by a crash
+    path = spool.pending_files()[0]
+    with open(path, "ab") as f:
+        f.write(b'{"type": "t", "n": 9')
+    got: list[int] = []
+
+    async def handler(entries: list[dict[str, object]]) -> None:
+        got.extend(int(str(e["n"])) for e in entries)
+
+    assert await spool.drain({"t": handler}) == 3
+    assert got == [0, 1, 2]
+    assert spool.pending_files() == []
+
+
+async def test_spool_keeps_the_file_when_the_handler_fails(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    await spool.append({"type": "t"})
+
+    async def broken(entries: list[dict[str, object]]) -> None:
+        raise RuntimeError("database went away again")
+
+    with pytest.raises(RuntimeError):
+        await spool.drain({"t": broken})
+    assert len(spool.pending_files()) == 1
+
+
+async def test_spool_file_of_a_live_writer_is_not_drained(tmp_path: Path) -> None:
+    writer = Spool(tmp_path)
+    await writer.append({"type": "t"})
+    other = Spool(tmp_path)
+    calls: list[int] = []
+
+    async def handler(entries: list[dict[str, object]]) -> None:
+        calls.append(len(entries))
+
+    # the writer's file is flock'ed by its (live) owner: another drainer leaves it alone
+    assert await other._drain_file(writer.pending_files()[0], {"t": handler}) == 0
+    assert calls == []
+    writer.close()
+    assert os.path.exists(writer.pending_files()[0])
