@@ -8,12 +8,10 @@ unreachable or slow, the submission goes to the fsync'd spool and the sender sti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,9 +157,3 @@ class Intake:
         items = [Pending.from_json(e) for e in entries]
         await self.store.ingest(items)
         self._db_down_until = 0.0
-
-    @contextlib.contextmanager
-    def db_marked_down(self, seconds: float) -> Iterator[None]:
-        """Tests and the health check can force the spool path."""
-        self._db_down_until = time.monotonic() + seconds
-        yield
