@@ -147,14 +147,24 @@ ServiceFactory = Callable[..., Awaitable[Service]]
 
 
 @pytest.fixture
+def crm_settings(simulator: tuple[AmoCrmSimulator, str]) -> dict[str, Any]:
+    """How the service reaches this test's CRM; a test module may override it (Bitrix24)."""
+    return {}
+
+
+@pytest.fixture
 async def service_factory(
-    db_dsn: str, simulator: tuple[AmoCrmSimulator, str], tmp_path: Path
+    db_dsn: str,
+    simulator: tuple[AmoCrmSimulator, str],
+    crm_settings: dict[str, Any],
+    tmp_path: Path,
 ) -> AsyncIterator[ServiceFactory]:
     """Start the service (HTTP + worker by default) against this test's database and simulator."""
     started: list[Service] = []
 
     async def start(roles: Roles = Roles(), **overrides: Any) -> Service:
-        settings = make_settings(db_dsn, simulator[1], tmp_path / "var", **overrides)
+        merged = {**crm_settings, **overrides}
+        settings = make_settings(db_dsn, simulator[1], tmp_path / "var", **merged)
         app = create_app(settings, roles)
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()

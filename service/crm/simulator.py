@@ -337,9 +337,24 @@ async def start_simulator(
 
 
 def run_fake_crm(kind: str, host: str, port: int, config: SimulatorConfig) -> None:
-    """Serve a simulator until SIGINT/SIGTERM; prints the URL it listens on. Blocks."""
+    """Serve a simulator until SIGINT/SIGTERM; prints the URL it listens on. Blocks.
+
+    For `bitrix24` only the fault settings shared by both simulators are taken from `config`;
+    the portal's limits are Bitrix24's own (leaky bucket 50, draining 2/s).
+    """
+    if kind == "bitrix24":
+        from service.crm.simulator_bitrix24 import (
+            BitrixSimulator,
+            BitrixSimulatorConfig,
+            serve_bitrix_until_signalled,
+        )
+
+        shared = ("latency_s", "error_rate", "timeout_rate", "hang_s", "reset_rate", "seed")
+        bitrix = BitrixSimulatorConfig(**{name: getattr(config, name) for name in shared})
+        asyncio.run(serve_bitrix_until_signalled(BitrixSimulator(bitrix), host, port))
+        return
     if kind != "amocrm":
-        raise ValueError(f"unknown fake CRM kind {kind!r}; supported: amocrm")
+        raise ValueError(f"unknown fake CRM kind {kind!r}; supported: amocrm, bitrix24")
     asyncio.run(_serve_until_signalled(AmoCrmSimulator(config), host, port))
 
 

@@ -421,6 +421,6 @@ async def test_reset_forgets_data_and_traffic(amo: Amo) -> None:
     assert report["leads"] == [] and report["contacts"] == [] and report["requests_total"] == 0
 
 
-def test_run_fake_crm_knows_only_amocrm() -> None:
+def test_run_fake_crm_refuses_an_unknown_kind() -> None:
     with pytest.raises(ValueError, match="bitrix24"):
-        run_fake_crm("bitrix24", "127.0.0.1", 0, SimulatorConfig())
+        run_fake_crm("nosuch", "127.0.0.1", 0, SimulatorConfig())

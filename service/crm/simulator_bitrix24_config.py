@@ -1,0 +1,95 @@
+"""The Bitrix24 simulator's settings, and parsing what `POST /_sim/faults` may change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.crm.simulator_bitrix24_limits import CommandFault
+from service.crm.simulator_common import ScriptedAnswer
+
+__all__ = ["BitrixSimulatorConfig", "parse_faults"]
+
+# What `POST /_sim/faults` may change, with the JSON type each value must have.
+_FAULT_FIELDS: dict[str, type] = {
+    "latency_s": float,
+    "error_rate": float,
+    "timeout_rate": float,
+    "hang_s": float,
+    "reset_rate": float,
+    "drain_per_s": float,
+    "burst": int,
+    "operating_limit_s": float,
+    "operating_window_s": float,
+    "method_cost_s": float,
+    "overload_after": int,
+    "overload_window_s": float,
+}
+
+
+@dataclass
+class BitrixSimulatorConfig:
+    """How the simulated portal behaves; mutable while the simulator runs."""
+
+    webhook_secret: str = "sim-secret"
+    drain_per_s: float = 2.0  # leaky bucket drain (Enterprise: 5)
+    burst: int = 50  # leaky bucket size (Enterprise: 250)
+    operating_limit_s: float = 480.0  # server seconds per method per window
+    operating_window_s: float = 600.0
+    method_cost_s: float = 0.01  # simulated server seconds per call of any method...
+    method_costs: dict[str, float] = field(default_factory=dict)  # ...unless named here
+    overload_after: int = 20  # this many violations within overload_window_s: manual block
+    overload_window_s: float = 60.0
+    latency_s: float = 0.0
+    error_rate: float = 0.0  # fraction answered 5xx without doing the work
+    timeout_rate: float = 0.0  # fraction that hang for hang_s after doing the work
+    hang_s: float = 60.0
+    reset_rate: float = 0.0  # fraction whose connection is dropped after doing the work
+    seed: int | None = None
+
+
+def parse_faults(
+    changes: dict[str, Any],
+) -> tuple[dict[str, Any], list[ScriptedAnswer], list[CommandFault]]:
+    """Check a `/_sim/faults` body: (config changes, `fail_next` answers, `fail_command` faults).
+
+    Nothing is applied here, so a body with one bad value changes nothing; ValueError says what
+    is wrong.
+    """
+    changes = dict(changes)
+    answers = [ScriptedAnswer.from_json(item) for item in _as_list(changes.pop("fail_next", []))]
+    commands = [CommandFault.from_json(item) for item in _as_list(changes.pop("fail_command", []))]
+    costs = changes.pop("method_costs", None)
+    if costs is not None and not _costs_ok(costs):
+        raise ValueError("method_costs: expected an object of non-negative numbers")
+    for key, value in changes.items():
+        _check_fault_value(key, value)
+    if costs is not None:
+        changes["method_costs"] = dict(costs)
+    return changes, answers, commands
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, dict):  # one item may come without its array
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("fail_next / fail_command must be an array")
+    return value
+
+
+def _costs_ok(costs: Any) -> bool:
+    return isinstance(costs, dict) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in costs.values()
+    )
+
+
+def _check_fault_value(key: str, value: Any) -> None:
+    wanted = _FAULT_FIELDS.get(key)
+    if wanted is None:
+        raise ValueError(f"{key}: not a setting /_sim/faults can change")
+    # JSON has one number type (1 is a fine float) and bool is an int to Python, not to JSON
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if not numeric or (wanted is int and not isinstance(value, int)):
+        raise ValueError(f"{key}: expected {wanted.__name__}")
+    if value < 0:
+        raise ValueError(f"{key}: must not be negative")
