@@ -1,8 +1,8 @@
 """The app factory: every resource is a cleanup context, stored under a typed AppKey.
 
-Start order: database (embedded server, pool, migrations) → CRM (HTTP session, in-process
-simulator when no CRM is configured, adapter, rate gate) → intake (group commit, spool drainer)
-→ worker. Shutdown runs the same list backwards.
+Start order: database (embedded server, pool, migrations) → cluster (heartbeats, Redis link)
+→ CRM (HTTP session, in-process simulator when no CRM is configured, adapter, rate gate) →
+intake (group commit, spool drainer) → worker. Shutdown runs the same list backwards.
 """
 
 from __future__ import annotations
@@ -19,17 +19,25 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from service import health, intake
+from service import admin, alerts, health, intake, metrics, webhooks
+from service.cluster import Cluster, connect_redis
 from service.crm.amocrm import AmoCrmAdapter
 from service.crm.amocrm_api import AmoCrmApi, StaticToken, TokenSource
 from service.crm.base import CrmAdapter
+from service.crm.bitrix24 import Bitrix24Adapter
+from service.crm.bitrix24_api import Bitrix24Api
 from service.database import EmbeddedPostgres, create_pool, migrate
 from service.errors import StoreUnavailable
+from service.event_store import EventStore
+from service.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
 from service.health import RUNTIME, Runtime
 from service.ingest import Intake
 from service.keys import IdempotencyWindow
 from service.limits import RateGate
+from service.locks import PersonLocks
 from service.oauth import OAuthTokens
+from service.redis_keys import SharedKeys
+from service.redis_limits import cluster_gate
 from service.settings import Settings
 from service.spool import Spool
 from service.store import Store
@@ -42,7 +50,11 @@ DSN = web.AppKey("dsn", str)
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
+CLUSTER = web.AppKey("cluster", Cluster)
+PERSON_LOCKS = web.AppKey("person_locks", PersonLocks)
+FORWARDER = web.AppKey("forwarder", Forwarder)
 SPOOL_DRAIN_EVERY_S = 1.0
+FORWARDER_POOL_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,20 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes + 1024)
     app[intake.SETTINGS] = settings
     app[RUNTIME] = Runtime(worker_expected=roles.worker, crm=settings.crm)
-    app.cleanup_ctx.extend([database_ctx, crm_ctx, intake_ctx])
+    app[metrics.METRICS] = metrics.Metrics(app[RUNTIME])
+    app.middlewares.append(metrics.observe)
+    app.cleanup_ctx.extend([database_ctx, cluster_ctx, crm_ctx, intake_ctx])
     if roles.worker:
         app.cleanup_ctx.append(worker_ctx)
+        app.cleanup_ctx.append(forwarder_ctx)
+    app.cleanup_ctx.extend([admin.admin_ctx, alerts.alerts_ctx])
     app.on_shutdown.append(_mark_shutting_down)
     app.add_routes(health.routes())
+    app.add_routes(metrics.routes())
+    app.add_routes(admin.routes(enabled=bool(settings.admin_token)))
     if roles.http:
         app.add_routes(intake.routes())
+        app.add_routes(webhooks.routes())
     return app
 
 
@@ -106,14 +125,36 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(embedded.stop)
 
 
+async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Heartbeats in PostgreSQL and the Redis link: the mode the cluster runs in (cluster.py)."""
+    settings = app[intake.SETTINGS]
+    redis = connect_redis(settings.redis_url) if settings.redis_url else None
+    cluster = app[CLUSTER] = Cluster(app[STORE].pool, redis, sends=app[RUNTIME].worker_expected)
+    await cluster.start()
+    async with background(cluster.run(), "cluster"):
+        yield
+    # our last CRM calls still count in the others' window for a moment: leave after it
+    await cluster.close(leave_after_s=cluster.members.window_s + 1.0)
+
+
 async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[intake.SETTINGS]
-    gate = app[GATE] = app[RUNTIME].gate = RateGate(settings.crm_rate_limit)
+    gate, bucket = cluster_gate(app[CLUSTER], settings)
+    app[GATE] = app[RUNTIME].gate = gate
     async with contextlib.AsyncExitStack() as stack:
-        session = await stack.enter_async_context(aiohttp.ClientSession())
-        base_url, tokens = await _crm_endpoint(app, settings, session, gate, stack)
-        api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=settings.crm_timeout_s)
-        app[ADAPTER] = AmoCrmAdapter(api, settings)
+        stack.push_async_callback(bucket.close)
+        # the trace counts every CRM call by outcome for /metrics
+        trace = metrics.crm_trace(app[metrics.METRICS])
+        session = await stack.enter_async_context(aiohttp.ClientSession(trace_configs=[trace]))
+        if settings.crm == "bitrix24":
+            assert settings.bitrix24_webhook_url is not None  # checked by Settings
+            hook, timeout = settings.bitrix24_webhook_url, settings.crm_timeout_s
+            b24 = Bitrix24Api(session, hook, gate, timeout_s=timeout)
+            app[ADAPTER] = Bitrix24Adapter(b24, settings)
+        else:
+            base_url, tokens = await _crm_endpoint(app, settings, session, gate, stack)
+            api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=settings.crm_timeout_s)
+            app[ADAPTER] = AmoCrmAdapter(api, settings)
         yield
 
 
@@ -150,11 +191,27 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     spool = Spool(settings.spool_dir)
     window = IdempotencyWindow(settings.idempotency_window_s, settings.idempotency_window_size)
-    service = Intake(store, spool, window=window, write_timeout_s=settings.db_write_timeout_s)
+    cluster = app[CLUSTER]
+    locks = app[PERSON_LOCKS] = PersonLocks(app[DSN], cluster.name)
+    service = Intake(
+        store,
+        spool,
+        window=window,
+        write_timeout_s=settings.db_write_timeout_s,
+        shared_keys=SharedKeys(cluster.redis, settings.idempotency_window_s),
+        person_locks=locks,
+    )
     app[intake.INTAKE] = app[RUNTIME].intake = service
-    handlers = {"submission": service.drain_spooled, "rejected": _rejected_handler(store)}
+    events = app[webhooks.EVENTS] = webhooks.EventIntake(EventStore(store.pool), spool, settings)
+    handlers = {
+        "submission": service.drain_spooled,
+        "rejected": _rejected_handler(store),
+        "event": events.drain_spooled,
+    }
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(background(service.writer.run(), "group-commit"))
+        await stack.enter_async_context(background(locks.run(), "person-locks"))
+        await stack.enter_async_context(background(events.writer.run(), "event-commit"))
         await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))
         yield
     spool.close()
@@ -204,3 +261,26 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         "worker stopped",
         extra={"action": "worker_stopped", "seconds": round(time.monotonic() - t0, 2)},
     )
+
+
+async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Processes and forwards stored webhook events (service/forwarder.py)."""
+    settings = app[intake.SETTINGS]
+    # a pool of its own: a backlog of events to forward must never keep the handlers waiting
+    # for a connection (they answer only after their write)
+    pool = await create_pool(app[DSN], min_size=1, max_size=FORWARDER_POOL_SIZE)
+    # Bitrix24 deal events carry only an id: with Bitrix24 configured the deal is fetched
+    # (crm.deal.get, through the shared CRM gate) before it is forwarded
+    adapter = app[ADAPTER]
+    fetch = bitrix24_deal_fetcher(adapter.api) if isinstance(adapter, Bitrix24Adapter) else None
+    forwarder = Forwarder(EventStore(pool), settings, app[DSN], fetch_deal=fetch)
+    app[FORWARDER] = forwarder
+    task = asyncio.create_task(forwarder.run(), name="forwarder")
+    yield
+    await forwarder.stop()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), STOP_WAIT_S + 1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await pool.close()

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from service import __version__
+from service.admin_store import ADMIN_STORE, AdminStore
 from service.database import pending_migrations
 from service.errors import StoreUnavailable
 from service.ingest import Intake
-from service.intake import answer
+from service.intake import SETTINGS, answer
 from service.limits import RateGate
+from service.metrics import METRICS
 from service.store import Store
 from service.worker import Worker
 
@@ -31,6 +34,9 @@ class Runtime:
     worker_expected: bool = True
     shutting_down: bool = False
     crm: str = ""
+    # more named checks for /health, e.g. "redis" when REDIS_URL is set; {"ok": False, ...}
+    # from one makes /health answer 503
+    probes: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -68,6 +74,9 @@ async def _not_ready(rt: Runtime) -> list[str]:
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     reasons = await _not_ready(rt)
+    queue = await _queue(rt, request.app.get(ADMIN_STORE))
+    probes = await _probes(rt)
+    reasons += _degraded(rt, queue, probes, request.app[SETTINGS].alert_lag_s)
     body: dict[str, Any] = {
         "ok": not reasons,
         "reasons": reasons,
@@ -75,12 +84,15 @@ async def health(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - rt.started, 1),
         "crm": rt.crm,
         "database": await _database(rt),
-        "queue": await _queue(rt),
+        **probes,
+        "queue": queue,
         "spool": {"bytes": rt.intake.spool.pending_bytes()} if rt.intake else None,
         "intake": rt.intake.counts if rt.intake else None,
         "idempotency_window": rt.intake.window.stats() if rt.intake else None,
         "limiter": _limiter(rt.gate),
+        "circuit": {rt.crm: _circuit(rt.gate)} if rt.gate else None,
         "worker": _worker(rt.worker),
+        "webhooks": _webhooks(request.app),
     }
     return answer(body, status=503 if reasons else 200)
 
@@ -100,17 +112,55 @@ async def _database(rt: Runtime) -> dict[str, Any]:
         "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
         "pool_size": pool.get_size(),
         "pool_idle": pool.get_idle_size(),
+        "pool_in_use": pool.get_size() - pool.get_idle_size(),
+        "pool_max": pool.get_max_size(),
     }
 
 
-async def _queue(rt: Runtime) -> dict[str, Any] | None:
+async def _queue(rt: Runtime, admin: AdminStore | None = None) -> dict[str, Any] | None:
     if rt.store is None:
         return None
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
-            return asdict(await rt.store.queue_counts())
+            queue = asdict(await rt.store.queue_counts())
+            if admin is not None:
+                queue["dead_letters"] = await admin.dead_letter_count()  # dead, not discarded
+            return queue
     except (StoreUnavailable, TimeoutError):
         return None
+
+
+async def _probes(rt: Runtime) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, probe in rt.probes.items():
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                out[name] = await probe()
+        except Exception as exc:  # a probe's failure is its answer, not a 500
+            out[name] = {"ok": False, "error": exc.__class__.__name__}
+    return out
+
+
+def _degraded(
+    rt: Runtime, queue: dict[str, Any] | None, probes: dict[str, Any], lag_s: float
+) -> list[str]:
+    """Why the service is alive and ready but not healthy: operators should look."""
+    reasons = [f"{name} unreachable" for name, p in probes.items() if not p.get("ok", True)]
+    if rt.gate is not None and rt.gate.circuit.is_open:
+        reasons.append(f"crm circuit open: {rt.gate.circuit.reason}")
+    age = (queue or {}).get("oldest_due_age_s") or 0.0
+    if age > lag_s:
+        reasons.append(f"delivery lag {age:.0f} s over {lag_s:.0f} s")
+    return reasons
+
+
+def _circuit(gate: RateGate) -> dict[str, Any]:
+    return {"open": gate.circuit.is_open, "reason": gate.circuit.reason}
+
+
+def _webhooks(app: web.Application) -> dict[str, int]:
+    m = app.get(METRICS)
+    return dict(m.webhooks) if m is not None else {}
 
 
 def _limiter(gate: RateGate | None) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ unreachable or slow, the submission goes to the fsync'd spool and the sender sti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -19,8 +20,9 @@ import asyncpg
 
 from service.errors import BadInput, FieldError, StoreUnavailable
 from service.keys import IdempotencyWindow, submission_key
-from service.locks import KeyLocks
+from service.locks import KeyLocks, PersonLocks
 from service.model import Lead
+from service.redis_keys import NoSharedKeys, SharedKeys
 from service.spool import Spool
 from service.store import Accepted, Pending, Store
 
@@ -110,11 +112,16 @@ class Intake:
         window: IdempotencyWindow,
         locks: KeyLocks | None = None,
         write_timeout_s: float = 2.0,
+        shared_keys: SharedKeys | None = None,
+        person_locks: PersonLocks | None = None,
     ) -> None:
         self.store = store
         self.spool = spool
         self.window = window
         self.locks = locks or KeyLocks()
+        # across processes (service.cluster): Redis keys, PostgreSQL person locks
+        self.shared_keys = shared_keys or NoSharedKeys()
+        self.person_locks = person_locks
         self.writer = GroupCommit(store)
         self.write_timeout_s = write_timeout_s
         self._db_down_until = 0.0
@@ -128,10 +135,22 @@ class Intake:
         async with self.locks.hold([f"idem:{key}", *lead.identities()]):
             if (sid := self.window.get(key)) is not None:
                 return self._count(Receipt(sid, duplicate=True))
+            # another process may have taken it: Redis knows sooner than the database would
+            if (sid := await self.shared_keys.claim(key)) is not None:
+                self.window.put(key, sid)
+                return self._count(Receipt(sid, duplicate=True))
             pending = Pending(uuid.uuid4(), key, lead, dt.datetime.now(dt.UTC))
-            receipt = await self._store(pending)
+            async with self._person_lock(lead):
+                receipt = await self._store(pending)
             self.window.put(key, receipt.id)
+            await self.shared_keys.remember(key, receipt.id)
             return self._count(receipt)
+
+    def _person_lock(self, lead: Lead) -> contextlib.AbstractAsyncContextManager[bool]:
+        """The person across processes, so no two resolve its identities at once."""
+        if self.person_locks is None:
+            return contextlib.nullcontext(False)
+        return self.person_locks.hold(lead.identities())
 
     async def _store(self, pending: Pending) -> Receipt:
         if time.monotonic() >= self._db_down_until:

@@ -4,6 +4,10 @@
 `rate`/s, so its first second lets up to twice the rate through. A CRM counts requests in any
 sliding second, so we use a bucket of one token refilled every `1/rate` seconds (stretched by a
 small margin for network jitter): no one-second window can ever hold more than `rate` calls.
+
+Which bucket admits a call is pluggable (`Bucket`): `LocalBucket` is that aiolimiter bucket, for
+one process alone; `service.redis_limits.ClusterBucket` makes several processes share one limit
+(in Redis, or as a share counted by PostgreSQL heartbeats when Redis is away).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
@@ -24,6 +29,109 @@ log = logging.getLogger(__name__)
 
 # Calls are spaced 2% wider than 1/rate: loopback and LAN jitter are well under that.
 SPACING_MARGIN = 1.02
+# How long a caller sleeps before looking again when it cannot know when a turn frees up
+# (every counted call is still in flight).
+POLL_S = 0.02
+
+
+def capacity_window(rate: float) -> tuple[int, float]:
+    """The limit as "at most `capacity` calls in any `window` seconds".
+
+    A CRM counts whole requests per second: 6.5/s allows 6 in a second; 0.5/s allows 1 in 2 s.
+    """
+    if rate >= 1:
+        return int(rate), 1.0
+    return 1, 1.0 / rate
+
+
+class Bucket(Protocol):
+    """Admission for one outbound call: `acquire` a ticket, `release` it when the call ends."""
+
+    @property
+    def mode(self) -> str:
+        """ "single" | "local-share" | "redis" (see `service.cluster`)."""
+        ...
+
+    @property
+    def paused_until(self) -> float:
+        """A pause learnt from other processes (monotonic deadline), or 0."""
+        ...
+
+    async def acquire(self) -> int: ...
+
+    def release(self, ticket: int) -> None: ...
+
+    def share_pause(self, seconds: float) -> None:
+        """Tell the other processes about a pause this one was told to make."""
+        ...
+
+
+class LocalBucket:
+    """This process's aiolimiter bucket: one token, refilled every 1/rate s (see above)."""
+
+    mode = "single"
+    paused_until = 0.0
+
+    def __init__(self, rate: float) -> None:
+        self._limiter = AsyncLimiter(1, SPACING_MARGIN / rate)
+
+    async def acquire(self) -> int:
+        await self._limiter.acquire()
+        return 0
+
+    def release(self, ticket: int) -> None:
+        pass
+
+    def share_pause(self, seconds: float) -> None:
+        pass
+
+
+class SendLog:
+    """This process's calls as intervals [admitted, released], to admit by "at most `n` calls
+    in any `window_s`" without trusting any clock but our own.
+
+    A call reaches the CRM somewhere inside its interval. Admit a call only while fewer than `n`
+    calls are in flight or were released less than `window_s` ago: then no window of `window_s`
+    at the CRM can see more than `n` of them, whatever the network and event-loop delays were.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._open: dict[int, float] = {}  # ticket → admitted at (in flight)
+        self._closed: deque[tuple[float, int]] = deque()  # (released at, ticket), in order
+
+    def admit(self, ticket: int) -> None:
+        self._open[ticket] = time.monotonic()
+
+    def release(self, ticket: int) -> None:
+        if self._open.pop(ticket, None) is not None:
+            self._closed.append((time.monotonic(), ticket))
+
+    def _prune(self, now: float) -> None:
+        while self._closed and self._closed[0][0] <= now - self.window_s:
+            self._closed.popleft()
+
+    def count(self) -> int:
+        self._prune(time.monotonic())
+        return len(self._open) + len(self._closed)
+
+    def wait(self, capacity: int) -> float:
+        """0 when one more call fits, else how long until it may (POLL_S if unknown)."""
+        now = time.monotonic()
+        self._prune(now)
+        excess = len(self._open) + len(self._closed) - capacity
+        if excess < 0:
+            return 0.0
+        if excess < len(self._closed):
+            return self._closed[excess][0] + self.window_s - now
+        return POLL_S  # it depends on calls still in flight
+
+    def recent(self) -> Iterator[tuple[int, float | None]]:
+        """(ticket, seconds since release, or None while in flight) of every counted call."""
+        now = time.monotonic()
+        self._prune(now)
+        yield from ((t, None) for t in self._open)
+        yield from ((t, now - released) for released, t in self._closed)
 
 
 @dataclass
@@ -40,18 +148,23 @@ class CircuitState:
 
 
 class RateGate:
-    """The one aiolimiter bucket all CRM calls share, plus a pause that holds everyone."""
+    """The one bucket all CRM calls share, plus a pause that holds everyone."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, bucket: Bucket | None = None) -> None:
         self.rate = rate
-        self._limiter = AsyncLimiter(1, SPACING_MARGIN / rate)
+        self._bucket: Bucket = bucket or LocalBucket(rate)
         self._paused_until = 0.0
         self.circuit = CircuitState()
         self._sent: deque[float] = deque(maxlen=10_000)
 
     @property
+    def mode(self) -> str:
+        """How the limit is kept: "single" | "local-share" | "redis" (see `service.cluster`)."""
+        return self._bucket.mode
+
+    @property
     def paused_until(self) -> float:
-        return self._paused_until
+        return max(self._paused_until, self._bucket.paused_until)
 
     def pause(self, seconds: float) -> None:
         """Stop every caller for `seconds` (a 429 slows everyone down, not just its caller)."""
@@ -62,6 +175,7 @@ class RateGate:
                 "crm rate limit: pausing all calls",
                 extra={"action": "crm_pause", "seconds": seconds},
             )
+        self._bucket.share_pause(seconds)
 
     def open_circuit(self, reason: str, cooldown_s: float) -> None:
         now = time.monotonic()
@@ -83,7 +197,8 @@ class RateGate:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Wait for the pause to end and for a token; then the caller sends one request.
+        """Wait for the pause to end and for a turn; then the caller sends one request and the
+        turn is held until it is answered.
 
         Raises CrmBlocked while the circuit is open."""
         while True:
@@ -91,12 +206,16 @@ class RateGate:
             # a deadline that may move later, not an event: sleeping to it is the point
             while (wait := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(wait)
-            await self._limiter.acquire()
-            # a pause that began while we queued for the token holds us too
+            ticket = await self._bucket.acquire()
+            # a pause that began while we queued for the turn holds us too
             if time.monotonic() >= self._paused_until:
                 break
+            self._bucket.release(ticket)
         self._sent.append(time.monotonic())
-        yield
+        try:
+            yield
+        finally:
+            self._bucket.release(ticket)
 
     def observed_rate(self, window_s: float = 60.0) -> float:
         """Calls per second over the last `window_s` seconds."""

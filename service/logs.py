@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
+
+from service.normalize import mask_email, mask_phone
+
+# the request being handled, set by the HTTP middleware; every record logged meanwhile carries it
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+# A phone in E.164 or as people type it with a "+" (`+7 701 123-45-67`, URL-encoded too), or a
+# Russian/Kazakh 11-digit number with its leading 7/8 and no "+" (`87011234567`, `8 (701) …`).
+_PHONE = re.compile(
+    r"(?:\+|%2[Bb])\d[\d\s().-]{6,20}\d"
+    r"|(?<![\w.+-])[78][\s(-]{0,2}\d{3}[\s)-]{0,2}\d{3}[\s-]?\d{2}[\s-]?\d{2}(?![\w.-])"
+)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 
 # attributes every LogRecord has; anything else came in through `extra=`
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -25,8 +40,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **_extras(record),
         }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            # exc_text is the masked text MaskFilter left; format the exception only without it
+            data["exc"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
         return orjson.dumps(data, default=str).decode()
 
 
@@ -42,8 +58,68 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def _phone(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group().replace("%2B", "").replace("%2b", ""))
+    if len(digits) == 11 and digits[0] == "8" and not match.group().startswith("+"):
+        digits = "7" + digits[1:]  # the trunk prefix people write for +7
+    return mask_phone("+" + digits)
+
+
+def mask_text(text: str) -> str:
+    """Every phone and email in `text` masked (`+7******2233`, `i***@example.com`)."""
+    if "@" in text:
+        text = _EMAIL.sub(lambda m: mask_email(m.group()), text)
+    return _PHONE.sub(_phone, text)
+
+
+def _mask_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {k: _mask_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_value(v) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return mask_text(str(value))  # exceptions, UUIDs, paths: as the formatter would print them
+
+
+class MaskFilter(logging.Filter):
+    """Masks phones and emails in the message, its extras and exception text, in place, so every
+    handler after it (and every format) sees only the masked record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging reports it; still mask what we can
+            message = f"{record.msg} {record.args}"
+        record.msg = mask_text(message)
+        record.args = None
+        for key, value in _extras(record).items():
+            setattr(record, key, _mask_value(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask_text(record.stack_info)
+        return True
+
+
+class ContextFilter(logging.Filter):
+    """Adds the current request id to records that do not name one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = REQUEST_ID.get()
+        if rid is not None and not hasattr(record, "request_id"):
+            record.request_id = rid
+        return True
+
+
+def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.addFilter(MaskFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

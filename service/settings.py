@@ -34,6 +34,26 @@ class FormRule:
 
 
 @dataclass(frozen=True)
+class ForwardRule:
+    """One more destination for the events of one source (`[forward.<source>]` in the TOML)."""
+
+    url: str
+    rate: float | None = None  # requests/second; None: WEBHOOK_FORWARD_RATE
+
+
+GENERIC_VERIFY = ("any", "hmac", "qstash", "none")
+
+
+@dataclass(frozen=True)
+class GenericSource:
+    """How `POST /webhooks/generic/<name>` is keyed and verified (`[generic.<name>]`)."""
+
+    key_field: str | None = None  # e.g. "order.id": the event key, before any header
+    # any: a valid QStash JWT or HMAC when a key is configured; hmac/qstash: that one; none: off
+    verify: str = "any"
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter for passing CRM failures."""
 
@@ -74,12 +94,26 @@ class Settings:
     telegram_bot_token: str | None = None
     telegram_chat_id: str | None = None
     alert_webhook_url: str | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    alert_check_s: float = 15.0  # how often alert conditions are evaluated
+    alert_interval_s: float = 900.0  # at most one message per condition per this many seconds
+    alert_lag_s: float = 600.0  # the oldest due job waiting longer than this is an alert
     log_level: str = "INFO"
     log_format: str = "text"
     default_phone_region: str | None = None
     host: str = "0.0.0.0"
     port: int = 8080
     webhook_forward_url: str | None = None
+    webhook_forward_rate: float = 10.0
+    forward_timeout_s: float = 10.0
+    echo_window_s: float = 60.0
+    # CRMs batch many events into one body: a limit of its own, so a big batch is not refused
+    webhook_max_body_bytes: int = 1024 * 1024
+    qstash_current_signing_key: str | None = None
+    qstash_next_signing_key: str | None = None
+    # source ("amocrm", "bitrix24", "generic/<name>") -> its extra destinations
+    forward_rules: Mapping[str, tuple[ForwardRule, ...]] = field(default_factory=dict)
+    generic_sources: Mapping[str, GenericSource] = field(default_factory=dict)
     max_body_bytes: int = 64 * 1024
     retry: RetryPolicy = RetryPolicy()
     worker_batch: int = 50
@@ -139,6 +173,11 @@ class Settings:
             telegram_bot_token=r.text("TELEGRAM_BOT_TOKEN"),
             telegram_chat_id=r.text("TELEGRAM_CHAT_ID"),
             alert_webhook_url=r.url("ALERT_WEBHOOK_URL", ("http", "https")),
+            telegram_api_url=r.url("TELEGRAM_API_URL", ("http", "https"))
+            or "https://api.telegram.org",
+            alert_check_s=r.number("ALERT_CHECK_S", float, 15.0, 0.05, 3600),
+            alert_interval_s=r.number("ALERT_INTERVAL_S", float, 900.0, 0, 86400),
+            alert_lag_s=r.number("ALERT_LAG_S", float, 600.0, 0, 86400),
             log_level=r.choice(
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
             )
@@ -148,6 +187,14 @@ class Settings:
             host=r.text("HOST") or "0.0.0.0",
             port=r.number("PORT", int, 8080, 0, 65535),
             webhook_forward_url=r.url("WEBHOOK_FORWARD_URL", ("http", "https")),
+            webhook_forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),
+            forward_timeout_s=r.number("FORWARD_TIMEOUT_S", float, 10.0, 0.1, 600),
+            echo_window_s=r.number("ECHO_WINDOW_S", float, 60.0, 0, 86400),
+            webhook_max_body_bytes=r.number(
+                "WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024
+            ),
+            qstash_current_signing_key=r.text("QSTASH_CURRENT_SIGNING_KEY"),
+            qstash_next_signing_key=r.text("QSTASH_NEXT_SIGNING_KEY"),
             max_body_bytes=r.number("MAX_BODY_BYTES", int, 64 * 1024, 1024, 64 * 1024 * 1024),
             retry=RetryPolicy(
                 base_s=r.number("RETRY_BASE_S", float, 2.0, 0.001, 3600),
@@ -267,6 +314,8 @@ def load_config(s: Settings, path: Path) -> Settings:
         s,
         forms=forms,
         config_path=path,
+        forward_rules=_forward_rules(data.get("forward", {})),
+        generic_sources=_generic_sources(data.get("generic", {})),
         default_pipeline_id=_int(amo.get("pipeline_id"), "amocrm.pipeline_id")
         or s.default_pipeline_id,
         default_status_id=_int(amo.get("status_id"), "amocrm.status_id") or s.default_status_id,
@@ -298,3 +347,49 @@ def _int(value: Any, where: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SettingsError("CRM_RELAY_CONFIG", f"{where} to be an integer, got {value!r}")
     return value
+
+
+def _forward_rules(raw: Any) -> dict[str, tuple[ForwardRule, ...]]:
+    """`[forward.amocrm]`, `[forward.bitrix24]`, `[forward.generic.<name>]`: url (or urls), rate."""
+    if not isinstance(raw, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", "[forward] to be a table")
+    tables = {k: v for k, v in raw.items() if k != "generic"}
+    generic = raw.get("generic", {})
+    if not isinstance(generic, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", "[forward.generic] to be a table")
+    tables.update({f"generic/{name}": v for name, v in generic.items()})
+    return {source: _forward_rule(source, v) for source, v in tables.items()}
+
+
+def _forward_rule(source: str, raw: Any) -> tuple[ForwardRule, ...]:
+    where = f"forward.{source.replace('/', '.')}"
+    if not isinstance(raw, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", f"[{where}] to be a table")
+    urls = raw.get("urls", [raw["url"]] if "url" in raw else [])
+    rate = raw.get("rate")
+    if isinstance(rate, bool) or not isinstance(rate, int | float | None) or (rate or 1) <= 0:
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.rate to be a positive number")
+    if not isinstance(urls, list) or not urls:
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.url to be an http(s) URL")
+    for url in urls:
+        parsed = urlparse(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise SettingsError("CRM_RELAY_CONFIG", f"{where}.url to be an http(s) URL")
+    return tuple(ForwardRule(u, None if rate is None else float(rate)) for u in urls)
+
+
+def _generic_sources(raw: Any) -> dict[str, GenericSource]:
+    """`[generic.<name>]`: key_field (dotted path into the body), verify."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise SettingsError("CRM_RELAY_CONFIG", "[generic.<name>] to be tables")
+    sources = {}
+    for name, table in raw.items():
+        verify = table.get("verify", "any")
+        if verify not in GENERIC_VERIFY:
+            choices = ", ".join(GENERIC_VERIFY)
+            raise SettingsError("CRM_RELAY_CONFIG", f"generic.{name}.verify to be one of {choices}")
+        key_field = table.get("key_field")
+        if key_field is not None and not isinstance(key_field, str):
+            raise SettingsError("CRM_RELAY_CONFIG", f"generic.{name}.key_field to be a string")
+        sources[str(name)] = GenericSource(key_field or None, verify)
+    return sources
