@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Slack added to every hand-over between modes, for event-loop lag and heartbeat jitter.
 HANDOVER_SLACK_S = 0.5
 # A call not answered within the CRM timeout plus this is counted until then, then forgotten.
-IN_FLIGHT_SLACK_S = 5.0
+IN_FLIGHT_SLACK_S = 1.0
 
 _NOW = """
 local t = redis.call('TIME')

@@ -170,6 +170,11 @@ class SpoolBatch:
                 self._waiting = self._waiting[self.max_items :]
                 try:
                     await self.spool.append({"type": "event", "deliveries": [d for d, _ in batch]})
+                except asyncio.CancelledError:
+                    # the others' deliveries go to whoever writes next (a copy that reached the
+                    # file anyway is deduplicated by its keys when the spool is drained)
+                    self._waiting[:0] = [(d, f) for d, f in batch if f is not fut]
+                    raise
                 except Exception as exc:
                     for _, f in batch:
                         f.set_exception(exc)

@@ -33,7 +33,7 @@ class ChaosPlan:
         return self.people / self.submit_rate + self.deadline_s + 15 * self.kills + 60
 
 
-SHORT = ChaosPlan(people=600, kills=2, pg_down_s=3, storm_s=3, submit_rate=40, deadline_s=45)
+SHORT = ChaosPlan(people=600, kills=2, pg_down_s=3, storm_s=3, submit_rate=40, deadline_s=60)
 LONG = ChaosPlan(people=5000, kills=5, pg_down_s=10, storm_s=30, submit_rate=35, deadline_s=240)
 
 

@@ -46,8 +46,8 @@ from tests.integration.test_resilience import (
 )
 
 CLIENTS = 20
-CRM_LIMIT = 50  # the simulated account's limit (requests in any sliding second)
-OUR_RATE = 40  # CRM_RATE_LIMIT: below the account's limit, as an operator would set it
+CRM_LIMIT = 100  # the simulated account's limit (requests in any sliding second)
+OUR_RATE = 80  # CRM_RATE_LIMIT: below the account's limit, as an operator would set it
 HANG_S = 2.0  # a "timeout" answer hangs this long; our CRM_TIMEOUT_S is 1
 
 

@@ -129,7 +129,9 @@ async def test_call_posts_json_to_the_method_and_returns_result(
     assert SECRET not in repr(api)
 
 
-LIMIT_RESET = {"operating_reset_at": time.time() + 30, "operating": 480.5}
+def limit_reset() -> dict[str, float]:
+    """A `time` block whose method limit resets 30 s from now (computed when the test runs)."""
+    return {"operating_reset_at": time.time() + 30, "operating": 480.5}
 
 
 @pytest.mark.parametrize(
@@ -167,7 +169,7 @@ async def test_errors_map_in_one_place(
 async def test_operation_time_limit_pauses_only_that_method(
     api: Bitrix24Api, mocked: aioresponses
 ) -> None:
-    body = {"error": "OPERATION_TIME_LIMIT", "error_description": "x", "time": LIMIT_RESET}
+    body = {"error": "OPERATION_TIME_LIMIT", "error_description": "x", "time": limit_reset()}
     mocked.post(f"{WEBHOOK}crm.deal.list.json", status=429, payload=body)
     with pytest.raises(CrmRateLimited) as caught:
         await api.call("crm.deal.list", {})
@@ -200,7 +202,7 @@ async def test_batch_splits_results_and_per_command_errors(
             },
             "result_total": [],
             "result_next": [],
-            "result_time": {"l0": LIMIT_RESET},
+            "result_time": {"l0": limit_reset()},
         },
         "time": {},
     }
