@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from service.bodies import parse_body
 from service.errors import BadInput, FieldError, StoreUnavailable
@@ -28,16 +30,44 @@ def answer(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a client's malformed request at ERROR: a body whose Content-Encoding does not
+    decode (it answers 400 itself, or our handler answers and its lingering close meets the same
+    error again). The client got a 4xx or our answer; nothing failed on our side, so these
+    records are kept at INFO, where they do not look like our own faults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError | HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+CLIENT_PROTOCOL_ERRORS = _ClientProtocolErrors()
+logging.getLogger("aiohttp.server").addFilter(CLIENT_PROTOCOL_ERRORS)
+
+
+class UnreadableBody(BadInput):
+    """The body could not be read as sent (e.g. a Content-Encoding that does not decode)."""
+
+
 async def read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None when it is over `limit` bytes (read no further than that)."""
+    """The body, or None when it is over `limit` bytes (read no further than that).
+
+    Raises UnreadableBody when aiohttp cannot decode the transfer (bad gzip/deflate/br)."""
     if request.content_length is not None and request.content_length > limit:
         return None
     chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except RequestPayloadError as exc:
+        encoding = request.headers.get("Content-Encoding", "")
+        message = f"body could not be decoded (Content-Encoding {encoding!r}): {exc}"
+        raise UnreadableBody([FieldError("body", message[:300])]) from None
     return b"".join(chunks)
 
 
@@ -54,12 +84,14 @@ def too_large(limit: int) -> web.Response:
 async def submit_form(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     intake = request.app[INTAKE]
-    raw = await read_limited(request, settings.max_body_bytes)
-    if raw is None:
-        return too_large(settings.max_body_bytes)
     form = request.match_info["form"]
     content_type = request.headers.get("Content-Type")
+    raw = b""
     try:
+        read = await read_limited(request, settings.max_body_bytes)
+        if read is None:
+            return too_large(settings.max_body_bytes)
+        raw = read
         data = parse_body(content_type, raw)
         lead = normalize(form, data, default_region=settings.default_phone_region)
         receipt = await intake.submit(lead, request.headers.get("Idempotency-Key"))

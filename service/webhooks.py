@@ -43,7 +43,7 @@ from service.events import (
     verify_hmac,
     verify_qstash,
 )
-from service.intake import SETTINGS, answer, read_limited, too_large
+from service.intake import SETTINGS, UnreadableBody, answer, read_limited, too_large
 from service.keys import IdempotencyWindow
 from service.locks import KeyLocks
 from service.settings import GenericSource, Settings
@@ -283,12 +283,21 @@ def _refused(status: int, message: str) -> web.Response:
     return answer({"ok": False, "errors": [{"field": "auth", "message": message}]}, status)
 
 
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """Like `read_limited`, but an undecodable body reads as empty: a CRM must still get its
+    200 (amoCRM) or a clear 401 (no token to check), never a 500."""
+    try:
+        return await read_limited(request, limit)
+    except UnreadableBody:
+        return b""
+
+
 async def amocrm_hook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     intake = request.app[EVENTS]
     if not same_secret(settings.webhook_secret, request.match_info["secret"]):
         raise web.HTTPNotFound()
-    raw = await read_limited(request, settings.webhook_max_body_bytes)
+    raw = await read_body(request, settings.webhook_max_body_bytes)
     if raw is None:
         return too_large(settings.webhook_max_body_bytes)
     try:
@@ -305,7 +314,7 @@ async def amocrm_hook(request: web.Request) -> web.Response:
 async def bitrix24_hook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     intake = request.app[EVENTS]
-    raw = await read_limited(request, settings.webhook_max_body_bytes)
+    raw = await read_body(request, settings.webhook_max_body_bytes)
     if raw is None:
         return too_large(settings.webhook_max_body_bytes)
     try:
@@ -325,7 +334,7 @@ async def generic_hook(request: web.Request) -> web.Response:
     name = request.match_info["source"]
     if not SOURCE_NAME.fullmatch(name):
         raise web.HTTPNotFound()
-    raw = await read_limited(request, settings.webhook_max_body_bytes)
+    raw = await read_body(request, settings.webhook_max_body_bytes)
     if raw is None:
         return too_large(settings.webhook_max_body_bytes)
     rule = settings.generic_sources.get(name, GenericSource())

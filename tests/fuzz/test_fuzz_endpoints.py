@@ -380,12 +380,6 @@ async def test_fuzz_endpoint_never_5xx_never_loses_what_it_accepted(
 UNDECODABLE = [("gzip", b"{}"), ("deflate", b"not deflate"), ("br", b"{}")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a body whose Content-Encoding does not decode raises RequestPayloadError "
-    "out of service.intake.read_limited: 500 and 'Error handling request' at ERROR, and the body "
-    "is not kept (expected: a 4xx or the documented 200 ok:false, nothing logged at ERROR)",
-)
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=[e.name for e in ENDPOINTS])
 async def test_undecodable_content_encoding(
     endpoint: Endpoint,
