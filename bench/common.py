@@ -28,8 +28,10 @@ import orjson
 from service.database import EmbeddedPostgres, migrate
 
 REPO = Path(__file__).resolve().parent.parent
-# valid KZ mobile prefixes (checked with phonenumbers): one per run keeps every run's phones new
-PHONE_PREFIXES = ("701", "702", "705", "707", "708", "747", "771", "775", "776", "777", "778")
+# +7 mobile prefixes, all valid by phonenumbers (KZ 7xx, then RU 9xx but 930): one per run keeps
+# every run's phones new, 8 million phones per run
+KZ_MOBILE = ("701", "702", "705", "707", "708", "747", "771", "775", "776", "777", "778")
+PHONE_PREFIXES = (*KZ_MOBILE, *(f"9{n:02d}" for n in range(100) if n != 30))
 PER_THREAD = 4_000_000  # phones one load thread may use in one run (7 digits, at most 2 threads)
 MAX_THREADS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -72,8 +74,8 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def phone(run: int, thread: int, n: int) -> str:
-    """A valid, unique phone for request `n` of load thread `thread` in run `run` (< 11 runs
-    per database: each run has a mobile prefix of its own)."""
+    """A valid, unique phone for request `n` of load thread `thread` in run `run` (each run has
+    a mobile prefix of its own)."""
     if run >= len(PHONE_PREFIXES) or thread >= MAX_THREADS or n >= PER_THREAD:
         raise ValueError(f"no unique phone left for run {run}, thread {thread}, request {n}")
     prefix = PHONE_PREFIXES[run % len(PHONE_PREFIXES)]

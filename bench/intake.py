@@ -155,11 +155,12 @@ class Bench:
 
     async def rss_after(self, submissions: int) -> tuple[int, dict[str, int]]:
         """Top our database up to `submissions` stored submissions; then our memory."""
+        rate = 1000.0
         while (n := await count_rows(self.dsns["ours"], "submissions")) < submissions:
-            missing = submissions - n
-            # a run long enough for what is missing at ~the rate seen, at least 5 s
-            seconds = max(5.0, min(60.0, missing / 1500))
+            # a run long enough for what is missing at the rate seen last, 5 to 120 s
+            seconds = max(5.0, min(120.0, (submissions - n) / rate + 1))
             r = await self.run("ours", seconds)
+            rate = max(r.load.rps, 50.0)
             print(f"  rss top-up: {r.line()}", flush=True)
         return n, memory_kb(self.servers["ours"].pid)
 

@@ -75,6 +75,7 @@ class RedisLink:
         self.down_since: float | None = time.time() if client is not None else None
         self.last_error = "" if client is not None else "not configured"
         self._retry_at = 0.0
+        self._was_up = False
 
     @property
     def configured(self) -> bool:
@@ -112,9 +113,13 @@ class RedisLink:
 
     def _ok(self) -> None:
         if not self.up:
-            was_down = self.down_since
-            self.up, self.down_since, self.last_error = True, None, ""
-            log.warning(
+            was_down, self.down_since = self.down_since, None
+            self.up, self.last_error = True, ""
+            # the first contact at start is routine; a return after an outage is news
+            level = logging.WARNING if self._was_up else logging.INFO
+            self._was_up = True
+            log.log(
+                level,
                 "redis available: cluster rate limit and shared keys",
                 extra={"action": "redis_up", "down_s": _since(was_down)},
             )
@@ -154,10 +159,9 @@ class Membership:
         async with self.pool.acquire() as conn:
             self.row_id = await conn.fetchval(QUERIES["beat"], self.name, self.sends, mode)
             ids = [r["id"] for r in await conn.fetch(QUERIES["live_senders"], self.stale_s)]
-        now = time.monotonic()
-        if self.last_ok is None or now - self.last_ok > self.stale_s:
-            self.joined_at = now  # others may not count us yet: we (re)join
-        self.last_ok = now
+        if not self.fresh():  # others may not count us (yet, or any more): we (re)join
+            self.joined_at = time.monotonic()
+        self.last_ok = time.monotonic()
         self.live = len(ids)
         self.rank = ids.index(self.row_id) if self.row_id in ids else None
 
@@ -207,7 +211,14 @@ class Cluster:
         """First heartbeat and first Redis ping, before any CRM call or intake."""
         await self.redis.ping()
         await self.members.beat(self.mode)
-        log.info("cluster mode", extra={"action": "cluster_mode", **self.state()})
+        if self.redis.configured and not self.redis.up:
+            log.error(
+                "redis unavailable at start: local share of the rate limit, database-only "
+                "deduplication until it answers",
+                extra={"action": "redis_down", **self.state()},
+            )
+        else:
+            log.info("cluster mode", extra={"action": "cluster_mode", **self.state()})
 
     async def run(self) -> None:
         """Beat every BEAT_S; probe Redis while it is down; forget long-dead processes."""
@@ -218,7 +229,8 @@ class Cluster:
             if self.redis.probe_due():
                 await self.redis.ping()
             try:
-                await self.members.beat(self.mode)
+                async with asyncio.timeout(2 * self.members.beat_s):  # a stuck beat is a missed one
+                    await self.members.beat(self.mode)
                 if beats % 100 == 0:
                     await self._forget_dead()
                 beats += 1

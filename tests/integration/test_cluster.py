@@ -28,7 +28,7 @@ import aiohttp
 import asyncpg
 
 from service.crm.simulator import AmoCrmSimulator, SimulatorConfig
-from service.locks import PERSON_LOCK_SPACE
+from service.locks import PERSON_LOCK_SPACE, PersonLocks, person_locks_held
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
@@ -367,3 +367,46 @@ async def test_without_redis_processes_share_the_limit_through_postgres(
 
     await run_cluster(db_dsn, simulator, tmp_path, None, watch_heartbeats)
     assert seen[-1] == (PROCESSES, "local-share"), seen
+
+
+async def test_person_locks_exclude_across_processes_and_die_with_their_holder(
+    db_dsn: str,
+) -> None:
+    one, other = PersonLocks(db_dsn, "proc-one", 0.3), PersonLocks(db_dsn, "proc-other", 0.3)
+    tasks = [asyncio.create_task(locks.run()) for locks in (one, other)]
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
+    phone, email = "phone:+77010000001", "email:one@example.kz"
+
+    async def connected() -> bool:
+        return one.connected and other.connected
+
+    try:
+        await wait_for(connected, timeout=10)
+        async with one.hold([phone, email]) as held:
+            assert held and set(one.held()) == {phone, email}
+            listed = await person_locks_held(pool)
+            assert [(r["holder"], r["granted"]) for r in listed] == [("proc-one", True)] * 2
+            t0 = time.monotonic()
+            async with other.hold([email, "phone:+77010000002"]) as held_too:
+                assert not held_too  # all or nothing; let through after give_up_s
+            assert time.monotonic() - t0 >= 0.2 and other.gave_up == 1
+            async with other.hold(["phone:+77010000002"]) as unrelated:
+                assert unrelated
+        async with other.hold([email]) as held_now:  # released with the block
+            assert held_now
+        # a holder whose session dies (its process was killed) frees the person at once
+        holding = one.hold(["phone:+77010000003"])
+        assert await holding.__aenter__()
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'proc-one'"
+            )
+        async with other.hold(["phone:+77010000003"]) as taken:
+            assert taken
+        await holding.__aexit__(None, None, None)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.close()

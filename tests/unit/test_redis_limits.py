@@ -1,16 +1,18 @@
 """The cluster rate limit against a real redis-server: the Lua log, the shared pause, and the
-hand-overs when Redis goes away and comes back."""
+hand-overs when Redis goes away and comes back; and the shared idempotency keys."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from service.cluster import Cluster, RedisLink
 from service.crm.simulator_common import max_in_window
 from service.limits import POLL_S, RateGate, SendLog
+from service.redis_keys import SharedKeys
 from service.redis_limits import ClusterBucket, RedisRateLog
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
@@ -125,6 +127,31 @@ async def test_an_emptied_redis_is_noticed_and_handed_back(redis_factory: RedisF
     await log.seed([("a", 0.1)])
     assert (await log.admit("b")).admitted
     assert not (await log.admit("c")).admitted  # the handed-back call still counts
+
+
+async def test_shared_keys_answer_a_repeat_elsewhere_only_once_the_id_is_durable(
+    redis_factory: RedisFactory,
+) -> None:
+    here, there = (SharedKeys(RedisLink(redis_factory()), 60.0) for _ in range(2))
+    assert await here.claim("k1") is None  # first: a placeholder now
+    assert await there.claim("k1") is None  # the first is still writing: the database decides
+    sid = uuid.uuid4()
+    here.remember("k1", sid)  # committed
+    await asyncio.sleep(0.05)
+    assert await there.claim("k1") == sid
+
+
+async def test_shared_keys_batch_concurrent_requests_and_step_aside_when_redis_is_down(
+    redis_server: RedisServer, redis_factory: RedisFactory
+) -> None:
+    keys = SharedKeys(RedisLink(redis_factory()), 60.0)
+    assert await asyncio.gather(*(keys.claim(f"k{i}") for i in range(200))) == [None] * 200
+    assert keys.batch.round_trips < 20  # not one per request
+    await asyncio.to_thread(redis_server.kill)
+    t0 = time.monotonic()
+    assert await keys.claim("k0") is None  # unknown: the database decides
+    keys.remember("k0", uuid.uuid4())  # dropped quietly
+    assert time.monotonic() - t0 < 1.0 and not keys.link.up
 
 
 def test_send_log_counts_calls_until_one_window_after_their_answer() -> None:
