@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
 from service import __version__
 from service.admin_locks import (
     LOCK_SOURCES,
+    ClusterPersonLocks,
     LockRefused,
     LockSource,
     PersonLeases,
@@ -27,11 +29,13 @@ from service.admin_locks import (
 )
 from service.admin_openapi import spec
 from service.admin_store import ADMIN_STORE, AdminStore, DeadFilter, SubmissionQuery
+from service.cluster import list_processes
 from service.dashboard import dashboard
 from service.errors import BadInput, FieldError, StoreUnavailable
 from service.health import RUNTIME
 from service.intake import SETTINGS, answer
 from service.normalize import normalize_email, normalize_phone
+from service.store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +317,18 @@ async def timeline(request: web.Request) -> web.Response:
     return answer({"ok": True, "points": points})
 
 
+async def processes(request: web.Request) -> web.Response:
+    """Every process that beat in the last day (live or not), and this one's view of the mode."""
+    rt = request.app[RUNTIME]
+    if rt.store is None or rt.cluster is None:
+        return answer({"ok": False, "error": "cluster not running"}, status=503)
+    try:
+        rows = await list_processes(rt.store.pool)
+    except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+    return answer({"ok": True, "cluster": rt.cluster.state(), "processes": rows})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return answer(spec(__version__))
 
@@ -331,7 +347,8 @@ async def admin_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[ADMIN_STORE] = AdminStore(rt.store.pool)
     intake = rt.intake
     sources: list[LockSource] = [ProcessLocks(intake.locks if intake else None)]
-    app[LOCK_SOURCES] = [*sources, PersonLeases(store)]
+    person_locks = ClusterPersonLocks(rt.store.pool, intake.person_locks if intake else None)
+    app[LOCK_SOURCES] = [*sources, PersonLeases(store), person_locks]
     yield
 
 
@@ -339,8 +356,12 @@ def routes(enabled: bool) -> list[web.RouteDef]:
     """Every admin route, or none when no ADMIN_TOKEN is configured."""
     if not enabled:
         return []
+    # imported here: admin_webhooks builds on this module's guard and parameter readers
+    from service import admin_webhooks
+
     api = "/admin/api"
     return [
+        *admin_webhooks.routes(api),
         web.get("/admin", to_dashboard),
         web.get("/admin/", dashboard),
         web.get("/admin/openapi.json", openapi),
@@ -357,4 +378,5 @@ def routes(enabled: bool) -> list[web.RouteDef]:
         web.get(f"{api}/delivery", guarded(delivery)),
         web.post(f"{api}/delivery/pause", guarded(pause)),
         web.post(f"{api}/delivery/resume", guarded(resume)),
+        web.get(f"{api}/processes", guarded(processes)),
     ]

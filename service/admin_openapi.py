@@ -157,25 +157,81 @@ def _paths() -> Json:
             )
         },
         f"{api}/locks": {
-            "get": _op("Locks held, by source: process, people (leases), redis", "by source")
+            "get": _op(
+                "Locks held, by source: process, people (leases), person-locks (intake's "
+                "cluster-wide advisory locks; this process's with masked identities), redis",
+                "by source",
+            )
         },
         f"{api}/locks/{{source}}/{{key}}": {
             "delete": _op(
                 "Force-release one lock (person leases; redis when configured)",
                 "released",
                 params=[
-                    _path("source", "process | people | redis", {"type": "string"}),
+                    _path("source", "process | people | person-locks | redis", {"type": "string"}),
                     _path("key", "the lock's key (a person id for people)", {"type": "string"}),
                 ],
                 errors={
                     "404": {"description": "not held", "content": _error()},
-                    "409": {"description": "cannot be force-released", "content": _error()},
+                    "409": {
+                        "description": "cannot be force-released (process; person-locks: only "
+                        "the holding session can release them)",
+                        "content": _error(),
+                    },
                 },
             )
         },
         f"{api}/delivery": {"get": _op("Whether this process's delivery is paused", "state")},
         f"{api}/delivery/pause": {"post": _op("Pause delivery in this process", "state")},
         f"{api}/delivery/resume": {"post": _op("Resume delivery in this process", "state")},
+        f"{api}/processes": {
+            "get": _op(
+                "Processes that beat in the last day (live or not) and this process's cluster "
+                "mode (redis | local-share | single)",
+                "cluster state and processes",
+            )
+        },
+        **_webhook_paths(api),
+    }
+
+
+def _webhook_paths(api: str) -> Json:
+    """service/admin_webhooks.py: dead forward jobs and lead states."""
+    dead = f"{api}/forward-dead-letters"
+    return {
+        dead: {
+            "get": _op("Dead forward jobs (webhook outbox), newest first", "list", params=[LIMIT])
+        },
+        f"{dead}/replay": {
+            "post": _op(
+                "Replay dead forward jobs: the given ids, or all",
+                "how many were replayed",
+                body={
+                    "type": "object",
+                    "properties": {
+                        "ids": {"type": "array", "items": INT},
+                        "all": {"type": "boolean", "description": "required without ids"},
+                    },
+                },
+                errors=BAD,
+            )
+        },
+        f"{dead}/{{job_id}}/replay": {
+            "post": _op(
+                "Replay one dead forward job",
+                "replayed",
+                params=[_path("job_id", "the dead forward job")],
+                errors={"404": {"description": "no such dead forward job", "content": _error()}},
+            )
+        },
+        f"{api}/lead-states": {
+            "get": _op(
+                "Our delivered submissions and where their CRM leads stand now (from webhooks)",
+                "newest change first",
+                params=[_query("crm", "amocrm | bitrix24 (default: the configured CRM)"), LIMIT],
+                errors=BAD,
+            )
+        },
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -70,8 +70,13 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def json_ready(values: Mapping[str, Any]) -> Row:
+    """A row or dataclass dict with values orjson can write (asyncpg's UUIDs, intervals…)."""
+    return {k: _json_value(v) for k, v in values.items()}
+
+
 def _row(record: asyncpg.Record) -> Row:
-    out = {k: _json_value(v) for k, v in record.items()}
+    out = json_ready(record)
     if isinstance(out.get("lead"), str):
         out["lead"] = orjson.loads(out["lead"])
     return out

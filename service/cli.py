@@ -15,6 +15,7 @@ from service import logs
 from service.app import Roles, create_app
 from service.database import EmbeddedPostgres, create_pool, migrate
 from service.errors import RelayError, SettingsError
+from service.event_store import EventStore
 from service.settings import Settings
 from service.store import Store
 
@@ -29,10 +30,13 @@ def parser() -> argparse.ArgumentParser:
         "--worker-only", action="store_true", help="delivery only (probes still served)"
     )
     sub.add_parser("migrate", help="apply database migrations and exit")
-    status = sub.add_parser("status", help="queue counts and dead letters")
+    status = sub.add_parser("status", help="queue counts and dead letters (also forward jobs)")
     status.add_argument("--limit", type=int, default=20)
     replay = sub.add_parser("replay", help="make dead jobs due again")
     replay.add_argument("job_ids", nargs="*", type=int, help="job ids (default: every dead job)")
+    replay.add_argument(
+        "--forwards", action="store_true", help="dead forward jobs (webhook outbox) instead"
+    )
     fake = sub.add_parser("fake-crm", help="run the CRM simulator")
     fake.add_argument("--kind", choices=["amocrm", "bitrix24"], default="amocrm")
     fake.add_argument("--host", default="127.0.0.1")
@@ -57,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands: dict[str, Callable[[Store], Awaitable[int]]] = {
             "migrate": lambda store: _noop(),
             "status": lambda store: status(store, args.limit),
-            "replay": lambda store: replay(store, args.job_ids or None),
+            "replay": lambda store: replay(store, args.job_ids or None, forwards=args.forwards),
         }
         return asyncio.run(with_store(settings, commands[args.command]))
     except RelayError as exc:
@@ -109,17 +113,48 @@ async def status(store: Store, limit: int) -> int:
     for key, value in asdict(counts).items():
         print(f"{key:>18}: {value}")
     dead = await store.dead_jobs(limit)
-    if dead:
-        print(f"\ndead letters (newest {len(dead)}):")
-    for d in dead:
-        print(
-            f"  job {d.id}  submission {d.submission_id}  form {d.form}  attempts {d.attempts}  "
-            f"{d.updated_at:%Y-%m-%d %H:%M:%S}  {d.last_error}"
-        )
+    # a discarded dead letter is an operator's decision, not work waiting: listed apart
+    for title, jobs in (
+        ("dead letters", [d for d in dead if not d.discarded]),
+        ("discarded dead letters", [d for d in dead if d.discarded]),
+    ):
+        if jobs:
+            print(f"\n{title} (newest {len(jobs)}):")
+        for d in jobs:
+            print(
+                f"  job {d.id}  submission {d.submission_id}  form {d.form}  "
+                f"attempts {d.attempts}  {d.updated_at:%Y-%m-%d %H:%M:%S}  {d.last_error}"
+            )
+    await forward_status(EventStore(store.pool), limit)
     return 0
 
 
-async def replay(store: Store, job_ids: list[int] | None) -> int:
+async def forward_status(events: EventStore, limit: int) -> None:
+    """The webhook outbox: jobs by kind and state, then the newest dead ones."""
+    counts = await events.counts()
+    print("\nforward jobs:")
+    for kind in ("process", "forward"):
+        states = counts.get(kind, {})
+        line = "  ".join(f"{s} {states.get(s, 0)}" for s in ("pending", "running", "done", "dead"))
+        print(f"{kind:>18}: {line}")
+    dead = await events.dead_jobs(limit)
+    if dead:
+        print(
+            f"\ndead forward jobs (newest {len(dead)}; crm-relay replay --forwards [JOB_ID ...]):"
+        )
+    for d in dead:
+        print(
+            f"  job {d['id']}  event {d['event_id']}  {d['source']} {d['kind']}  "
+            f"attempts {d['attempts']}  {d['updated_at']:%Y-%m-%d %H:%M:%S}  "
+            f"{d['destination']}  {d['last_error']}"
+        )
+
+
+async def replay(store: Store, job_ids: list[int] | None, *, forwards: bool = False) -> int:
+    if forwards:
+        n = await EventStore(store.pool).replay(job_ids)
+        print(f"replayed {n} dead forward job(s)")
+        return 0
     n = await store.replay(job_ids)
     print(f"replayed {n} dead job(s)")
     return 0

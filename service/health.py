@@ -6,20 +6,27 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import asyncpg
 from aiohttp import web
 
 from service import __version__
 from service.admin_store import ADMIN_STORE, AdminStore
+from service.cluster import Cluster, RedisLink, RedisUnavailable, list_processes
 from service.database import pending_migrations
 from service.errors import StoreUnavailable
+from service.event_store import EventStore
+from service.forwarder import Forwarder
 from service.ingest import Intake
 from service.intake import SETTINGS, answer
 from service.limits import RateGate
 from service.metrics import METRICS
-from service.store import Store
+from service.store import UNAVAILABLE, Store
 from service.worker import Worker
+
+if TYPE_CHECKING:  # webhooks imports intake, as we do; only the type is needed here
+    from service.webhooks import EventIntake
 
 
 @dataclass
@@ -32,6 +39,11 @@ class Runtime:
     gate: RateGate | None = None
     worker: Worker | None = None
     worker_expected: bool = True
+    events: EventIntake | None = None
+    event_store: EventStore | None = None
+    forwarder: Forwarder | None = None
+    forwarder_expected: bool = True
+    cluster: Cluster | None = None
     shutting_down: bool = False
     crm: str = ""
     # more named checks for /health, e.g. "redis" when REDIS_URL is set; {"ok": False, ...}
@@ -66,8 +78,17 @@ async def _not_ready(rt: Runtime) -> list[str]:
                 reasons.append(f"migrations not applied: {', '.join(missing)}")
     except (StoreUnavailable, OSError, TimeoutError, Exception) as exc:
         reasons.append(f"database unreachable: {exc.__class__.__name__}")
+    return reasons + _stopped_loops(rt)
+
+
+def _stopped_loops(rt: Runtime) -> list[str]:
+    """Background loops this process is meant to run (`serve` without --no-worker) that are not
+    running: a forwarder that died leaves webhook events stored but never forwarded."""
+    reasons = []
     if rt.worker_expected and (rt.worker is None or not rt.worker.running):
         reasons.append("worker not running")
+    if rt.forwarder_expected and (rt.forwarder is None or not rt.forwarder.running):
+        reasons.append("forwarder not running")
     return reasons
 
 
@@ -92,7 +113,10 @@ async def health(request: web.Request) -> web.Response:
         "limiter": _limiter(rt.gate),
         "circuit": {rt.crm: _circuit(rt.gate)} if rt.gate else None,
         "worker": _worker(rt.worker),
-        "webhooks": _webhooks(request.app),
+        "webhooks": _webhooks(request.app, rt.events),
+        "forwarder": _forwarder(rt.forwarder),
+        "forward_jobs": await _forward_jobs(rt.event_store),
+        "cluster": await _cluster(rt.cluster),
     }
     return answer(body, status=503 if reasons else 200)
 
@@ -158,9 +182,66 @@ def _circuit(gate: RateGate) -> dict[str, Any]:
     return {"open": gate.circuit.is_open, "reason": gate.circuit.reason}
 
 
-def _webhooks(app: web.Application) -> dict[str, int]:
+def _webhooks(app: web.Application, events: EventIntake | None) -> dict[str, Any]:
+    """What webhook intake made of the requests (`intake`) and how they were answered."""
     m = app.get(METRICS)
-    return dict(m.webhooks) if m is not None else {}
+    return {
+        "intake": dict(events.counts) if events is not None else None,
+        "answers": dict(m.webhooks) if m is not None else {},
+    }
+
+
+def _forwarder(forwarder: Forwarder | None) -> dict[str, Any] | None:
+    if forwarder is None:
+        return None
+    return {
+        "running": forwarder.running,
+        "in_flight": len(forwarder.in_flight),
+        **forwarder.counts,
+    }
+
+
+async def _forward_jobs(store: EventStore | None) -> dict[str, Any] | None:
+    """Outbox counts by kind and state. Only counts: a dead job's destination URL may carry a
+    token and /health is unauthenticated (the list is in the admin API and `crm-relay status`)."""
+    if store is None:
+        return None
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            by_kind = await store.counts()
+    except (StoreUnavailable, TimeoutError):
+        return None
+    dead = sum(states.get("dead", 0) for states in by_kind.values())
+    return {"by_kind": by_kind, "dead": dead}
+
+
+async def _cluster(cluster: Cluster | None) -> dict[str, Any] | None:
+    """The mode, what it rests on, and the processes beating now."""
+    if cluster is None:
+        return None
+    state = cluster.state()
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            rows = await list_processes(cluster.members.pool)
+        state["processes"] = [r for r in rows if r["live"]]
+    except (*UNAVAILABLE, asyncpg.PostgresError, TimeoutError):
+        state["processes"] = None
+    return state
+
+
+def redis_probe(link: RedisLink) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The `/health` check for REDIS_URL: a ping through the cluster's own link, so between its
+    probes a Redis known to be down is reported without another wait."""
+
+    async def probe() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            await link.call(lambda r: r.ping())
+        except RedisUnavailable:
+            return {"ok": False, "error": link.last_error or "down", "down_since": link.down_since}
+        return {"ok": True, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    return probe
 
 
 def _limiter(gate: RateGate | None) -> dict[str, Any] | None:
@@ -168,6 +249,7 @@ def _limiter(gate: RateGate | None) -> dict[str, Any] | None:
         return None
     return {
         "rate": gate.rate,
+        "mode": gate.mode,
         "observed_rate_1m": round(gate.observed_rate(), 3),
         "paused_for_s": round(max(0.0, gate.paused_until - time.monotonic()), 2),
         "circuit": {"open": gate.circuit.is_open, "reason": gate.circuit.reason},

@@ -1,10 +1,10 @@
 """`GET /metrics` (Prometheus) and the HTTP middleware that feeds it and the request log.
 
 Most figures already live in the running parts (intake counts, worker counters, the rate gate,
-the idempotency window, the key locks): a custom collector reads them at scrape time, so the hot
-paths carry no metrics calls. Queue figures come from the database, read by the scrape handler
-just before rendering. Only what nothing else counts is counted here: HTTP requests (in the
-middleware) and CRM calls (an aiohttp trace on the CRM client session).
+the idempotency window, the key locks): a custom collector (`service.collector`) reads them at
+scrape time, so the hot paths carry no metrics calls. Queue figures come from the database, read
+by the scrape handler just before rendering. Only what nothing else counts is counted here: HTTP
+requests (in the middleware) and CRM calls (an aiohttp trace on the CRM client session).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import re
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -24,18 +23,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 from prometheus_client.exposition import generate_latest
 
-from service import __version__, logs
+from service import logs
 from service.admin_store import ADMIN_STORE
-from service.errors import StoreUnavailable
-from service.store import QueueCounts
+from service.collector import DbSnapshot, RuntimeCollector, read_db
 
 if TYPE_CHECKING:
     from service.health import Runtime
@@ -45,19 +37,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 INTAKE_PREFIXES = ("/api/v1/forms/", "/webhooks/")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
-ATTEMPT_BUCKETS = (1, 2, 3, 5, 8, 12, 20)
 SCRAPE_DB_TIMEOUT_S = 1.0
 _REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")
-
-
-@dataclass
-class DbSnapshot:
-    """What the scrape read from the database just before rendering."""
-
-    up: bool = False
-    queue: QueueCounts | None = None
-    dead_letters: int | None = None
-    attempts: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 class Metrics:
@@ -95,150 +76,7 @@ class Metrics:
 
     async def refresh_db(self, app: web.Application) -> None:
         """Read the database figures for this scrape (bounded: a scrape must not hang)."""
-        snap = DbSnapshot()
-        store, admin = self.runtime.store, app.get(ADMIN_STORE)
-        if store is not None:
-            try:
-                async with asyncio.timeout(SCRAPE_DB_TIMEOUT_S):
-                    snap.queue = await store.queue_counts()
-                    if admin is not None:
-                        snap.dead_letters = await admin.dead_letter_count()
-                        snap.attempts = await admin.finished_attempts()
-                snap.up = True
-            except (StoreUnavailable, TimeoutError):
-                snap.up = False
-        self.db = snap
-
-
-def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
-    if value is not None:
-        yield GaugeMetricFamily(name, doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float) -> Metric:
-    return CounterMetricFamily(name, doc, value=value)
-
-
-class RuntimeCollector:
-    """Reads the running parts' own counters and gauges at scrape time."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.m = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        rt = self.m.runtime
-        info = GaugeMetricFamily("crm_relay_build_info", "Version", labels=["version", "crm"])
-        info.add_metric([__version__, rt.crm], 1)
-        yield info
-        yield from _gauge(
-            "crm_relay_uptime_seconds", "Seconds since start", time.time() - rt.started
-        )
-        yield from self._intake()
-        yield from self._worker()
-        yield from self._limiter()
-        yield from self._database()
-
-    def _intake(self) -> Iterator[Metric]:
-        intake = self.m.runtime.intake
-        subs = CounterMetricFamily(
-            "crm_relay_submissions", "Submissions by outcome", labels=["outcome"]
-        )
-        counts = dict(intake.counts) if intake else {}
-        for outcome in ("accepted", "duplicate", "spooled"):
-            subs.add_metric([outcome], counts.get(outcome, 0))
-        subs.add_metric(["rejected"], self.m.rejected)
-        yield subs
-        if intake is None:
-            return
-        yield _counter(
-            "crm_relay_lock_waits", "Key-lock acquisitions that waited", intake.locks.waits
-        )
-        yield _counter(
-            "crm_relay_idempotency_window_hits", "Repeats answered from memory", intake.window.hits
-        )
-        yield from _gauge(
-            "crm_relay_idempotency_window_entries", "Keys in the window", len(intake.window)
-        )
-        yield from _gauge(
-            "crm_relay_spool_bytes",
-            "Bytes waiting in the local spool",
-            intake.spool.pending_bytes(),
-        )
-        yield _counter(
-            "crm_relay_spool_appended", "Entries written to the spool", intake.spool.appended
-        )
-
-    def _worker(self) -> Iterator[Metric]:
-        w = self.m.runtime.worker
-        if w is None:
-            return
-        yield _counter("crm_relay_delivered", "Jobs delivered by this process", w.delivered)
-        yield from _gauge("crm_relay_worker_running", "Delivery loop running", float(w.running))
-        yield from _gauge(
-            "crm_relay_worker_paused", "Delivery paused by an operator", float(w.paused)
-        )
-        yield from _gauge(
-            "crm_relay_worker_in_flight_people", "People being delivered", len(w.in_flight)
-        )
-        if w.last_success is not None:
-            yield from _gauge(
-                "crm_relay_last_success_timestamp_seconds", "Last delivery", w.last_success
-            )
-        if w.last_failure is not None:
-            yield from _gauge(
-                "crm_relay_last_failure_timestamp_seconds", "Last failed attempt", w.last_failure[0]
-            )
-
-    def _limiter(self) -> Iterator[Metric]:
-        gate = self.m.runtime.gate
-        if gate is None:
-            return
-        yield from _gauge("crm_relay_limiter_rate", "Configured CRM requests per second", gate.rate)
-        yield from _gauge(
-            "crm_relay_limiter_observed_rate",
-            "CRM requests per second, last minute",
-            gate.observed_rate(),
-        )
-        yield from _gauge(
-            "crm_relay_limiter_paused_seconds",
-            "Seconds left in a rate-limit pause",
-            max(0.0, gate.paused_until - time.monotonic()),
-        )
-        circuit = GaugeMetricFamily("crm_relay_circuit_open", "CRM circuit open", labels=["crm"])
-        circuit.add_metric([self.m.runtime.crm], float(gate.circuit.is_open))
-        yield circuit
-
-    def _database(self) -> Iterator[Metric]:
-        db = self.m.db
-        yield from _gauge("crm_relay_database_up", "Database answered the scrape", float(db.up))
-        if db.queue is not None:
-            jobs = GaugeMetricFamily("crm_relay_jobs", "Jobs by state", labels=["state"])
-            for state in ("pending", "running", "done", "dead"):
-                jobs.add_metric([state], getattr(db.queue, state))
-            yield jobs
-            yield from _gauge("crm_relay_jobs_due", "Jobs due now", db.queue.due)
-            yield from _gauge(
-                "crm_relay_oldest_due_job_age_seconds",
-                "Age of the oldest due job (delivery lag)",
-                db.queue.oldest_due_age_s or 0.0,
-            )
-        yield from _gauge("crm_relay_dead_letters", "Dead letters not discarded", db.dead_letters)
-        if db.attempts:
-            yield from _attempts_histogram(db.attempts)
-
-
-def _attempts_histogram(rows: list[tuple[str, int, int]]) -> Iterator[Metric]:
-    family = HistogramMetricFamily(
-        "crm_relay_job_attempts", "Attempts a finished job took, by final state", labels=["state"]
-    )
-    for state in ("done", "dead"):
-        mine = [(attempts, n) for s, attempts, n in rows if s == state]
-        buckets = [
-            (str(float(b)), float(sum(n for a, n in mine if a <= b))) for b in ATTEMPT_BUCKETS
-        ]
-        buckets.append(("+Inf", float(sum(n for _, n in mine))))
-        family.add_metric([state], buckets, sum_value=float(sum(a * n for a, n in mine)))
-    yield family
+        self.db = await read_db(self.runtime, app.get(ADMIN_STORE), SCRAPE_DB_TIMEOUT_S)
 
 
 # --- HTTP middleware ------------------------------------------------------------------------

@@ -111,14 +111,18 @@ class DeadJob:
     attempts: int
     last_error: str | None
     updated_at: dt.datetime
+    discarded: bool = False  # an operator decided not to deliver it (admin "discard")
 
 
 @dataclass(frozen=True)
 class QueueCounts:
+    """Jobs by state; `dead` leaves out the dead letters an operator discarded."""
+
     pending: int = 0
     running: int = 0
     done: int = 0
     dead: int = 0
+    discarded: int = 0
     due: int = 0
     oldest_due_age_s: float | None = None
 

@@ -101,7 +101,13 @@ SELECT count(*) AS n FROM revived;
 SELECT pg_notify('relay_jobs', 'replay');
 
 -- name: queue_counts
-SELECT state, count(*) AS n FROM jobs GROUP BY state;
+-- A discarded dead letter stays 'dead' in jobs (003_admin.sql) but is counted apart: "dead" is
+-- what still waits for an operator's decision.
+SELECT CASE WHEN j.state = 'dead' AND d.job_id IS NOT NULL THEN 'discarded' ELSE j.state END
+           AS state,
+       count(*) AS n
+  FROM jobs j LEFT JOIN discarded_jobs d ON d.job_id = j.id
+ GROUP BY 1;
 
 -- name: queue_due
 SELECT count(*) AS n, min(run_at) AS oldest FROM jobs WHERE state = 'pending' AND run_at <= now();
@@ -110,8 +116,10 @@ SELECT count(*) AS n, min(run_at) AS oldest FROM jobs WHERE state = 'pending' AN
 SELECT min(run_at) - now() AS wait FROM jobs WHERE state = 'pending';
 
 -- name: dead_jobs
-SELECT j.id, j.submission_id, j.attempts, j.last_error, j.updated_at, s.form
+SELECT j.id, j.submission_id, j.attempts, j.last_error, j.updated_at, s.form,
+       (d.job_id IS NOT NULL) AS discarded
   FROM jobs j JOIN submissions s ON s.id = j.submission_id
+  LEFT JOIN discarded_jobs d ON d.job_id = j.id
  WHERE j.state = 'dead' ORDER BY j.updated_at DESC LIMIT $1;
 
 -- name: save_rejected

@@ -7,9 +7,13 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
+import pytest
 
-from service.app import STORE
+from service import cli
+from service.app import CLUSTER, PERSON_LOCKS, STORE
 from service.crm.simulator import AmoCrmSimulator
+from service.locks import person_lock_key
 from service.settings import RetryPolicy
 from tests.conftest import Service, ServiceFactory, wait_for
 
@@ -105,6 +109,7 @@ async def test_dead_letters_list_replay_and_discard(
     service_factory: ServiceFactory,
     simulator: tuple[AmoCrmSimulator, str],
     db: asyncpg.Connection,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     svc = await service_factory(admin_token=TOKEN, retry=ONE_TRY)
     await make_dead_letters(svc, simulator[0], db, ["course", "course", "webinar", "promo"])
@@ -120,6 +125,7 @@ async def test_dead_letters_list_replay_and_discard(
     assert status == 404  # already discarded
     _, body = await call(svc, "GET", "/admin/api/dead-letters")
     assert promo not in {d["id"] for d in body["dead_letters"]}
+    await _discarded_counted_apart(svc, capsys)
 
     status, body = await call(svc, "POST", "/admin/api/dead-letters/replay", json={})
     assert status == 400  # no filter and no {"all": true}
@@ -140,6 +146,22 @@ async def test_dead_letters_list_replay_and_discard(
         return await count(db, "SELECT count(*) FROM submissions WHERE state = 'delivered'") == 4
 
     await wait_for(all_delivered)
+
+
+async def _discarded_counted_apart(svc: Service, capsys: pytest.CaptureFixture[str]) -> None:
+    """Four dead letters, one discarded: "dead" is the three still waiting for a decision."""
+    async with svc.http.get(f"{svc.url}/health") as r:
+        queue = (await r.json())["queue"]
+    assert (queue["dead"], queue["discarded"], queue["dead_letters"]) == (3, 1, 3)
+    assert await cli.status(svc.app[STORE], 20) == 0
+    out = capsys.readouterr().out
+    assert "              dead: 3\n" in out and "         discarded: 1\n" in out
+    assert "\ndead letters (newest 3):" in out
+    assert "\ndiscarded dead letters (newest 1):" in out
+    async with svc.http.get(f"{svc.url}/metrics") as r:
+        text = await r.text()
+    assert 'crm_relay_jobs{state="dead"} 3.0' in text
+    assert 'crm_relay_jobs{state="discarded"} 1.0' in text
 
 
 async def test_pause_and_resume_delivery(
@@ -193,6 +215,45 @@ async def test_locks_list_and_force_release(
     assert status == 404
 
 
+async def test_person_locks_listed_masked_and_refused_release(
+    service_factory: ServiceFactory,
+) -> None:
+    svc = await service_factory(admin_token=TOKEN)
+    locks = svc.app[PERSON_LOCKS]
+
+    async def connected() -> bool:
+        return locks.connected
+
+    await wait_for(connected)
+    identity = "phone:+77015550009"
+    async with locks.hold([identity]) as held:
+        assert held
+        status, body = await call(svc, "GET", "/admin/api/locks")
+    assert status == 200
+    rows = body["locks"]["person-locks"]
+    assert "77015550009" not in orjson.dumps(body).decode()  # only masked, or as a hash
+    expected_key = str(person_lock_key(identity) & 0xFFFFFFFF)  # pg_locks shows it unsigned
+    [cluster] = [r for r in rows if r["scope"] == "cluster"]
+    assert cluster["key"] == expected_key and cluster["granted"] is True
+    assert cluster["holder"] == svc.app[CLUSTER].name
+    [mine] = [r for r in rows if r["scope"] == "this process"]
+    assert mine["key"] == "phone:+7******0009" and mine["lock_key"] == expected_key
+
+    status, body = await call(svc, "DELETE", f"/admin/api/locks/person-locks/{expected_key}")
+    assert status == 409 and "only the holding session" in body["error"]
+    _, body = await call(svc, "GET", "/admin/api/locks")
+    assert body["locks"]["person-locks"] == []  # released with the write (here: the block)
+
+
+async def test_processes_and_cluster_mode(service_factory: ServiceFactory) -> None:
+    svc = await service_factory(admin_token=TOKEN)
+    status, body = await call(svc, "GET", "/admin/api/processes")
+    assert status == 200 and body["cluster"]["mode"] == "single", body
+    [me] = body["processes"]
+    assert me["name"] == svc.app[CLUSTER].name and me["live"] is True
+    assert me["mode"] == "single" and me["sends"] is True
+
+
 async def _scalar(db: asyncpg.Connection, sql: str, *args: Any) -> bool:
     return bool(await db.fetchval(sql, *args))
 
@@ -211,6 +272,6 @@ async def test_openapi_describes_every_admin_route(service_factory: ServiceFacto
         and route.resource.canonical.startswith("/admin")
         and route.method != "HEAD"
     ]
-    assert len(routes) >= 15
+    assert len(routes) >= 21
     missing = [(p, m) for p, m in routes if m not in spec["paths"].get(p, {})]
     assert missing == []

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import GATE
+from service.app import CLUSTER, FORWARDER, GATE, Roles
 from service.crm.simulator import AmoCrmSimulator
 from service.intake import INTAKE
 from service.settings import RetryPolicy
 from tests.conftest import Service, ServiceFactory, wait_for
+from tests.integration.test_webhooks import FORM, SECRET, amo_body, amo_status
+
+if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
+    from tests.redis_fixtures import RedisServer
+
+pytest_plugins = ("tests.redis_fixtures",)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -128,3 +137,120 @@ async def test_health_details_and_503_with_reasons(
     assert any("circuit open" in r for r in h["reasons"]), h["reasons"]
     svc.app[GATE].close_circuit()
     assert (await health())[0] == 200
+
+
+async def get(svc: Service, path: str) -> tuple[int, dict[str, Any]]:
+    async with svc.http.get(f"{svc.url}{path}") as r:
+        return r.status, await r.json()
+
+
+@pytest.fixture
+async def refusing_receiver() -> AsyncIterator[str]:
+    """A downstream that answers 500 to everything: with one attempt, forwards die."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/hook", refuse)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    await runner.cleanup()
+
+
+async def test_webhooks_forwarder_outbox_and_cluster_in_health_and_metrics(
+    service_factory: ServiceFactory, refusing_receiver: str, db: asyncpg.Connection
+) -> None:
+    svc = await service_factory(
+        webhook_secret=SECRET,
+        webhook_forward_url=refusing_receiver,
+        retry=RetryPolicy(base_s=0.05, max_s=0.2, max_attempts=1),
+    )
+    body = amo_body(amo_status(25399013, 142, 1700000100))
+    async with svc.http.post(f"{svc.url}/webhooks/amocrm/{SECRET}", data=body, headers=FORM) as r:
+        assert r.status == 200
+
+    async def forward_dead() -> bool:
+        return await db_count(db, "SELECT count(*) FROM forward_jobs WHERE state = 'dead'") == 1
+
+    await wait_for(forward_dead)
+
+    status, h = await get(svc, "/health")
+    assert status == 200, h  # a dead forward job is for operators, not a failed probe
+    assert h["webhooks"]["intake"]["events"] == 1
+    assert h["webhooks"]["answers"] == {"/webhooks/amocrm/{secret} 200": 1}
+    fwd = h["forwarder"]
+    assert fwd["running"] is True and (fwd["processed"], fwd["failed"]) == (1, 1), fwd
+    assert h["forward_jobs"] == {
+        "by_kind": {"process": {"done": 1}, "forward": {"dead": 1}},
+        "dead": 1,
+    }
+    assert h["limiter"]["mode"] == "single" and h["cluster"]["mode"] == "single"
+    [me] = h["cluster"]["processes"]
+    assert me["name"] == svc.app[CLUSTER].name and me["live"] is True
+    assert "redis" not in h  # no REDIS_URL: no probe
+
+    m = await scrape(svc)
+    assert value(m, "crm_relay_webhook_events_total", outcome="events") == 1
+    assert value(m, "crm_relay_webhook_events_total", outcome="duplicate") == 0
+    assert value(m, "crm_relay_forwarder_jobs_total", outcome="processed") == 1
+    assert value(m, "crm_relay_forwarder_jobs_total", outcome="failed") == 1
+    assert value(m, "crm_relay_forwarder_running") == 1
+    assert value(m, "crm_relay_forward_jobs", kind="forward", state="dead") == 1
+    assert value(m, "crm_relay_forward_jobs", kind="process", state="done") == 1
+    assert value(m, "crm_relay_forward_dead_jobs") == 1
+    assert value(m, "crm_relay_cluster_mode", mode="single") == 1
+    assert value(m, "crm_relay_cluster_mode", mode="redis") == 0
+    assert value(m, "crm_relay_cluster_live_senders") == 1
+    assert value(m, "crm_relay_cluster_processes") == 1
+    assert ("crm_relay_redis_up", ()) not in m
+
+
+async def test_readyz_requires_a_running_forwarder(service_factory: ServiceFactory) -> None:
+    svc = await service_factory()
+    assert (await get(svc, "/readyz"))[0] == 200
+    forwarder = svc.app[FORWARDER]
+    await forwarder.stop()
+
+    async def stopped() -> bool:
+        return not forwarder.running
+
+    await wait_for(stopped, timeout=10)
+    status, body = await get(svc, "/readyz")
+    assert status == 503 and body["reasons"] == ["forwarder not running"], body
+    status, h = await get(svc, "/health")
+    assert status == 503 and "forwarder not running" in h["reasons"]
+    # intake only (`serve --no-worker`) runs no forwarder and expects none
+    intake_only = await service_factory(Roles(worker=False))
+    assert (await get(intake_only, "/readyz"))[0] == 200
+
+
+async def test_health_reports_redis_and_its_loss(
+    redis_server: RedisServer, service_factory: ServiceFactory
+) -> None:
+    svc = await service_factory(redis_url=redis_server.url)
+    status, h = await get(svc, "/health")
+    assert status == 200, h
+    assert h["redis"]["ok"] is True and h["redis"]["latency_ms"] >= 0
+    assert h["cluster"]["mode"] == "redis" and h["limiter"]["mode"] == "redis"
+    m = await scrape(svc)
+    assert value(m, "crm_relay_redis_up") == 1
+    assert value(m, "crm_relay_cluster_mode", mode="redis") == 1
+
+    redis_server.kill()
+    status, h = await get(svc, "/health")
+    assert status == 503 and "redis unreachable" in h["reasons"], h
+    assert h["redis"]["ok"] is False and h["redis"]["error"]
+    assert h["cluster"]["mode"] == "local-share"
+    assert value(await scrape(svc), "crm_relay_redis_up") == 0
+
+    redis_server.start()
+
+    async def healthy() -> bool:
+        return (await get(svc, "/health"))[0] == 200
+
+    await wait_for(healthy, timeout=10)

@@ -16,17 +16,21 @@ import orjson
 import pytest
 from aiohttp import web
 
+from service import cli
+from service.app import STORE
 from service.crm.simulator_bitrix24 import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
 from service.events import qstash_token, sign
-from service.settings import GenericSource
+from service.settings import GenericSource, RetryPolicy
 from service.webhooks import EVENTS
 from tests.conftest import Service, ServiceFactory, wait_for
 
 SECRET = "amo-path-secret"
+ADMIN_TOKEN = "admin-s3cret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 B24_TOKEN = "b24-app-token"
 QSTASH = {"qstash_current_signing_key": "sig_current", "qstash_next_signing_key": "sig_next"}
 
@@ -334,6 +338,52 @@ async def test_spooled_while_database_unreachable_then_stored_once(
     assert await count(db, "SELECT count(*) FROM webhook_events") == 1
 
 
+async def test_dead_forward_jobs_listed_and_replayed_by_admin_and_cli(
+    service_factory: ServiceFactory,
+    receiver: Receiver,
+    db: asyncpg.Connection,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A forward that fails its one attempt is dead; the admin API lists it and replays it by id,
+    `crm-relay replay --forwards` replays the rest; `crm-relay status` shows them meanwhile."""
+    receiver.failures = 2
+    one_try = RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=1)
+    svc = await start(service_factory, receiver, retry=one_try, admin_token=ADMIN_TOKEN)
+    for deal in (11, 12):
+        assert (await post(svc, "/webhooks/bitrix24", bitrix_body(deal, 1700000600), FORM))[
+            0
+        ] == 200
+
+    async def dead(n: int) -> bool:
+        return await count(db, "SELECT count(*) FROM forward_jobs WHERE state = 'dead'") == n
+
+    await wait_for(lambda: dead(2))
+    admin = f"{svc.url}/admin/api/forward-dead-letters"
+    async with svc.http.get(admin, headers=ADMIN) as r:
+        listed = (await r.json())["forward_dead_letters"]
+    assert len(listed) == 2 and {d["source"] for d in listed} == {"bitrix24"}
+    assert all(d["destination"] == receiver.url and "HTTP 500" in d["last_error"] for d in listed)
+    first, second = sorted(d["id"] for d in listed)
+
+    assert await cli.status(svc.app[STORE], 20) == 0
+    out = capsys.readouterr().out
+    assert "dead forward jobs (newest 2" in out
+    assert f"job {first}" in out and f"job {second}" in out
+    assert "forward: pending 0  running 0  done 0  dead 2" in out
+
+    async with svc.http.post(f"{admin}/replay", json={}, headers=ADMIN) as r:
+        assert r.status == 400  # neither ids nor {"all": true}
+    async with svc.http.post(f"{admin}/{first}/replay", headers=ADMIN) as r:
+        assert r.status == 200 and (await r.json())["replayed"] == 1
+    await wait_for(lambda: dead(1))
+    async with svc.http.post(f"{admin}/{first}/replay", headers=ADMIN) as r:
+        assert r.status == 404  # not dead any more
+    args = cli.parser().parse_args(["replay", "--forwards", str(second)])
+    assert await cli.replay(svc.app[STORE], args.job_ids, forwards=args.forwards) == 0
+    assert "replayed 1 dead forward job(s)" in capsys.readouterr().out
+    await settled(db, receiver, 2)
+
+
 async def _events_stored(db: asyncpg.Connection, n: int) -> bool:
     return await count(db, "SELECT count(*) FROM webhook_events") == n
 
@@ -343,7 +393,13 @@ async def test_our_own_status_change_is_not_applied_again(
 ) -> None:
     """The worker delivers a lead into status 10001; amoCRM echoes it back (ours: not forwarded);
     then a manager moves the lead (not ours: applied and forwarded)."""
-    svc = await start(service_factory, receiver, default_pipeline_id=1000, default_status_id=10001)
+    svc = await start(
+        service_factory,
+        receiver,
+        default_pipeline_id=1000,
+        default_status_id=10001,
+        admin_token=ADMIN_TOKEN,
+    )
     status, answer = await svc.submit("course", {"phone": "+77011234567", "name": "Айгерим"})
     assert status == 200 and answer["ok"]
     await wait_for(lambda: _delivered(db))
@@ -359,6 +415,14 @@ async def test_our_own_status_change_is_not_applied_again(
     assert orjson.loads(receiver.accepted[0][1])["data"]["status_id"] == "142"
     states = await svc.app[EVENTS].store.submitted_lead_states("amocrm")
     assert [(s.lead_id, s.status_id) for s in states] == [(lead_id, "142")]
+    # the operator's view of the same (admin API; the simulator is an amoCRM)
+    async with svc.http.get(f"{svc.url}/admin/api/lead-states", headers=ADMIN) as r:
+        assert r.status == 200
+        view = await r.json()
+    assert view["crm"] == "amocrm"
+    [row] = view["lead_states"]
+    assert (row["lead_id"], row["status_id"], row["form"]) == (lead_id, "142", "course")
+    assert row["submission_id"] == str(await db.fetchval("SELECT id FROM submissions"))
 
 
 async def _delivered(db: asyncpg.Connection) -> bool:
