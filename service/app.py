@@ -35,7 +35,7 @@ from service.ingest import Intake
 from service.keys import IdempotencyWindow
 from service.limits import RateGate
 from service.locks import PersonLocks
-from service.oauth import OAuthTokens
+from service.oauth import Bitrix24OAuthTokens, OAuthTokens
 from service.redis_keys import SharedKeys
 from service.redis_limits import cluster_gate
 from service.settings import Settings
@@ -81,7 +81,10 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1024)
     app[intake.SETTINGS] = settings
-    app[RUNTIME] = Runtime(worker_expected=roles.worker, crm=settings.crm)
+    # the forwarder runs wherever the worker does (forwarder_ctx below)
+    app[RUNTIME] = Runtime(
+        worker_expected=roles.worker, forwarder_expected=roles.worker, crm=settings.crm
+    )
     app[metrics.METRICS] = metrics.Metrics(app[RUNTIME])
     app.middlewares.append(metrics.observe)
     app.cleanup_ctx.extend([database_ctx, cluster_ctx, crm_ctx, intake_ctx])
@@ -129,7 +132,10 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     """Heartbeats in PostgreSQL and the Redis link: the mode the cluster runs in (cluster.py)."""
     settings = app[intake.SETTINGS]
     redis = connect_redis(settings.redis_url) if settings.redis_url else None
-    cluster = app[CLUSTER] = Cluster(app[STORE].pool, redis, sends=app[RUNTIME].worker_expected)
+    rt = app[RUNTIME]
+    cluster = app[CLUSTER] = rt.cluster = Cluster(app[STORE].pool, redis, sends=rt.worker_expected)
+    if redis is not None:
+        rt.probes["redis"] = health.redis_probe(cluster.redis)
     await cluster.start()
     async with background(cluster.run(), "cluster"):
         yield
@@ -147,15 +153,28 @@ async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
         trace = metrics.crm_trace(app[metrics.METRICS])
         session = await stack.enter_async_context(aiohttp.ClientSession(trace_configs=[trace]))
         if settings.crm == "bitrix24":
-            assert settings.bitrix24_webhook_url is not None  # checked by Settings
-            hook, timeout = settings.bitrix24_webhook_url, settings.crm_timeout_s
-            b24 = Bitrix24Api(session, hook, gate, timeout_s=timeout)
+            b24 = await _bitrix24_api(app, settings, session, gate)
             app[ADAPTER] = Bitrix24Adapter(b24, settings)
         else:
             base_url, tokens = await _crm_endpoint(app, settings, session, gate, stack)
             api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=settings.crm_timeout_s)
             app[ADAPTER] = AmoCrmAdapter(api, settings)
         yield
+
+
+async def _bitrix24_api(
+    app: web.Application, settings: Settings, session: aiohttp.ClientSession, gate: RateGate
+) -> Bitrix24Api:
+    """OAuth app tokens when they are configured (Settings insists on all of them), else the
+    incoming webhook."""
+    timeout = settings.crm_timeout_s
+    if settings.bitrix24_portal_url:
+        tokens = Bitrix24OAuthTokens(app[STORE], session, settings, gate)
+        await tokens.seed()
+        portal = settings.bitrix24_portal_url
+        return Bitrix24Api(session, portal, gate, timeout_s=timeout, tokens=tokens)
+    assert settings.bitrix24_webhook_url is not None  # checked by Settings
+    return Bitrix24Api(session, settings.bitrix24_webhook_url, gate, timeout_s=timeout)
 
 
 async def _crm_endpoint(
@@ -203,6 +222,7 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[intake.INTAKE] = app[RUNTIME].intake = service
     events = app[webhooks.EVENTS] = webhooks.EventIntake(EventStore(store.pool), spool, settings)
+    app[RUNTIME].events, app[RUNTIME].event_store = events, events.store
     handlers = {
         "submission": service.drain_spooled,
         "rejected": _rejected_handler(store),
@@ -274,7 +294,7 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     adapter = app[ADAPTER]
     fetch = bitrix24_deal_fetcher(adapter.api) if isinstance(adapter, Bitrix24Adapter) else None
     forwarder = Forwarder(EventStore(pool), settings, app[DSN], fetch_deal=fetch)
-    app[FORWARDER] = forwarder
+    app[FORWARDER] = app[RUNTIME].forwarder = forwarder
     task = asyncio.create_task(forwarder.run(), name="forwarder")
     yield
     await forwarder.stop()

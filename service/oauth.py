@@ -1,21 +1,31 @@
-"""amoCRM OAuth tokens kept in the database, refreshed once across every process."""
+"""OAuth tokens kept in the database (amoCRM, Bitrix24), refreshed once across every process."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import aiohttp
 
+from service.crm import bitrix24_oauth
 from service.crm.amocrm_api import exchange_refresh_token
 from service.crm.http import Gate
 from service.settings import Settings
 from service.store import Store, StoredTokens
 
+log = logging.getLogger(__name__)
+
 CRM = "amocrm"
+BITRIX24 = "bitrix24"
 
 
 class OAuthTokens:
-    """TokenSource backed by the `oauth_tokens` row; the env pair only seeds an empty row."""
+    """TokenSource backed by the `oauth_tokens` row; the env pair only seeds an empty row.
+
+    amoCRM's by default; a subclass names its CRM's row, refresh token and exchange.
+    """
+
+    crm = CRM
 
     def __init__(
         self, store: Store, session: aiohttp.ClientSession, settings: Settings, gate: Gate
@@ -26,27 +36,28 @@ class OAuthTokens:
         self.gate = gate
         self._current: str | None = None
 
+    def configured_refresh_token(self) -> str | None:
+        return self.settings.amocrm_refresh_token
+
     async def seed(self) -> None:
         """Store the configured refresh token unless a newer pair is stored already
         (the configured one was spent by an earlier refresh)."""
-        assert self.settings.amocrm_refresh_token is not None
+        refresh_token = self.configured_refresh_token()
+        assert refresh_token is not None
         await self.store.seed_tokens(
-            CRM,
-            StoredTokens(
-                access_token="", refresh_token=self.settings.amocrm_refresh_token, expires_at=0
-            ),
+            self.crm, StoredTokens(access_token="", refresh_token=refresh_token, expires_at=0)
         )
 
     async def access_token(self) -> str:
         if self._current is None:
-            stored = await self.store.tokens(CRM)
+            stored = await self.store.tokens(self.crm)
             if stored is None or not stored.access_token or stored.expires_at < time.time() + 60:
                 return await self.refresh(stored.access_token if stored else "")
             self._current = stored.access_token
         return self._current
 
     async def refresh(self, stale_access_token: str) -> str:
-        fresh = await self.store.refresh_tokens(CRM, stale_access_token, self._exchange)
+        fresh = await self.store.refresh_tokens(self.crm, stale_access_token, self._exchange)
         self._current = fresh.access_token
         return fresh.access_token
 
@@ -64,3 +75,43 @@ class OAuthTokens:
             gate=self.gate,
         )
         return StoredTokens(pair.access_token, pair.refresh_token, pair.expires_at)
+
+
+class Bitrix24OAuthTokens(OAuthTokens):
+    """Bitrix24 app tokens in the `bitrix24` row: access tokens live an hour, refresh tokens 28
+    days and once, so the same store-before-use refresh applies."""
+
+    crm = BITRIX24
+
+    def configured_refresh_token(self) -> str | None:
+        return self.settings.bitrix24_refresh_token
+
+    async def _exchange(self, refresh_token: str) -> StoredTokens:
+        s = self.settings
+        assert s.bitrix24_client_id and s.bitrix24_client_secret
+        # The token server is another host than the portal, but its calls still take a slot of
+        # the CRM gate: one an hour costs nothing, and send_json wants a gate.
+        pair, endpoint = await bitrix24_oauth.exchange_refresh_token(
+            self.session,
+            s.bitrix24_oauth_url,
+            client_id=s.bitrix24_client_id,
+            client_secret=s.bitrix24_client_secret,
+            refresh_token=refresh_token,
+            timeout_s=s.crm_timeout_s,
+            gate=self.gate,
+        )
+        if (
+            endpoint
+            and s.bitrix24_portal_url
+            and not _same_endpoint(endpoint, s.bitrix24_portal_url)
+        ):
+            # We keep calling the configured portal; a moved portal (a renamed domain) shows here.
+            log.warning(
+                "Bitrix24 tokens are for another portal than BITRIX24_PORTAL_URL",
+                extra={"action": "bitrix24_endpoint_mismatch", "client_endpoint": endpoint},
+            )
+        return StoredTokens(pair.access_token, pair.refresh_token, pair.expires_at)
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    return a.rstrip("/").lower() == b.rstrip("/").lower()

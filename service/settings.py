@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 CRM_KINDS = ("amocrm", "bitrix24", "simulator")
 DEFAULT_RATES = {"amocrm": 6.0, "bitrix24": 2.0, "simulator": 6.0}
+BITRIX24_OAUTH_URL = "https://oauth.bitrix.info/oauth/token/"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,12 @@ class Settings:
     amocrm_redirect_uri: str | None = None
     bitrix24_webhook_url: str | None = None
     bitrix24_app_token: str | None = None
+    # OAuth app tokens instead of a webhook: all four, or none
+    bitrix24_client_id: str | None = None
+    bitrix24_client_secret: str | None = None
+    bitrix24_refresh_token: str | None = None
+    bitrix24_portal_url: str | None = None  # the portal's https://<portal>/rest/
+    bitrix24_oauth_url: str = BITRIX24_OAUTH_URL
     crm_rate_limit: float = 6.0
     crm_timeout_s: float = 30.0
     idempotency_window_s: float = 300.0
@@ -165,6 +172,11 @@ class Settings:
             amocrm_redirect_uri=r.text("AMOCRM_REDIRECT_URI"),
             bitrix24_webhook_url=r.url("BITRIX24_WEBHOOK_URL", ("http", "https")),
             bitrix24_app_token=r.text("BITRIX24_APP_TOKEN"),
+            bitrix24_client_id=r.text("BITRIX24_CLIENT_ID"),
+            bitrix24_client_secret=r.text("BITRIX24_CLIENT_SECRET"),
+            bitrix24_refresh_token=r.text("BITRIX24_REFRESH_TOKEN"),
+            bitrix24_portal_url=r.url("BITRIX24_PORTAL_URL", ("http", "https")),
+            bitrix24_oauth_url=r.url("BITRIX24_OAUTH_URL", ("http", "https")) or BITRIX24_OAUTH_URL,
             crm_rate_limit=r.number("CRM_RATE_LIMIT", float, rate_default, 0.1, 1000),
             crm_timeout_s=r.number("CRM_TIMEOUT_S", float, 30.0, 0.1, 600),
             idempotency_window_s=r.number("IDEMPOTENCY_WINDOW_S", float, 300.0, 0, 86400),
@@ -219,7 +231,7 @@ class Settings:
 def _guess_crm(env: Mapping[str, str]) -> str:
     if env.get("AMOCRM_BASE_URL"):
         return "amocrm"
-    if env.get("BITRIX24_WEBHOOK_URL"):
+    if env.get("BITRIX24_WEBHOOK_URL") or env.get("BITRIX24_PORTAL_URL"):
         return "bitrix24"
     return "simulator"
 
@@ -237,9 +249,38 @@ def _check_crm(s: Settings) -> Settings:
                 "a long-lived token, or AMOCRM_CLIENT_ID/AMOCRM_CLIENT_SECRET/"
                 "AMOCRM_REFRESH_TOKEN/AMOCRM_REDIRECT_URI for OAuth",
             )
-    if s.crm == "bitrix24" and not s.bitrix24_webhook_url:
-        raise SettingsError("BITRIX24_WEBHOOK_URL", "https://<portal>/rest/<user>/<secret>/")
+    if s.crm == "bitrix24":
+        _check_bitrix24(s)
     return s
+
+
+def _check_bitrix24(s: Settings) -> None:
+    """A webhook URL, or the whole OAuth set (which wins when both are given)."""
+    oauth = {
+        "BITRIX24_PORTAL_URL": s.bitrix24_portal_url,
+        "BITRIX24_CLIENT_ID": s.bitrix24_client_id,
+        "BITRIX24_CLIENT_SECRET": s.bitrix24_client_secret,
+        "BITRIX24_REFRESH_TOKEN": s.bitrix24_refresh_token,
+    }
+    if not any(oauth.values()):
+        if not s.bitrix24_webhook_url:
+            raise SettingsError(
+                "BITRIX24_WEBHOOK_URL",
+                "https://<portal>/rest/<user>/<secret>/, or BITRIX24_PORTAL_URL/"
+                "BITRIX24_CLIENT_ID/BITRIX24_CLIENT_SECRET/BITRIX24_REFRESH_TOKEN for OAuth",
+            )
+        return
+    missing = [name for name, value in oauth.items() if not value]
+    if missing:
+        raise SettingsError(
+            missing[0], f"a value: Bitrix24 OAuth needs {', '.join(oauth)} together"
+        )
+    # A webhook URL here would carry its secret to every call and hide the mix-up.
+    portal = urlparse(s.bitrix24_portal_url or "")
+    if not portal.netloc or portal.path.rstrip("/") != "/rest":
+        raise SettingsError(
+            "BITRIX24_PORTAL_URL", f"https://<portal>/rest/, got {s.bitrix24_portal_url!r}"
+        )
 
 
 class _Reader:

@@ -46,7 +46,8 @@ _REFERENCE = re.compile(r"\$(?=(?:result|result_error|result_total|result_next|r
 
 
 class TokenSource(Protocol):
-    """OAuth app tokens (a later step): the token to send, and a fresh one after `expired_token`.
+    """OAuth app tokens (service/oauth.py): the token to send, and a fresh one after
+    `expired_token`.
 
     Bitrix24 access tokens live 1 hour, refresh tokens 28 days and are single-use. With a token
     source the client sends `auth=<token>` in every body and `webhook_url` is the portal's

@@ -8,7 +8,9 @@ under `/rest/` goes through one gate, in this order:
 2. a portal under manual block answers 401 `OVERLOAD_LIMIT` to everything;
 3. the leaky bucket: a request that would overflow it answers 503 `QUERY_LIMIT_EXCEEDED`
    (a violation; `overload_after` of them within `overload_window_s` set the manual block);
-4. the webhook secret (401 `INVALID_CREDENTIALS`);
+4. the credentials: the webhook secret in the path (401 `INVALID_CREDENTIALS`), or for
+   `/rest/{method}.json` an OAuth access token in `auth` (401 `expired_token` / `invalid_token`,
+   see simulator_bitrix24_oauth.py; tokens come from `/oauth/token/`, `expire_tokens()` ends them);
 5. a scripted `fail_next` answer, then random faults as in the amoCRM simulator: a 5xx instead
    of the work, or a hang / dropped connection after it;
 6. the method, or `batch` running up to 50 of them. Each method call first checks its operating
@@ -42,6 +44,7 @@ from service.crm.simulator_bitrix24_limits import (
     take_command_fault,
     time_envelope,
 )
+from service.crm.simulator_bitrix24_oauth import BitrixTokens, auth_param
 from service.crm.simulator_bitrix24_store import BitrixStore
 from service.crm.simulator_common import (
     Blocker,
@@ -86,6 +89,7 @@ class BitrixSimulator:
         self.faults = Faults(self.config.seed)
         self.command_faults: list[CommandFault] = []
         self.commands: Counter[str] = Counter()
+        self.tokens = BitrixTokens(self.config.oauth)
         self._methods: dict[str, Callable[[dict[str, Any]], Any]] = {
             "crm.duplicate.findbycomm": self.store.find_by_comm,
             "crm.contact.add": self.store.contact_add,
@@ -103,6 +107,7 @@ class BitrixSimulator:
         app = web.Application()
         app[BITRIX_SIMULATOR_KEY] = self
         app.add_routes([web.route("*", "/rest/{tail:.*}", self._rest)])
+        app.add_routes([web.route("*", path, self._token) for path in _TOKEN_PATHS])
         app.add_routes(self._control_routes())
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
@@ -111,6 +116,14 @@ class BitrixSimulator:
     def webhook_url(self, base_url: str, user_id: int = 1) -> str:
         """The incoming-webhook base URL a client is configured with."""
         return f"{base_url.rstrip('/')}/rest/{user_id}/{self.config.webhook_secret}/"
+
+    def portal_url(self, base_url: str) -> str:
+        """The portal's REST endpoint an OAuth app calls (`client_endpoint`)."""
+        return f"{base_url.rstrip('/')}/rest/"
+
+    def oauth_url(self, base_url: str) -> str:
+        """The token server (oauth.bitrix.info in real life)."""
+        return f"{base_url.rstrip('/')}{_TOKEN_PATHS[0]}"
 
     # ---- helpers for tests and the control API ------------------------------------------------
 
@@ -142,6 +155,7 @@ class BitrixSimulator:
             "operating": self.operating.to_json(),
             "blocked": self.blocker.blocked,
             "duplicates": self.store.duplicates(),
+            "oauth": self.tokens.to_json(),
         }
 
     def unblock(self) -> None:
@@ -149,8 +163,12 @@ class BitrixSimulator:
         self.blocker.unblock()
         self.bucket.clear()
 
+    def expire_tokens(self) -> None:
+        """Every OAuth access token issued so far now answers `expired_token`."""
+        self.tokens.expire_all()
+
     def reset(self) -> None:
-        """Forget data, traffic, limits and scripted faults; keep the config."""
+        """Forget data, tokens, traffic, limits and scripted faults; keep the config."""
         self.store.clear()
         self.log.clear()
         self.bucket.clear()
@@ -159,6 +177,7 @@ class BitrixSimulator:
         self.faults.reset(self.config.seed)
         self.command_faults.clear()
         self.commands.clear()
+        self.tokens.reset()
 
     def fail_command(self, method: str, count: int = 1, **kw: Any) -> None:
         """Script the next `count` calls of `method` (in a batch or not) to answer an error."""
@@ -199,8 +218,9 @@ class BitrixSimulator:
         if not self.bucket.arrive(now, config.drain_per_s, config.burst):
             self.blocker.violation(now, config.overload_after, config.overload_window_s)
             return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
-        if not self._authorized(request):
-            return _error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
+        refusal = await self._refusal(request)
+        if refusal is not None:
+            return refusal
         scripted = self.faults.take_scripted(request.method, request.path)
         if scripted is not None:
             if scripted.apply:
@@ -217,18 +237,20 @@ class BitrixSimulator:
             return None
         return response
 
-    def _authorized(self, request: web.Request) -> bool:
+    async def _refusal(self, request: web.Request) -> web.Response | None:
         parts = request.match_info["tail"].split("/")
-        return (
-            len(parts) == 3
-            and parts[0].isdigit()
-            and parts[1] == self.config.webhook_secret
-            and bool(parts[2])
-        )
+        if len(parts) == 1 and parts[0]:  # /rest/{method}: an OAuth app's call
+            fault = self.tokens.refusal(await auth_param(request), self.clock())
+            return None if fault is None else json_answer(fault.to_json(), fault.status)
+        webhook = len(parts) == 3 and parts[0].isdigit() and bool(parts[2])
+        if webhook and parts[1] == self.config.webhook_secret:
+            return None
+        return _error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
 
     async def _serve(self, request: web.Request, method: str) -> web.Response:
         try:
             params = await _params(request)
+            params.pop("auth", None)  # checked at the gate; a batch's covers its commands
             if method == "batch":
                 return await self._batch(params)
             answer = await self.execute(method, params)
@@ -287,6 +309,7 @@ class BitrixSimulator:
             web.post("/_sim/faults", self._faults),
             web.post("/_sim/unblock", self._unblock),
             web.post("/_sim/reset", self._reset),
+            web.post("/_sim/expire-tokens", self._expire_tokens),
         ]
 
     async def _state(self, request: web.Request) -> web.Response:
@@ -312,6 +335,21 @@ class BitrixSimulator:
         self.reset()
         return json_answer({"reset": True})
 
+    async def _expire_tokens(self, request: web.Request) -> web.Response:
+        self.expire_tokens()
+        return json_answer({"expired": True})
+
+    # ---- the token server ---------------------------------------------------------------------
+
+    async def _token(self, request: web.Request) -> web.Response:
+        """Not behind the portal's bucket (oauth.bitrix.info is another server), but `fail_next`
+        answers apply: with `apply` the refresh token is spent and the answer lost."""
+        scripted = self.faults.take_scripted(request.method, request.path)
+        if scripted is not None and not scripted.apply:
+            return _scripted_response(scripted)
+        response = await self.tokens.answer(request, self.clock())
+        return response if scripted is None else _scripted_response(scripted)
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def _on_startup(self, app: web.Application) -> None:
@@ -323,6 +361,7 @@ class BitrixSimulator:
 
 
 BITRIX_SIMULATOR_KEY = web.AppKey("bitrix24_simulator", BitrixSimulator)
+_TOKEN_PATHS = ("/oauth/token/", "/oauth/token")
 
 
 def _error(status: int, code: str, description: str) -> web.Response:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.crm.simulator_bitrix24_limits import CommandFault
+from service.crm.simulator_bitrix24_oauth import BitrixOAuthConfig
 from service.crm.simulator_common import ScriptedAnswer
 
 __all__ = ["BitrixSimulatorConfig", "parse_faults"]
@@ -46,6 +47,8 @@ class BitrixSimulatorConfig:
     hang_s: float = 60.0
     reset_rate: float = 0.0  # fraction whose connection is dropped after doing the work
     seed: int | None = None
+    # the OAuth app whose tokens `/rest/{method}.json` accepts in `auth` (webhooks work alongside)
+    oauth: BitrixOAuthConfig = field(default_factory=BitrixOAuthConfig)
 
 
 def parse_faults(

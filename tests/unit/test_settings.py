@@ -25,6 +25,24 @@ def test_crm_defaults_follow_the_configured_crm() -> None:
     assert b24.crm == "bitrix24" and b24.crm_rate_limit == 2
 
 
+B24_OAUTH = {
+    "BITRIX24_PORTAL_URL": "https://p.bitrix24.kz/rest/",
+    "BITRIX24_CLIENT_ID": "local.abc",
+    "BITRIX24_CLIENT_SECRET": "secret",
+    "BITRIX24_REFRESH_TOKEN": "refresh",
+}
+
+
+def test_bitrix24_oauth_set_is_enough_and_the_token_server_has_a_default() -> None:
+    s = Settings.from_env(B24_OAUTH)
+    assert s.crm == "bitrix24" and s.crm_rate_limit == 2 and s.bitrix24_webhook_url is None
+    assert s.bitrix24_oauth_url == "https://oauth.bitrix.info/oauth/token/"
+    both = Settings.from_env(
+        B24_OAUTH | {"BITRIX24_WEBHOOK_URL": "https://p.bitrix24.kz/rest/1/s/"}
+    )
+    assert both.bitrix24_portal_url == "https://p.bitrix24.kz/rest/"  # OAuth is used (app.py)
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [
@@ -38,6 +56,15 @@ def test_crm_defaults_follow_the_configured_crm() -> None:
         ({"CRM": "amocrm"}, "AMOCRM_BASE_URL"),
         ({"CRM": "amocrm", "AMOCRM_BASE_URL": "https://x.amocrm.ru"}, "AMOCRM_ACCESS_TOKEN"),
         ({"CRM_RELAY_CONFIG": "/nonexistent.toml"}, "CRM_RELAY_CONFIG"),
+        ({"CRM": "bitrix24"}, "BITRIX24_WEBHOOK_URL"),
+        ({"BITRIX24_PORTAL_URL": "https://p.bitrix24.kz/rest/"}, "BITRIX24_CLIENT_ID"),
+        (B24_OAUTH | {"BITRIX24_REFRESH_TOKEN": ""}, "BITRIX24_REFRESH_TOKEN"),
+        (
+            B24_OAUTH | {"BITRIX24_PORTAL_URL": "https://p.bitrix24.kz/rest/1/s/"},
+            "BITRIX24_PORTAL_URL",
+        ),
+        (B24_OAUTH | {"BITRIX24_PORTAL_URL": "p.bitrix24.kz"}, "BITRIX24_PORTAL_URL"),
+        (B24_OAUTH | {"BITRIX24_OAUTH_URL": "ftp://oauth.bitrix.info/"}, "BITRIX24_OAUTH_URL"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -51,7 +78,7 @@ def test_config_file_sets_form_rules(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
         '[amocrm]\npipeline_id = 1000\n\n[forms.course]\nstatus_id = 10001\ntags = ["course"]\n'
-        'fields = { utm_source = 501 }\n'
+        "fields = { utm_source = 501 }\n"
     )
     s = Settings.from_env({"CRM_RELAY_CONFIG": str(path)})
     rule = s.form_rule("course")
