@@ -37,6 +37,11 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def no_nul(text: str) -> str:
+    """PostgreSQL text cannot hold NUL: show it as the two characters `\\0`."""
+    return text.replace("\x00", "\\0")
+
+
 def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, str]:
     """Split a file of `-- name: x` sections into {name: sql}."""
     queries: dict[str, str] = {}
@@ -176,15 +181,18 @@ class Store:
     async def save_rejected(
         self, endpoint: str, content_type: str | None, body: bytes, errors: list[dict[str, str]]
     ) -> uuid.UUID:
+        """Keep a refused request as it came; the body is bytea, so it is kept byte for byte."""
         rid = uuid.uuid4()
+        # text and jsonb cannot hold NUL; the raw body (bytea) keeps whatever was really sent
+        errs = orjson.dumps(errors).decode().replace("\\u0000", "\\\\0")
         await self._run(
             lambda c: c.execute(
                 self.q["save_rejected"],
                 rid,
-                endpoint,
-                content_type,
+                no_nul(endpoint),
+                no_nul(content_type) if content_type is not None else None,
                 body,
-                orjson.dumps(errors).decode(),
+                errs,
             )
         )
         return rid

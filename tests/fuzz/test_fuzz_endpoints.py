@@ -7,8 +7,9 @@ one goes over real HTTP to the app on a real port (real PostgreSQL behind it). E
 
 - never be a 5xx, and no log record at ERROR or above may appear (an unhandled exception in a
   handler is logged by aiohttp at ERROR);
-- if it accepted something (`ok: true` with an id, not spooled): that id is in the database
-  (`submissions` for forms, `webhook_events` for webhooks);
+- if it accepted something (`ok: true` with an id): that id is in the database (`submissions`
+  for forms, `webhook_events` for webhooks) — at once, or, when the write went to the spool
+  (`spooled`, or a repeat answered from the window meanwhile), once the spool is drained;
 - for a form, if it refused the input (`ok: false`, HTTP 200): what was sent was kept (`rejected`).
 
 ~300 examples per endpoint in CI (derandomized: the same examples every run); `FUZZ_LONG=1` runs
@@ -43,6 +44,7 @@ SECRET = "fuzz-secret"
 B24_TOKEN = "fuzz-b24-token"
 PREFIXES = ("701", "702", "705", "707", "747", "771", "775", "777", "778")
 REQUEST_TIMEOUT_S = 30.0
+SPOOL_DRAIN_WAIT_S = 15.0  # the spool is drained every second once the database answers
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,13 @@ scalars = (
     | any_text
     | st.sampled_from(["", " ", "null", "0", "-1", "1e999", "'; DROP TABLE submissions; --"])
 )
-json_values = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text, inner, max_size=4),
-    max_leaves=12,
-)
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # a named function, not a lambda: Hypothesis reads a lambda's source to check that it uses
+    # its argument, and misreads this one (a deprecation warning, an error under -W error)
+    return st.lists(inner, max_size=4) | st.dictionaries(any_text, inner, max_size=4)
+
+
+json_values = st.recursive(scalars, _containers, max_leaves=12)
 valid_phone = st.builds(
     lambda p, n: f"+7{p}{n:07d}", st.sampled_from(PREFIXES), st.integers(0, 9_999_999)
 )
@@ -172,14 +176,14 @@ def bodies(draw: st.DrawFn, structured: st.SearchStrategy[Any]) -> tuple[bytes, 
 
 @st.composite
 def headers(draw: st.DrawFn, content_type: str | None, body: bytes) -> tuple[bytes, dict[str, str]]:
-    """Content-Type plus some of: Idempotency-Key, Content-Encoding (identity, or gzip with a
-    real gzip body; an encoding that does not decode is `test_undecodable_content_encoding`)."""
+    """Content-Type plus some of: Idempotency-Key, Content-Encoding (identity, gzip with a real
+    gzip body, or one the body is not encoded in)."""
     h: dict[str, str] = {}
     if content_type is not None and draw(st.integers(0, 9)) > 0:
         h["Content-Type"] = content_type
     if draw(st.booleans()):
         h["Idempotency-Key"] = draw(header_value)
-    encoding = draw(st.sampled_from([None] * 6 + ["identity", "gzip-real"]))
+    encoding = draw(st.sampled_from([None] * 6 + ["identity", "gzip-real", "gzip", "br", "xx"]))
     if encoding == "gzip-real":
         body, encoding = gzip.compress(body), "gzip"
     if encoding:
@@ -190,8 +194,10 @@ def headers(draw: st.DrawFn, content_type: str | None, body: bytes) -> tuple[byt
 
 
 def path_segment(good: str) -> st.SearchStrategy[str]:
-    """Mostly the right value; sometimes anything (URL-quoted so it stays one segment)."""
-    other = st.text(max_size=20).map(lambda s: urllib.parse.quote(s, safe=""))
+    """Mostly the right value; sometimes anything (URL-quoted so it stays one segment) but NUL,
+    a known bug pinned by `test_nul_in_the_form_name`."""
+    text = st.text(st.characters(blacklist_characters="\x00"), max_size=20)
+    other = text.map(lambda s: urllib.parse.quote(s, safe=""))
     return st.one_of(st.just(good), st.just(good), st.just(good), other)
 
 
@@ -325,15 +331,21 @@ class Checker:
         if status != 200:
             return
         answer = json.loads(raw)
-        if answer.get("ok") is True and answer.get("id") and not answer.get("spooled"):
-            found = await self.db.fetchval(
-                f"SELECT count(*) FROM {self.endpoint.table} WHERE id = $1::uuid", answer["id"]
-            )
-            assert found == 1, (answer, self.endpoint.table)
+        if answer.get("ok") is True and answer.get("id"):
+            await self._eventually_stored(answer)
             self.accepted += 1
         if self.endpoint.name == "forms" and answer.get("ok") is False:
             kept = await self.db.fetchval("SELECT count(*) FROM rejected")
             assert kept == rejected_before + 1, answer
+
+    async def _eventually_stored(self, answer: dict[str, Any]) -> None:
+        """The id is in the database now, or once the spool is drained (a write slower than the
+        intake's timeout goes to the spool, and a repeat of it is answered from the window)."""
+        query = f"SELECT count(*) FROM {self.endpoint.table} WHERE id = $1::uuid"
+        deadline = asyncio.get_running_loop().time() + SPOOL_DRAIN_WAIT_S
+        while await self.db.fetchval(query, answer["id"]) != 1:
+            assert asyncio.get_running_loop().time() < deadline, (answer, self.endpoint.table)
+            await asyncio.sleep(0.1)
 
     def _errors(self) -> list[logging.LogRecord]:
         return [r for r in self.caplog.records if r.levelno >= logging.ERROR]
@@ -398,3 +410,12 @@ async def test_undecodable_content_encoding(
         headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
         headers["X-Relay-Signature"] = sign(SECRET, body)
         await checker.exchange(Sent(path, body, headers))
+
+
+async def test_nul_in_the_form_name(
+    service_factory: ServiceFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = await service_factory(Roles(http=True, worker=False))
+    caplog.set_level(logging.WARNING)
+    checker = Checker(svc, db, ENDPOINTS[0], caplog)
+    await checker.exchange(Sent("/api/v1/forms/%00", b'{"phone": "+77011234567"}', {}))
