@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 from service.crm.simulator import AmoCrmSimulator, SimulatorConfig
-from tests.chaos.conftest import ChaosPlan, chaos_plan
+from tests.chaos.conftest import ChaosPlan, FastContactSearch, chaos_plan
 from tests.conftest import wait_for
 from tests.integration.conftest import StoppablePostgres
 from tests.integration.test_resilience import (
@@ -225,6 +225,20 @@ async def dead_letters(dsn: str) -> list[str]:
     return [r["e"] for r in rows]
 
 
+async def print_progress(pg: StoppablePostgres, sim: AmoCrmSimulator, t0: float) -> None:
+    """Where a run that failed had got to (the database may be down: then say so)."""
+    try:
+        states = Counter((await submission_states(pg.dsn)).values())
+    except (OSError, asyncpg.PostgresError) as exc:
+        states = Counter({f"database unreachable: {exc.__class__.__name__}": 1})
+    report = sim.report()
+    print(
+        f"after {time.monotonic() - t0:.0f} s: submissions {dict(states)}; CRM requests "
+        f"{report['requests_total']} {report['answers_by_status']}, leads {len(report['leads'])}",
+        file=sys.stderr,
+    )
+
+
 @pytest.mark.timeout(chaos_plan().timeout_s)
 async def test_chaos_every_acknowledged_lead_reaches_the_crm_exactly_once(
     own_pg: StoppablePostgres,
@@ -233,6 +247,7 @@ async def test_chaos_every_acknowledged_lead_reaches_the_crm_exactly_once(
     plan: ChaosPlan,
 ) -> None:
     sim, sim_url = simulator
+    FastContactSearch(sim.store)  # the simulator's own search cannot keep up at 5,000 contacts
     sim.config.rate_limit = CRM_LIMIT
     sim.config.error_rate = plan.error_rate
     sim.config.hang_s = HANG_S
@@ -270,6 +285,7 @@ async def test_chaos_every_acknowledged_lead_reaches_the_crm_exactly_once(
     except BaseException:
         print(f"--- service log tail ({svc.log_path}) ---\n{svc.tail(80)}", file=sys.stderr)
         print(f"chaos={chaos_log} stats={dict(stats)} acked={len(acked)}", file=sys.stderr)
+        await print_progress(own_pg, sim, t0)
         raise
     finally:
         await asyncio.to_thread(svc.kill)
