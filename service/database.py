@@ -7,8 +7,11 @@ once apply each file exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,28 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+async def listen_forever(dsn: str, channel: str, wake: Callable[..., None]) -> None:
+    """Keep a LISTEN connection on `channel`, calling `wake` on each notification; reconnect after
+    outages, and wake once on every (re)connect to catch up on what was missed."""
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            await asyncio.sleep(1.0)
+            continue
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn, ev=lost: ev.set())
+            await conn.add_listener(channel, wake)
+            wake()
+            await lost.wait()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
 
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:

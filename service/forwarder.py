@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 from aiolimiter import AsyncLimiter
 
 from service.crm.bitrix24_api import Bitrix24Api, BitrixNotFound
+from service.database import listen_forever
 from service.errors import (
     CrmBlocked,
     CrmError,
@@ -362,24 +362,7 @@ class Forwarder:
                     )
 
     async def _listen(self) -> None:
-        """Keep a LISTEN connection; reconnect after outages (and wake up to catch up)."""
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                await asyncio.sleep(1.0)
-                continue
-            lost = asyncio.Event()
-            try:
-                conn.add_termination_listener(lambda _conn, ev=lost: ev.set())
-                await conn.add_listener(CHANNEL, self.wake)
-                self.wake()
-                await lost.wait()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
+        await listen_forever(self.dsn, CHANNEL, self.wake)
 
     async def _drain_tasks(self, timeout_s: float) -> None:
         if self._tasks:

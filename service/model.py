@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 
 @dataclass(frozen=True)
 class Lead:
@@ -25,6 +27,17 @@ class Lead:
         if self.email:
             keys.append(f"email:{self.email}")
         return sorted(keys)
+
+    def summary(self, submission_id: object) -> str:
+        """Everything the person sent, one line per field, for a CRM note or comment, so the
+        manager sees every form the person sent."""
+        lines = [f"Form: {self.form}", f"Submission: {submission_id}"]
+        people = (("Name", self.name), ("Phone", self.phone), ("Email", self.email))
+        lines += [f"{k}: {v}" for k, v in people if v]
+        lines += [f"utm_{k}: {v}" for k, v in sorted(self.utm.items())]
+        if self.fields:
+            lines.append(orjson.dumps(self.fields, option=orjson.OPT_SORT_KEYS).decode())
+        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {

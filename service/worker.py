@@ -16,9 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-import asyncpg
-
 from service.crm.base import CrmAdapter, Delivery, Link
+from service.database import listen_forever
 from service.errors import (
     CrmBlocked,
     CrmError,
@@ -263,24 +262,7 @@ class Worker:
                     await self.store.heartbeat(self.owner, people, jobs, self.settings.lease_s)
 
     async def _listen(self) -> None:
-        """Keep a LISTEN connection; reconnect after outages (and wake up to catch up)."""
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                await asyncio.sleep(1.0)
-                continue
-            lost = asyncio.Event()
-            try:
-                conn.add_termination_listener(lambda _conn, ev=lost: ev.set())
-                await conn.add_listener(CHANNEL, self.wake)
-                self.wake()
-                await lost.wait()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
+        await listen_forever(self.dsn, CHANNEL, self.wake)
 
     async def stop(self, timeout_s: float = 8.0) -> None:
         """Stop claiming, let in-flight CRM calls finish, give back what was not started."""

@@ -13,8 +13,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
 from service.crm.amocrm_api import (
     MAX_BATCH,
     AmoContact,
@@ -238,17 +236,8 @@ def field_value(lead: Lead, name: str) -> str | None:
 
 def note(lead_id: int, lead: Lead, sid: uuid.UUID) -> dict[str, Any]:
     """A note with the submission, so the manager sees every form the person sent."""
-    lines = [f"Form: {lead.form}", f"Submission: {sid}"]
-    lines += [
-        f"{k}: {v}"
-        for k, v in (("Name", lead.name), ("Phone", lead.phone), ("Email", lead.email))
-        if v
-    ]
-    lines += [f"utm_{k}: {v}" for k, v in sorted(lead.utm.items())]
-    if lead.fields:
-        lines.append(orjson.dumps(lead.fields, option=orjson.OPT_SORT_KEYS).decode())
     return {
         "entity_id": lead_id,
         "note_type": "common",
-        "params": {"text": "\n".join(lines)[:NOTE_LIMIT]},
+        "params": {"text": lead.summary(sid)[:NOTE_LIMIT]},
     }

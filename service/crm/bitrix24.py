@@ -22,8 +22,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from service.crm.base import Delivery, Link
 from service.crm.bitrix24_api import (
     MAX_COMM_VALUES,
@@ -419,16 +417,7 @@ def stage_for(rule: FormRule, category_id: int) -> str | None:
 def submission_text(lead: Lead, sid: uuid.UUID) -> str:
     """Everything the person sent, one line per field: the new deal's COMMENTS, or a timeline
     comment on their open deal, so the manager sees every form the person sent."""
-    lines = [f"Form: {lead.form}", f"Submission: {sid}"]
-    lines += [
-        f"{k}: {v}"
-        for k, v in (("Name", lead.name), ("Phone", lead.phone), ("Email", lead.email))
-        if v
-    ]
-    lines += [f"utm_{k}: {v}" for k, v in sorted(lead.utm.items())]
-    if lead.fields:
-        lines.append(orjson.dumps(lead.fields, option=orjson.OPT_SORT_KEYS).decode())
-    return "\n".join(lines)[:TEXT_LIMIT]
+    return lead.summary(sid)[:TEXT_LIMIT]
 
 
 def _title(lead: Lead, rule: FormRule) -> str:
