@@ -18,8 +18,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from service.errors import StoreUnavailable
-from service.store import SQL_DIR, UNAVAILABLE, load_queries
+from service.store import SQL_DIR, load_queries, run_on
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -90,11 +89,7 @@ class AdminStore:
         self.q = _queries()
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        try:
-            async with self.pool.acquire() as conn:
-                return await fn(conn)
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        return await run_on(self.pool, fn)
 
     async def _rows(self, name: str, *args: Any) -> list[Row]:
         records = await self._run(lambda c: c.fetch(self.q[name], *args))

@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from service.errors import StoreUnavailable
 from service.events import Event, LeadChange
-from service.store import SQL_DIR, UNAVAILABLE, load_queries
+from service.store import SQL_DIR, load_queries, run_on
 
 T = TypeVar("T")
 
@@ -153,11 +152,7 @@ class EventStore:
         self.q = load_queries(SQL_DIR / "events.sql")
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        try:
-            async with self.pool.acquire() as conn:
-                return await fn(conn)
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        return await run_on(self.pool, fn)
 
     async def _in_transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         async def tx(conn: asyncpg.Connection) -> T:

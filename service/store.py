@@ -42,6 +42,16 @@ def no_nul(text: str) -> str:
     return text.replace("\x00", "\\0")
 
 
+async def run_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run `fn` on a pooled connection; an unreachable database becomes StoreUnavailable.
+    Every repository (store, admin, events) goes through this one boundary."""
+    try:
+        async with pool.acquire() as conn:
+            return await fn(conn)
+    except UNAVAILABLE as exc:
+        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+
 def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, str]:
     """Split a file of `-- name: x` sections into {name: sql}."""
     queries: dict[str, str] = {}
@@ -147,11 +157,7 @@ class Store:
         self.q = load_queries()
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        try:
-            async with self.pool.acquire() as conn:
-                return await fn(conn)
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        return await run_on(self.pool, fn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
