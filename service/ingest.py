@@ -146,6 +146,7 @@ class Intake:
         self.locks = locks or KeyLocks()
         # across processes (service.cluster): Redis keys, PostgreSQL person locks
         self.shared_keys = shared_keys or NoSharedKeys()
+        self.shared = self.shared_keys.enabled  # else no task per request just to learn nothing
         self.person_locks = person_locks
         self.writer = GroupCommit(store)
         self.write_timeout_s = write_timeout_s
@@ -162,9 +163,9 @@ class Intake:
                 return self._count(Receipt(sid, duplicate=True))
             # another process may have taken it: Redis knows sooner than the database would
             # (asked while we take the person's lock: two round trips at once, not one by one)
-            claim = asyncio.ensure_future(self.shared_keys.claim(key))
+            claim = asyncio.ensure_future(self.shared_keys.claim(key)) if self.shared else None
             async with self._person_lock(lead):
-                if (sid := await claim) is not None:
+                if claim is not None and (sid := await claim) is not None:
                     self.window.put(key, sid)
                     return self._count(Receipt(sid, duplicate=True))
                 pending = Pending(uuid.uuid4(), key, lead, dt.datetime.now(dt.UTC))

@@ -26,8 +26,19 @@ INTAKE = web.AppKey("intake", Intake)
 SETTINGS = web.AppKey("settings", Settings)
 
 
+# (rejected?, submission id) of an intake or webhook answer, for the request log and metrics
+OUTCOME = web.RequestKey("outcome", tuple[bool, str | None])
+
+
 def answer(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def reply(request: web.Request, data: dict[str, Any], status: int = 200) -> web.Response:
+    """`answer`, noting its outcome on the request so the middleware need not parse the body."""
+    sid = data.get("id")
+    request[OUTCOME] = (data.get("ok") is False, sid if isinstance(sid, str) else None)
+    return answer(data, status)
 
 
 class _ClientProtocolErrors(logging.Filter):
@@ -59,6 +70,8 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
         return None
     chunks, size = [], 0
     try:
+        if request.content_length is not None and "Content-Encoding" not in request.headers:
+            return await request.read()  # no more than Content-Length bytes are ever read
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > limit:
@@ -97,11 +110,11 @@ async def submit_form(request: web.Request) -> web.Response:
         receipt = await intake.submit(lead, request.headers.get("Idempotency-Key"))
     except BadInput as exc:
         await keep_rejected(intake, f"forms/{form}", content_type, raw, exc.errors)
-        return answer({"ok": False, "errors": [e.__dict__ for e in exc.errors]})
+        return reply(request, {"ok": False, "errors": [e.__dict__ for e in exc.errors]})
     body: dict[str, Any] = {"ok": True, "id": str(receipt.id), "duplicate": receipt.duplicate}
     if receipt.spooled:
         body["spooled"] = True
-    return answer(body)
+    return reply(request, body)
 
 
 async def keep_rejected(

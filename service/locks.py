@@ -15,7 +15,6 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -24,11 +23,13 @@ from service.store import SQL_DIR, load_queries
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class _Entry:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-    held_since: float = 0.0
+    __slots__ = ("held_since", "lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+        self.held_since = 0.0
 
 
 class KeyLocks:
@@ -38,37 +39,60 @@ class KeyLocks:
         self._entries: dict[str, _Entry] = {}
         self.waits = 0  # acquisitions that had to wait: a contention signal for metrics
 
-    @contextlib.asynccontextmanager
-    async def hold(self, keys: Iterable[str]) -> AsyncIterator[None]:
+    def hold(self, keys: Iterable[str]) -> _Holding:
         """Hold every key; taken in sorted order so two holders can never deadlock."""
-        ordered = sorted(set(keys))
-        joined: list[str] = []
-        acquired: list[str] = []
-        try:
-            for key in ordered:
-                entry = self._entries.setdefault(key, _Entry())
-                entry.users += 1
-                joined.append(key)
-                if entry.lock.locked():
-                    self.waits += 1
-                await entry.lock.acquire()
-                acquired.append(key)
-                entry.held_since = time.monotonic()
-            yield
-        finally:
-            for key in reversed(acquired):
-                self._entries[key].held_since = 0.0
-                self._entries[key].lock.release()
-            for key in joined:
-                entry = self._entries[key]
-                entry.users -= 1
-                if entry.users == 0:
-                    del self._entries[key]
+        return _Holding(self, sorted(set(keys)))
 
     def held(self) -> dict[str, float]:
         """Keys held now, with seconds held (for the admin lock list)."""
         now = time.monotonic()
         return {k: now - e.held_since for k, e in self._entries.items() if e.lock.locked()}
+
+
+class _Holding:
+    """`async with KeyLocks.hold(keys)`: a plain class, not an asynccontextmanager (a generator
+    and its wrapper per request cost ~6 % of intake's CPU)."""
+
+    __slots__ = ("_acquired", "_joined", "_keys", "_locks")
+
+    def __init__(self, locks: KeyLocks, ordered: list[str]) -> None:
+        self._locks = locks
+        self._keys = ordered
+        self._joined: list[_Entry] = []
+        self._acquired: list[_Entry] = []
+
+    async def __aenter__(self) -> None:
+        entries = self._locks._entries
+        try:
+            for key in self._keys:
+                entry = entries.get(key)
+                if entry is None:
+                    entry = entries[key] = _Entry()
+                entry.users += 1
+                self._joined.append(entry)
+                if entry.lock.locked():
+                    self._locks.waits += 1
+                await entry.lock.acquire()
+                self._acquired.append(entry)
+                entry.held_since = time.monotonic()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        entries = self._locks._entries
+        for entry in reversed(self._acquired):
+            entry.held_since = 0.0
+            entry.lock.release()
+        for key, entry in zip(self._keys, self._joined, strict=False):
+            entry.users -= 1
+            if entry.users == 0:
+                del entries[key]
+        self._acquired.clear()
+        self._joined.clear()
 
 
 # --- across processes ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
@@ -28,16 +27,20 @@ from prometheus_client.exposition import generate_latest
 from service import logs
 from service.admin_store import ADMIN_STORE
 from service.collector import DbSnapshot, RuntimeCollector, read_db
+from service.intake import OUTCOME
 
 if TYPE_CHECKING:
     from service.health import Runtime
 
 log = logging.getLogger(__name__)
+# one line per request, built from masked parts only (logs.PREMASKED: the mask filter skips it)
+ACCESS_LOG = logging.getLogger(logs.ACCESS_LOGGER)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 INTAKE_PREFIXES = ("/api/v1/forms/", "/webhooks/")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 SCRAPE_DB_TIMEOUT_S = 1.0
+MAX_ROUTE_CHILDREN = 1_000  # (method, route, status) kept at hand; routes are templates: few
 _REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")
 
 
@@ -73,6 +76,21 @@ class Metrics:
         self.webhooks: Tally[str] = Tally()  # "route status" → count, for /health
         self.db = DbSnapshot()
         r.register(RuntimeCollector(self))
+        # labels() looks its child up under a lock on every call: keep the children at hand
+        self._by_route: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._by_route.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method, route, str(status)),
+                self.latency.labels(method, route),
+            )
+            if len(self._by_route) < MAX_ROUTE_CHILDREN:
+                self._by_route[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def refresh_db(self, app: web.Application) -> None:
         """Read the database figures for this scrape (bounded: a scrape must not hang)."""
@@ -90,22 +108,6 @@ def _route(request: web.Request) -> str:
 def _request_id(request: web.Request) -> str:
     sent = request.headers.get("X-Request-Id", "")
     return sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
-
-
-def _intake_outcome(path: str, response: web.StreamResponse | None) -> tuple[bool, str | None]:
-    """(rejected?, submission id) of an intake answer; the handlers are not ours to change."""
-    if not path.startswith(INTAKE_PREFIXES) or not isinstance(response, web.Response):
-        return False, None
-    body = response.body
-    if not isinstance(body, bytes) or len(body) > 4096:
-        return False, None
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False, None
-    if not isinstance(data, dict):
-        return False, None
-    return data.get("ok") is False, data.get("id") if isinstance(data.get("id"), str) else None
 
 
 @web.middleware
@@ -138,25 +140,29 @@ def _record(
 ) -> None:
     m = request.app[METRICS]
     route = _route(request)
-    m.requests.labels(request.method, route, str(status)).inc()
-    m.latency.labels(request.method, route).observe(seconds)
-    rejected, submission_id = _intake_outcome(request.path, response)
-    # webhook events are not submissions: their answers count under `webhooks` only
-    m.rejected += rejected and request.path.startswith(INTAKE_PREFIXES[0])
-    if request.path.startswith("/webhooks/"):
+    m.count_request(request.method, route, status, seconds)
+    # set by the intake and webhook handlers (service.intake.reply): nothing to parse here
+    rejected, submission_id = request.get(OUTCOME, (False, None))
+    path = request.path
+    if path.startswith("/webhooks/"):
         m.webhooks[f"{route} {status}"] += 1
+    elif rejected:
+        m.rejected += 1  # webhook events are not submissions: they count under `webhooks` only
+    level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+    if not ACCESS_LOG.isEnabledFor(level):
+        return
+    path = logs.mask_text(path)  # never the query string: admin lookups carry phones and emails
     extra: dict[str, Any] = {
         "action": "http_request",
         "method": request.method,
         "route": route,
-        "path": request.path,  # never the query string: admin lookups carry phones and emails
+        "path": path,
         "status": status,
         "ms": round(seconds * 1000, 2),
     }
     if submission_id:
         extra["submission_id"] = submission_id
-    level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
-    log.log(level, "%s %s %s", request.method, request.path, status, extra=extra)
+    ACCESS_LOG.log(level, "%s %s %s", request.method, path, status, extra=extra)
 
 
 # --- CRM calls ------------------------------------------------------------------------------

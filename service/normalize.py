@@ -11,6 +11,7 @@ Decisions a landing-page owner would make, since every lead is paid for:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ _NAME_KEYS = ("name", "fio", "full_name", "fullname", "имя")
 _UTM_KEYS = ("source", "medium", "campaign", "content", "term")
 _MAX_NAME = 255
 _MAX_EMAIL = 254
+_MAX_CACHED_PHONE = 64
+_PHONE_PUNCTUATION = re.compile(r"[\s().\-]+")
+_DIGITS = re.compile(r"[1-9][0-9]{5,16}")
 
 Path = tuple[str, ...]
 
@@ -110,12 +114,13 @@ def _candidates(data: Mapping[str, Any]) -> list[tuple[str, Path, Any]]:
 
 def _pick(found: list[tuple[str, Path, Any]], aliases: tuple[str, ...]) -> _Hit | None:
     """The best non-blank field among aliases, by alias order, then level, then key."""
-    hits = [
-        _Hit((aliases.index(folded), len(path), "\0".join(path)), path, value)
-        for folded, path, value in found
-        if folded in aliases and not _blank(value)
-    ]
-    return min(hits, key=lambda h: h.rank, default=None)
+    best: _Hit | None = None
+    for folded, path, value in found:
+        if folded in aliases and not _blank(value):
+            rank = (aliases.index(folded), len(path), "\0".join(path))
+            if best is None or rank < best.rank:
+                best = _Hit(rank, path, value)
+    return best
 
 
 def _blank(value: Any) -> bool:
@@ -192,6 +197,19 @@ def normalize_phone(value: str, default_region: str | None) -> str:
     if not text:
         raise BadInput([FieldError("phone", "phone is empty")])
     region = default_region.upper() if default_region else None
+    e164 = _e164_cached(text, region) if len(text) <= _MAX_CACHED_PHONE else _e164(text, region)
+    if e164 is None:
+        hint = "" if region or text.startswith("+") else " (add the country code, e.g. +7)"
+        raise BadInput([FieldError("phone", f"not a valid phone number{hint}")])
+    return e164
+
+
+def _e164(text: str, region: str | None) -> str | None:
+    quick = _canonical(text)
+    return quick if quick is not None else _parsed_e164(text, region)
+
+
+def _parsed_e164(text: str, region: str | None) -> str | None:
     number = _parse_phone(text, region)
     if number is None and not text.startswith("+"):
         digits = re.sub(r"\D", "", text)
@@ -201,9 +219,53 @@ def normalize_phone(value: str, default_region: str | None) -> str:
         if len(digits) == 11 and digits[0] in "78":
             number = _parse_phone("+7" + digits[1:], None)
     if number is None:
-        hint = "" if region or text.startswith("+") else " (add the country code, e.g. +7)"
-        raise BadInput([FieldError("phone", f"not a valid phone number{hint}")])
+        return None
     return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+# A repeat (double click, retry, a returning person) skips phonenumbers, most of what normalising
+# a submission costs; only short texts, so the cache stays small (4,096 × ≤ 64 characters).
+_e164_cached = functools.lru_cache(maxsize=4096)(_e164)
+
+
+def _canonical(text: str) -> str | None:
+    """`text` as E.164 when it is "+", a country code and a valid number with nothing but
+    spaces, brackets, dots and dashes between the digits (what phone-mask inputs send), or None
+    to leave it to `phonenumbers.parse` (its full parse is ~2/3 of a phone's cost).
+
+    Only a number `is_valid_number` accepts as it stands is returned; anything `parse` might
+    rewrite goes the full way: a national number that starts with 0 or with what the country's
+    trunk prefix pattern matches (`+7 8 916…`), an extension, non-ASCII digits.
+    tests/unit/test_normalize.py checks that both ways agree."""
+    if not text.startswith("+"):
+        return None
+    digits = _PHONE_PUNCTUATION.sub("", text[1:])
+    if not _DIGITS.fullmatch(digits):
+        return None
+    for size in (1, 2, 3):  # country codes are prefix-free: at most one length is one
+        code = int(digits[:size])
+        if code not in _TRUNK_PREFIX:
+            continue
+        trunk = _TRUNK_PREFIX[code]
+        national = digits[size:]
+        if national.startswith("0") or (trunk is not None and trunk.match(national)):
+            return None
+        number = phonenumbers.PhoneNumber(country_code=code, national_number=int(national))
+        return "+" + digits if phonenumbers.is_valid_number(number) else None
+    return None
+
+
+def _trunk_prefixes() -> dict[int, re.Pattern[str] | None]:
+    """Country code → the pattern `parse` strips from a national number (None: nothing)."""
+    out: dict[int, re.Pattern[str] | None] = {}
+    for code, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items():
+        meta = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(code, regions[0])
+        pattern = meta.national_prefix_for_parsing if meta is not None else None
+        out[code] = re.compile(pattern) if pattern else None
+    return out
+
+
+_TRUNK_PREFIX = _trunk_prefixes()
 
 
 def _parse_phone(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
@@ -257,7 +319,9 @@ def _name(
 def _utm(data: Mapping[str, Any], consumed: set[Path]) -> dict[str, str]:
     """UTM tags from `utm_source`-style keys, or else from a nested `utm` object."""
     top: list[tuple[str, Path, Any]] = [
-        (k.casefold(), (k,), v) for k, v in data.items() if isinstance(k, str)
+        (folded, (k,), v)
+        for k, v in data.items()
+        if isinstance(k, str) and (folded := k.casefold()).startswith("utm_")
     ]
     nested: list[tuple[str, Path, Any]] = []
     for key, value in data.items():

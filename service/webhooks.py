@@ -43,7 +43,7 @@ from service.events import (
     verify_hmac,
     verify_qstash,
 )
-from service.intake import SETTINGS, UnreadableBody, answer, read_limited, too_large
+from service.intake import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.keys import IdempotencyWindow
 from service.locks import KeyLocks
 from service.settings import GenericSource, Settings
@@ -306,9 +306,9 @@ async def amocrm_hook(request: web.Request) -> web.Response:
         errors = [e.__dict__ for e in exc.errors]
         await intake.accept(_delivery(request, "amocrm", raw, [], errors))
         # still 200: amoCRM disables a hook that keeps answering otherwise; the body is kept
-        return answer({"ok": False, "errors": errors, "kept": True})
+        return reply(request, {"ok": False, "errors": errors, "kept": True})
     receipt = await intake.accept(_delivery(request, "amocrm", raw, amocrm_events(body)))
-    return answer(receipt.to_json())
+    return reply(request, receipt.to_json())
 
 
 async def bitrix24_hook(request: web.Request) -> web.Response:
@@ -325,7 +325,7 @@ async def bitrix24_hook(request: web.Request) -> web.Response:
         intake.counts["unauthorized"] += 1
         return _refused(401, "auth[application_token] does not match BITRIX24_APP_TOKEN")
     receipt = await intake.accept(_delivery(request, "bitrix24", raw, [bitrix24_event(body)]))
-    return answer(receipt.to_json())
+    return reply(request, receipt.to_json())
 
 
 async def generic_hook(request: web.Request) -> web.Response:
@@ -347,7 +347,7 @@ async def generic_hook(request: web.Request) -> web.Response:
         body = None  # an opaque payload is still a message: it is forwarded as it came
     event = generic_event(request.headers, body, raw, rule.key_field)
     receipt = await intake.accept(_delivery(request, f"generic/{name}", raw, [event]))
-    return answer(receipt.to_json())
+    return reply(request, receipt.to_json())
 
 
 def verified(settings: Settings, rule: GenericSource, request: web.Request, raw: bytes) -> bool:

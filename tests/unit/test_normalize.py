@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 from service.errors import BadInput, FieldError
 from service.model import Lead
 from service.normalize import (
+    _canonical,
+    _parsed_e164,
     mask_email,
     mask_phone,
     normalize,
@@ -47,6 +50,54 @@ def errors_of(form: str, data: dict[str, Any], **kwargs: Any) -> list[FieldError
 )
 def test_phone_formats(value: str, region: str | None, expected: str) -> None:
     assert normalize_phone(value, region) == expected
+
+
+# The quick path for "+<digits>" (service.normalize._canonical) must agree with the full parse
+# wherever it answers: on every region's example numbers, and on anything hypothesis makes of a
+# "+", a country code and digits with phone-mask punctuation.
+
+_EXAMPLES = sorted(
+    {
+        phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164)
+        for region in phonenumbers.SUPPORTED_REGIONS
+        for kind in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE)
+        if (n := phonenumbers.example_number_for_type(region, kind)) is not None
+    }
+)
+
+
+def test_quick_path_agrees_on_every_example_number() -> None:
+    answered = 0
+    for e164 in _EXAMPLES:
+        quick = _canonical(e164)
+        if quick is not None:
+            answered += 1
+            assert quick == _parsed_e164(e164, None) == e164
+    assert answered > len(_EXAMPLES) * 0.8  # the quick path does answer most real numbers
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
+    digits=st.text(alphabet="0123456789", min_size=3, max_size=14),
+    sep=st.sampled_from(["", " ", "-", " (", ") ", "."]),
+    region=st.sampled_from([None, "RU", "KZ", "US", "DE"]),
+)
+def test_quick_path_agrees_with_the_full_parse(
+    code: int, digits: str, sep: str, region: str | None
+) -> None:
+    text = f"+{code}{sep}{digits[:3]}{sep}{digits[3:]}"
+    quick = _canonical(text)
+    if quick is not None:
+        assert quick == _parsed_e164(text, region)
+
+
+def test_quick_path_leaves_what_parse_rewrites() -> None:
+    assert _canonical("+7 8 916 123 45 67") is None  # trunk prefix after the country code
+    assert normalize_phone("+7 8 916 123 45 67", None) == "+79161234567"
+    assert _canonical("+39 06 1234 5678") is None  # Italian leading zero
+    assert _canonical("+7 916 123 45 67 ext. 12") is None
+    assert _canonical("+7 ٩١٦ ١٢٣ ٤٥ ٦٧") is None  # non-ASCII digits
 
 
 @pytest.mark.parametrize(
