@@ -36,7 +36,9 @@ class IdempotencyWindow:
     def __init__(self, ttl_s: float, size: int) -> None:
         self.ttl_s = ttl_s
         self.size = size
-        self._entries: OrderedDict[str, tuple[float, uuid.UUID]] = OrderedDict()
+        # the id as its 128-bit int: a (float, int) tuple is not tracked by the garbage
+        # collector, a UUID object is; 100,000 of them made every full collection walk them
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self.hits = 0
 
     def get(self, key: str) -> uuid.UUID | None:
@@ -48,12 +50,12 @@ class IdempotencyWindow:
             del self._entries[key]
             return None
         self.hits += 1
-        return sid
+        return uuid.UUID(int=sid)
 
     def put(self, key: str, sid: uuid.UUID) -> None:
         if self.ttl_s <= 0:
             return
-        self._entries[key] = (time.monotonic() + self.ttl_s, sid)
+        self._entries[key] = (time.monotonic() + self.ttl_s, sid.int)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)

@@ -244,9 +244,9 @@ def _canonical(text: str) -> str | None:
         return None
     for size in (1, 2, 3):  # country codes are prefix-free: at most one length is one
         code = int(digits[:size])
-        if code not in _TRUNK_PREFIX:
+        if code not in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
             continue
-        trunk = _TRUNK_PREFIX[code]
+        trunk = _trunk_prefix(code)
         national = digits[size:]
         if national.startswith("0") or (trunk is not None and trunk.match(national)):
             return None
@@ -255,17 +255,15 @@ def _canonical(text: str) -> str | None:
     return None
 
 
-def _trunk_prefixes() -> dict[int, re.Pattern[str] | None]:
-    """Country code → the pattern `parse` strips from a national number (None: nothing)."""
-    out: dict[int, re.Pattern[str] | None] = {}
-    for code, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items():
-        meta = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(code, regions[0])
-        pattern = meta.national_prefix_for_parsing if meta is not None else None
-        out[code] = re.compile(pattern) if pattern else None
-    return out
-
-
-_TRUNK_PREFIX = _trunk_prefixes()
+@functools.cache
+def _trunk_prefix(code: int) -> re.Pattern[str] | None:
+    """The pattern `parse` strips from a national number of this country code (None: none).
+    Looked up per code when first seen: loading every region's metadata up front would put
+    tens of thousands of objects before every full garbage collection."""
+    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[code]
+    meta = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(code, regions[0])
+    pattern = meta.national_prefix_for_parsing if meta is not None else None
+    return re.compile(pattern) if pattern else None
 
 
 def _parse_phone(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
