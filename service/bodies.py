@@ -22,6 +22,7 @@ them:
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -82,6 +83,11 @@ def _content_type(header: str | None) -> tuple[str | None, str | None]:
     """(media type, charset) of a Content-Type header; (None, None) when it is absent."""
     if header is None or not header.strip():
         return None, None
+    # senders repeat a handful of headers: parse each once (email.message is slow)
+    return _known_content_type(header) if len(header) <= 200 else _parse_content_type(header)
+
+
+def _parse_content_type(header: str) -> tuple[str, str | None]:
     # Also keeps CR/LF out of the synthetic MIME header built for multipart.
     if not _PRINTABLE_ASCII.fullmatch(header):
         raise _bad("content-type", "malformed content type")
@@ -89,6 +95,9 @@ def _content_type(header: str | None) -> tuple[str | None, str | None]:
     message = Message()
     message["Content-Type"] = header
     return media, message.get_content_charset()
+
+
+_known_content_type = functools.lru_cache(maxsize=256)(_parse_content_type)
 
 
 def _decode(raw: bytes, charset: str) -> str:
