@@ -6,6 +6,7 @@ import contextvars
 import logging
 import re
 import sys
+import time
 from typing import Any, TextIO
 
 import orjson
@@ -36,7 +37,22 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
-class JsonFormatter(logging.Formatter):
+class _SecondFormatter(logging.Formatter):
+    """formatTime that renders the date and time once per second (strftime per record was a
+    tenth of the per-request log line); the milliseconds are added per record as before."""
+
+    _cached: tuple[tuple[int, str | None], str] = ((-1, None), "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        key = (int(record.created), datefmt)
+        cached_key, text = self._cached
+        if cached_key != key:
+            text = time.strftime(datefmt or self.default_time_format, self.converter(key[0]))
+            self._cached = (key, text)  # one assignment: safe if a thread logs meanwhile
+        return text if datefmt else f"{text},{int(record.msecs):03d}"
+
+
+class JsonFormatter(_SecondFormatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -51,7 +67,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_SecondFormatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
