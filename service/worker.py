@@ -60,6 +60,9 @@ class Worker:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._rate_limit_streak = 0
+        # the refusal behind the current pause, and that pause (see `_pause_for`)
+        self._last_refusal: CrmRateLimited | None = None
+        self._last_pause = 0.0
         # test hook: called after the CRM accepted a job and before we commit it ("crash here")
         self.after_crm: Callable[[Job], None] | None = None
 
@@ -226,11 +229,7 @@ class Worker:
         error = f"{exc.__class__.__name__}: {exc}"
         extra = {"job_id": job.id, "submission_id": str(job.submission_id), "error": error}
         if isinstance(exc, CrmRateLimited):
-            self._rate_limit_streak += 1
-            s = self.settings
-            backoff = s.pause_base_s * 2.0 ** min(self._rate_limit_streak - 1, 16)
-            pause = exc.retry_after or min(s.pause_max_s, backoff)
-            self.gate.pause(pause)
+            pause = self._pause_for(exc)
             return await self._reschedule(job, counted=False, delay=pause, error=error)
         if isinstance(exc, CrmBlocked | CrmUnauthorized):
             cooldown = self.settings.circuit_cooldown_s
@@ -243,6 +242,19 @@ class Worker:
         delay = self.settings.retry.delay(job.attempts + 1, random.random())
         log.warning("job retry", extra={"action": "job_retry", "delay_s": round(delay, 2), **extra})
         return await self._reschedule(job, counted=True, delay=delay, error=error)
+
+    def _pause_for(self, exc: CrmRateLimited) -> float:
+        """Pause every sender once per refusal. A refused batch request fails each of its jobs
+        with the same error object: that is one 429 in a row, not fifty (counting it per job
+        would take one refusal of a 50-lead batch straight to the longest pause)."""
+        if exc is not self._last_refusal:
+            self._last_refusal = exc
+            self._rate_limit_streak += 1
+            s = self.settings
+            backoff = s.pause_base_s * 2.0 ** min(self._rate_limit_streak - 1, 16)
+            self._last_pause = exc.retry_after or min(s.pause_max_s, backoff)
+            self.gate.pause(self._last_pause)
+        return self._last_pause
 
     async def _reschedule(self, job: Job, *, counted: bool, delay: float, error: str) -> float:
         await self.store.job_retry(job, self.owner, counted=counted, delay_s=delay, error=error)

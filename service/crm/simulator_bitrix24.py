@@ -6,17 +6,20 @@ under `/rest/` goes through one gate, in this order:
 
 1. it is logged;
 2. a portal under manual block answers 401 `OVERLOAD_LIMIT` to everything;
-3. the leaky bucket: a request that would overflow it answers 503 `QUERY_LIMIT_EXCEEDED`
+3. during a scripted storm (`storm(seconds)`) every request answers 503 `QUERY_LIMIT_EXCEEDED`:
+   the portal is busy with others, so this is not the client's violation, and like every
+   refusal it adds nothing to the bucket, which keeps draining;
+4. the leaky bucket: a request that would overflow it answers 503 `QUERY_LIMIT_EXCEEDED`
    (a violation; `overload_after` of them within `overload_window_s` set the manual block);
-4. the credentials: the webhook secret in the path (401 `INVALID_CREDENTIALS`), or for
+5. the credentials: the webhook secret in the path (401 `INVALID_CREDENTIALS`), or for
    `/rest/{method}.json` an OAuth access token in `auth` (401 `expired_token` / `invalid_token`,
    see simulator_bitrix24_oauth.py; tokens come from `/oauth/token/`, `expire_tokens()` ends them);
-5. a scripted `fail_next` answer, then random faults as in the amoCRM simulator: a 5xx instead
-   of the work, or a hang / dropped connection after it;
-6. the method, or `batch` running up to 50 of them. Each method call first checks its operating
+6. a scripted `fail_next` answer, then random faults as in the amoCRM simulator
+   (`Faults.around_work`): a 5xx instead of the work, or a hang / dropped connection after it;
+7. the method, or `batch` running up to 50 of them. Each method call first checks its operating
    time (429 `OPERATION_TIME_LIMIT`, also a violation) and scripted `fail_command` errors.
 
-`/_sim/*` is the control and inspection API: no secret, never limited or logged.
+`/_sim/*` is the control and inspection API (simulator_bitrix24_control.py).
 """
 
 from __future__ import annotations
@@ -28,14 +31,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
-from urllib.parse import parse_qsl
 
-import orjson
 from aiohttp import web
 
-from service.bodies import parse_nested_pairs
 from service.crm.simulator_bitrix24_batch import Answer, run_batch
 from service.crm.simulator_bitrix24_config import BitrixSimulatorConfig, parse_faults
+from service.crm.simulator_bitrix24_control import BitrixControl
 from service.crm.simulator_bitrix24_entities import BitrixFault, Page
 from service.crm.simulator_bitrix24_limits import (
     CommandFault,
@@ -46,16 +47,14 @@ from service.crm.simulator_bitrix24_limits import (
 )
 from service.crm.simulator_bitrix24_oauth import BitrixTokens, auth_param
 from service.crm.simulator_bitrix24_store import BitrixStore
+from service.crm.simulator_bitrix24_wire import error_answer, request_params, scripted_response
 from service.crm.simulator_common import (
     Blocker,
     Faults,
     RequestLog,
     ScriptedAnswer,
-    drop_connection,
     json_answer,
-    server_error,
 )
-from service.errors import BadInput
 
 __all__ = [
     "BITRIX_SIMULATOR_KEY",
@@ -64,14 +63,6 @@ __all__ = [
     "serve_bitrix_until_signalled",
     "start_bitrix_simulator",
 ]
-
-# The error code a scripted 4xx without a body answers with.
-_SCRIPTED_CODES = {
-    401: "INVALID_CREDENTIALS",
-    403: "ACCESS_DENIED",
-    404: "ERROR_METHOD_NOT_FOUND",
-    429: "OPERATION_TIME_LIMIT",
-}
 
 
 class BitrixSimulator:
@@ -108,7 +99,7 @@ class BitrixSimulator:
         app[BITRIX_SIMULATOR_KEY] = self
         app.add_routes([web.route("*", "/rest/{tail:.*}", self._rest)])
         app.add_routes([web.route("*", path, self._token) for path in _TOKEN_PATHS])
-        app.add_routes(self._control_routes())
+        app.add_routes(BitrixControl(self).routes())
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -156,6 +147,7 @@ class BitrixSimulator:
             "blocked": self.blocker.blocked,
             "duplicates": self.store.duplicates(),
             "oauth": self.tokens.to_json(),
+            "storm": self.faults.storm.to_json(self.clock()),
         }
 
     def unblock(self) -> None:
@@ -166,6 +158,15 @@ class BitrixSimulator:
     def expire_tokens(self) -> None:
         """Every OAuth access token issued so far now answers `expired_token`."""
         self.tokens.expire_all()
+
+    def storm(self, seconds: float) -> None:
+        """Answer every REST call 503 `QUERY_LIMIT_EXCEEDED` for `seconds` (0: end a storm).
+
+        Not counted as violations; the bucket keeps draining meanwhile (see the gate)."""
+        if seconds <= 0:
+            self.faults.storm.stop()
+        else:
+            self.faults.storm.start(self.clock(), seconds)
 
     def reset(self) -> None:
         """Forget data, tokens, traffic, limits and scripted faults; keep the config."""
@@ -178,6 +179,21 @@ class BitrixSimulator:
         self.command_faults.clear()
         self.commands.clear()
         self.tokens.reset()
+
+    def fail_next(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        count: int = 1,
+        body: Any = None,
+        apply: bool = False,
+    ) -> None:
+        """Script the next `count` answers to matching requests (patterns like `*/batch.json`);
+        with `apply` the work is done first and only the answer is replaced."""
+        self.faults.scripted.append(
+            ScriptedAnswer(method.upper(), path, status, count, body, apply)
+        )
 
     def fail_command(self, method: str, count: int = 1, **kw: Any) -> None:
         """Script the next `count` calls of `method` (in a batch or not) to answer an error."""
@@ -214,10 +230,12 @@ class BitrixSimulator:
     async def _answer(self, request: web.Request, method: str, now: float) -> web.Response | None:
         config = self.config
         if self.blocker.blocked:
-            return _error(401, "OVERLOAD_LIMIT", "REST API is blocked due to overload.")
+            return error_answer(401, "OVERLOAD_LIMIT", "REST API is blocked due to overload.")
+        if self.faults.storm.refuse(now):
+            return error_answer(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
         if not self.bucket.arrive(now, config.drain_per_s, config.burst):
             self.blocker.violation(now, config.overload_after, config.overload_window_s)
-            return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+            return error_answer(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
         refusal = await self._refusal(request)
         if refusal is not None:
             return refusal
@@ -225,17 +243,8 @@ class BitrixSimulator:
         if scripted is not None:
             if scripted.apply:
                 await self._serve(request, method)
-            return _scripted_response(scripted)
-        if self.faults.roll(config.error_rate):
-            return self.faults.server_error()
-        await self.faults.sleep(config.latency_s)
-        response = await self._serve(request, method)
-        if self.faults.roll(config.timeout_rate):
-            await self.faults.sleep(config.hang_s)
-        if self.faults.roll(config.reset_rate):
-            drop_connection(request)
-            return None
-        return response
+            return scripted_response(scripted)
+        return await self.faults.around_work(request, config, lambda: self._serve(request, method))
 
     async def _refusal(self, request: web.Request) -> web.Response | None:
         parts = request.match_info["tail"].split("/")
@@ -245,11 +254,11 @@ class BitrixSimulator:
         webhook = len(parts) == 3 and parts[0].isdigit() and bool(parts[2])
         if webhook and parts[1] == self.config.webhook_secret:
             return None
-        return _error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
+        return error_answer(401, "INVALID_CREDENTIALS", "Invalid request credentials")
 
     async def _serve(self, request: web.Request, method: str) -> web.Response:
         try:
-            params = await _params(request)
+            params = await request_params(request)
             params.pop("auth", None)  # checked at the gate; a batch's covers its commands
             if method == "batch":
                 return await self._batch(params)
@@ -300,45 +309,6 @@ class BitrixSimulator:
             return Answer(result.rows, envelope, result.total, result.next)
         return Answer(result, envelope)
 
-    # ---- control API --------------------------------------------------------------------------
-
-    def _control_routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/_sim/state", self._state),
-            web.get("/_sim/requests", self._requests),
-            web.post("/_sim/faults", self._faults),
-            web.post("/_sim/unblock", self._unblock),
-            web.post("/_sim/reset", self._reset),
-            web.post("/_sim/expire-tokens", self._expire_tokens),
-        ]
-
-    async def _state(self, request: web.Request) -> web.Response:
-        return json_answer(self.report())
-
-    async def _requests(self, request: web.Request) -> web.Response:
-        return json_answer(self.log.to_json())
-
-    async def _faults(self, request: web.Request) -> web.Response:
-        try:
-            body = orjson.loads(await request.read())
-            if not isinstance(body, dict):
-                raise ValueError("Expected a JSON object")
-            return json_answer(self.set_faults(body))
-        except (ValueError, orjson.JSONDecodeError) as exc:
-            return _error(400, "INVALID_REQUEST", str(exc))
-
-    async def _unblock(self, request: web.Request) -> web.Response:
-        self.unblock()
-        return json_answer({"blocked": False})
-
-    async def _reset(self, request: web.Request) -> web.Response:
-        self.reset()
-        return json_answer({"reset": True})
-
-    async def _expire_tokens(self, request: web.Request) -> web.Response:
-        self.expire_tokens()
-        return json_answer({"expired": True})
-
     # ---- the token server ---------------------------------------------------------------------
 
     async def _token(self, request: web.Request) -> web.Response:
@@ -346,9 +316,9 @@ class BitrixSimulator:
         answers apply: with `apply` the refresh token is spent and the answer lost."""
         scripted = self.faults.take_scripted(request.method, request.path)
         if scripted is not None and not scripted.apply:
-            return _scripted_response(scripted)
+            return scripted_response(scripted)
         response = await self.tokens.answer(request, self.clock())
-        return response if scripted is None else _scripted_response(scripted)
+        return response if scripted is None else scripted_response(scripted)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -362,36 +332,6 @@ class BitrixSimulator:
 
 BITRIX_SIMULATOR_KEY = web.AppKey("bitrix24_simulator", BitrixSimulator)
 _TOKEN_PATHS = ("/oauth/token/", "/oauth/token")
-
-
-def _error(status: int, code: str, description: str) -> web.Response:
-    return json_answer({"error": code, "error_description": description}, status)
-
-
-def _scripted_response(answer: ScriptedAnswer) -> web.Response:
-    if answer.body is not None:
-        return json_answer(answer.body, answer.status)
-    if answer.status >= 500:
-        return server_error(answer.status)
-    return _error(answer.status, _SCRIPTED_CODES.get(answer.status, "ERROR_CORE"), "Scripted")
-
-
-async def _params(request: web.Request) -> dict[str, Any]:
-    """Query string merged with the body (JSON or urlencoded with PHP-style keys)."""
-    try:
-        params = parse_nested_pairs(request.query.items())
-        raw = await request.read()
-        if not raw.strip():
-            return params
-        if request.content_type == "application/x-www-form-urlencoded":
-            body: Any = parse_nested_pairs(parse_qsl(raw.decode(), keep_blank_values=True))
-        else:
-            body = orjson.loads(raw)
-    except (BadInput, UnicodeDecodeError, orjson.JSONDecodeError):
-        raise BitrixFault("INVALID_REQUEST", "The request body cannot be parsed") from None
-    if not isinstance(body, dict):
-        raise BitrixFault("INVALID_REQUEST", "The request body must be an object")
-    return params | body
 
 
 async def start_bitrix_simulator(

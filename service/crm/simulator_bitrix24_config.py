@@ -7,7 +7,7 @@ from typing import Any
 
 from service.crm.simulator_bitrix24_limits import CommandFault
 from service.crm.simulator_bitrix24_oauth import BitrixOAuthConfig
-from service.crm.simulator_common import ScriptedAnswer
+from service.crm.simulator_common import ScriptedAnswer, check_fault_value
 
 __all__ = ["BitrixSimulatorConfig", "parse_faults"]
 
@@ -66,7 +66,7 @@ def parse_faults(
     if costs is not None and not _costs_ok(costs):
         raise ValueError("method_costs: expected an object of non-negative numbers")
     for key, value in changes.items():
-        _check_fault_value(key, value)
+        check_fault_value(_FAULT_FIELDS, key, value)
     if costs is not None:
         changes["method_costs"] = dict(costs)
     return changes, answers, commands
@@ -84,15 +84,3 @@ def _costs_ok(costs: Any) -> bool:
     return isinstance(costs, dict) and all(
         isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in costs.values()
     )
-
-
-def _check_fault_value(key: str, value: Any) -> None:
-    wanted = _FAULT_FIELDS.get(key)
-    if wanted is None:
-        raise ValueError(f"{key}: not a setting /_sim/faults can change")
-    # JSON has one number type (1 is a fine float) and bool is an int to Python, not to JSON
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if not numeric or (wanted is int and not isinstance(value, int)):
-        raise ValueError(f"{key}: expected {wanted.__name__}")
-    if value < 0:
-        raise ValueError(f"{key}: must not be negative")

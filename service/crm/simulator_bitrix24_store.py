@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from service.crm.simulator_bitrix24_entities import (
@@ -45,6 +46,9 @@ class BitrixStore:
         self.deals: dict[int, Deal] = {}
         self.comments: dict[int, Comment] = {}
         self._next = dict(_FIRST_IDS)
+        # (kind, value) → identity: values never change, and findbycomm compares every
+        # contact's values on every call (a phone's digits cost ~1 µs each in Python)
+        self._identities: dict[tuple[str, str], str] = {}
 
     def clear(self) -> None:
         self.contacts.clear()
@@ -71,8 +75,17 @@ class BitrixStore:
         if str(params.get("entity_type") or "CONTACT").upper() != "CONTACT":
             return []  # the simulated portal keeps contacts only
         wanted = {identity(kind, str(v)) for v in values if str(v).strip()}
-        ids = [c.id for c in self.contacts.values() if wanted & _comm_ids(c, kind)]
+        ids = [c.id for c in self.contacts.values() if not wanted.isdisjoint(self._ids(c, kind))]
         return {"CONTACT": ids} if ids else []
+
+    def _ids(self, contact: Contact, kind: str) -> Iterator[str]:
+        """The identities of a contact's phones or e-mails (`identity`, memoised)."""
+        for item in contact.comms.get(kind, ()):
+            key = (kind, item["VALUE"])
+            found = self._identities.get(key)
+            if found is None:
+                found = self._identities[key] = identity(kind, item["VALUE"])
+            yield found
 
     def contact_get(self, params: dict[str, Any]) -> dict[str, Any]:
         return self._contact(params.get("id")).to_json()
@@ -82,7 +95,8 @@ class BitrixStore:
 
     def deal_list(self, params: dict[str, Any]) -> Page:
         """`crm.deal.list`: one page of filtered rows, the total, and the next page's start."""
-        deals = [d for d in self.deals.values() if _passes(d, _filters(params.get("filter")))]
+        filters = _filters(params.get("filter"))
+        deals = [d for d in self.deals.values() if _passes(d, filters)]
         order = params.get("order") or {}
         descending = isinstance(order, dict) and str(order.get("ID", "")).upper() == "DESC"
         deals.sort(key=lambda d: d.id, reverse=descending)
@@ -269,10 +283,6 @@ def _rest(fields: dict[str, Any]) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in fields.items() if k not in skip}
 
 
-def _comm_ids(contact: Contact, kind: str) -> set[str]:
-    return {identity(kind, v["VALUE"]) for v in contact.comms.get(kind, [])}
-
-
 def _as_id(value: Any, name: str, allow_zero: bool = False) -> int:
     """A non-negative integer from JSON or a query string; anything else is the caller's fault."""
     if isinstance(value, bool):
@@ -322,12 +332,28 @@ def _filters(raw: Any) -> list[tuple[str, str, set[str]]]:
 
 
 def _passes(deal: Deal, filters: list[tuple[str, str, set[str]]]) -> bool:
-    row = deal.to_json()
     for op, name, wanted in filters:
-        have = {str(c) for c in deal.contact_ids} if name == "CONTACT_ID" else {str(row[name])}
+        if name == "CONTACT_ID":
+            have = {str(c) for c in deal.contact_ids}
+        else:
+            have = {_filter_value(deal, name)}
         if bool(have & wanted) == (op == "!"):
             return False
     return True
+
+
+def _filter_value(deal: Deal, name: str) -> str:
+    """`str(deal.to_json()[name])`, without rendering the whole deal for the usual fields
+    (crm.deal.list filters every deal on every call)."""
+    if name == "CLOSED":
+        return "N" if deal.is_open else "Y"
+    if name == "ID":
+        return str(deal.id)
+    if name == "CATEGORY_ID":
+        return str(deal.category_id)
+    if name == "STAGE_ID":
+        return deal.stage_id
+    return str(deal.to_json()[name])
 
 
 def _selected(row: dict[str, Any], select: list[Any]) -> dict[str, Any]:

@@ -10,10 +10,10 @@ import asyncio
 import fnmatch
 import random
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -22,9 +22,12 @@ __all__ = [
     "Blocker",
     "Faults",
     "LogEntry",
+    "RandomFaultRates",
     "RequestLog",
     "ScriptedAnswer",
     "SlidingWindowLimit",
+    "Storm",
+    "check_fault_value",
     "drop_connection",
     "json_answer",
     "max_in_window",
@@ -242,21 +245,90 @@ class ScriptedAnswer:
 
 
 @dataclass
+class Storm:
+    """A timed rate-limit storm: until `until` (the simulator's clock) every gated request is
+    refused as over the limit, whatever the client sent.
+
+    It is the CRM's doing (another integration on the account, a busy portal), scripted by a
+    test, so its refusals are counted here and never as violations of the client's.
+    """
+
+    until: float = float("-inf")
+    refused: int = 0
+
+    def start(self, now: float, seconds: float) -> None:
+        """Refuse everything from `now` for `seconds` (extending a storm already under way)."""
+        self.until = max(self.until, now + seconds)
+
+    def stop(self) -> None:
+        self.until = float("-inf")
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+    def refuse(self, now: float) -> bool:
+        """True (and counted) if a request arriving at `now` falls into the storm."""
+        if not self.active(now):
+            return False
+        self.refused += 1
+        return True
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {"active": self.active(now), "refused": self.refused}
+
+
+class RandomFaultRates(Protocol):
+    """The random-fault settings every simulator's config carries."""
+
+    latency_s: float
+    error_rate: float
+    timeout_rate: float
+    hang_s: float
+    reset_rate: float
+
+
+_Answer = TypeVar("_Answer", bound=web.StreamResponse)
+
+
+@dataclass
 class Faults:
     """Random and scripted misbehaviour, reproducible through `seed`."""
 
     seed: int | None = None
     scripted: list[ScriptedAnswer] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    storm: Storm = field(default_factory=Storm)
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.seed)
 
     def reset(self, seed: int | None) -> None:
-        """Forget scripted answers and restart the random sequence from `seed`."""
+        """Forget scripted answers and any storm; restart the random sequence from `seed`."""
         self.seed = seed
         self.scripted.clear()
+        self.storm = Storm()
         self.random = random.Random(seed)
+
+    async def around_work(
+        self,
+        request: web.Request,
+        rates: RandomFaultRates,
+        work: Callable[[], Awaitable[_Answer]],
+    ) -> _Answer | web.Response | None:
+        """Run `work` the way a flaky CRM does: a 5xx *instead of* it (`error_rate`), else after
+        `latency_s`; once it is done, a hang of `hang_s` (`timeout_rate`) or a dropped connection
+        (`reset_rate`, answered None). The last two are what makes duplicates: the write landed,
+        the client cannot know."""
+        if self.roll(rates.error_rate):
+            return self.server_error()
+        await self.sleep(rates.latency_s)
+        response = await work()
+        if self.roll(rates.timeout_rate):
+            await self.sleep(rates.hang_s)
+        if self.roll(rates.reset_rate):
+            drop_connection(request)
+            return None
+        return response
 
     def take_scripted(self, method: str, path: str) -> ScriptedAnswer | None:
         """Consume the first scripted answer that matches, in the order they were added."""
@@ -283,3 +355,21 @@ class Faults:
             await asyncio.wait_for(self.stopping.wait(), seconds)
         except TimeoutError:
             pass
+
+
+def check_fault_value(fields: dict[str, type], key: str, value: Any) -> None:
+    """Check one `POST /_sim/faults` setting against `fields` (name → the JSON type it takes);
+    ValueError says what is wrong."""
+    wanted = fields.get(key)
+    if wanted is None:
+        raise ValueError(f"{key}: not a setting /_sim/faults can change")
+    if wanted is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false")
+        return
+    # JSON has one number type (1 is a fine float) and bool is an int to Python, not to JSON
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if not numeric or (wanted is int and not isinstance(value, int)):
+        raise ValueError(f"{key}: expected {wanted.__name__}")
+    if value < 0:
+        raise ValueError(f"{key}: must not be negative")

@@ -7,6 +7,7 @@ The duplicate tests of test_delivery.py are imported here and run again with thi
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -151,3 +152,24 @@ async def test_bucket_is_never_overflowed_at_the_portal_rate(
     assert report["violations"] == 0
     assert report["answers_by_status"].get("503", 0) == 0
     no_duplicates(report)
+
+
+async def test_one_refused_batch_pauses_everyone_once(
+    service_factory: ServiceFactory,
+    simulator: tuple[BitrixSimulator, str],
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QUERY_LIMIT_EXCEEDED on a batch carrying 50 deliveries is one refusal: one pause of the
+    base length (CRM_PAUSE_BASE_S, 0.2 s here), not fifty pauses doubling up to the longest."""
+    sim = simulator[0]
+    limited = {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}
+    sim.fail_next("POST", "*/batch.json", 503, body=limited)
+    with caplog.at_level(logging.WARNING, logger="service.limits"):
+        await queue_then_drain(service_factory, [person(i) for i in range(50)])
+        await wait_for(lambda: all_delivered(db, 50))
+    pauses = [r.seconds for r in caplog.records if getattr(r, "action", "") == "crm_pause"]
+    assert pauses == [0.2], pauses
+    assert sim.report()["answers_by_status"]["503"] == 1
+    # one attempt each, the delivery itself: the pause is not counted
+    assert await db.fetchval("SELECT max(attempts) FROM jobs") == 1
