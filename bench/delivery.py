@@ -1,13 +1,19 @@
 """Delivery benchmark: drain a backlog against a CRM simulator at its real limit.
 
     .venv/bin/python -m bench.delivery --crm amocrm --submissions 300 --people 240
-    .venv/bin/python -m bench.delivery --crm amocrm --trust-duplicates
+    .venv/bin/python -m bench.delivery --crm amocrm --dedup search --identities both
+    .venv/bin/python -m bench.delivery --crm amocrm --dedup trust
     .venv/bin/python -m bench.delivery --crm bitrix24
 
 Queues N submissions for M people (so N - M are returning people) with the worker off, then
-starts a worker-only service and drains the backlog. Prints CRM requests per delivered lead,
-sustained request rate ÷ limit, 429 count, duplicates and wall time. Loopback only; bounded by
---timeout.
+starts a worker-only service and drains the backlog. People give a phone and an email
+(`--identities both`) or half of them a phone only (`mix`). amoCRM: `--dedup` is AMOCRM_DEDUP
+(index, search, trust); `--crm-contacts K` gives the account K contacts of other people first
+(made by hand, so not counted), which the index has to read before it can answer (a cold
+start), unless `--warm` has it read them before the clock starts. Prints CRM
+requests per new lead (with N = M every lead is new) and per delivered submission, how amoCRM's
+contacts were read (search / list / get), sustained request rate ÷ limit, 429 count, duplicates
+and wall time. Loopback only; bounded by --timeout.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import asyncpg
 from aiohttp import web
 
 from service.app import Roles, create_app
-from service.database import EmbeddedPostgres, migrate
+from service.crm.amocrm_api import AmoCrmApi, StaticToken
+from service.crm.amocrm_index import ContactIndex
+from service.database import EmbeddedPostgres, create_pool, migrate
+from service.limits import RateGate
 from service.settings import RetryPolicy, Settings
 
 
@@ -55,6 +64,43 @@ async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str
     return sim, runner, url, {"crm": "bitrix24", "bitrix24_webhook_url": hook}
 
 
+def seed_contacts(sim: Any, n: int) -> None:
+    """Contacts of other people, changed one second apart over the last days, as an account
+    that has been in use has them."""
+    start = int(time.time()) - n
+    for first in range(0, n, 10_000):  # the control API takes 10,000 at a time
+        sim.seed_contacts(
+            [
+                {
+                    "first_name": f"Client {k}",
+                    "updated_at": start + k,
+                    "custom_fields_values": [
+                        {"field_code": "PHONE", "values": [{"value": f"8 (702) {k:07d}"}]},
+                        {"field_code": "EMAIL", "values": [{"value": f"client{k}@example.com"}]},
+                    ],
+                }
+                for k in range(first, min(n, first + 10_000))
+            ]
+        )
+
+
+async def warm_index(sim: Any, url: str, dsn: str, rate: float) -> None:
+    """Sync the contact index to the end before the measured run, as a running relay has it;
+    the simulator's counters start again afterwards."""
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = AmoCrmApi(http, url, StaticToken(sim.config.access_token), RateGate(rate))
+            index = ContactIndex(api, pool)
+            for _ in range(10_000):  # bounded: 250 contacts a page
+                if await index.refresh(budget=100):
+                    break
+    finally:
+        await pool.close()
+    sim.log.clear()
+    sim.api.contact_reads.clear()
+
+
 async def serve(settings: Settings, roles: Roles) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(create_app(settings, roles), handle_signals=False)
     await runner.setup()
@@ -63,14 +109,14 @@ async def serve(settings: Settings, roles: Roles) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-async def queue_backlog(url: str, submissions: int, people: int) -> None:
+async def queue_backlog(url: str, submissions: int, people: int, identities: str) -> None:
     sem = asyncio.Semaphore(32)
     async with aiohttp.ClientSession() as http:
 
         async def one(n: int) -> None:
             i = n % people
             body = {"name": f"Person {i}", "phone": f"+7701{i:07d}", "comment": f"visit {n}"}
-            if i % 2:
+            if identities == "both" or i % 2:
                 body["email"] = f"p{i}@example.kz"
             async with sem, http.post(f"{url}/api/v1/forms/bench", json=body) as r:
                 answer = await r.json()
@@ -100,6 +146,10 @@ def summarise(sim: Any, args: argparse.Namespace, limit: float, wall: float) -> 
     new_people = args.people
     return {
         "crm": args.crm,
+        "dedup": args.dedup if args.crm == "amocrm" else None,
+        "crm_contacts_before": args.crm_contacts,
+        "index_warm": args.warm,
+        "identities": args.identities,
         "submissions": args.submissions,
         "people": args.people,
         "returning_submissions": args.submissions - args.people,
@@ -107,6 +157,7 @@ def summarise(sim: Any, args: argparse.Namespace, limit: float, wall: float) -> 
         "requests_per_delivered_submission": round(len(times) / args.submissions, 3),
         "requests_per_new_lead": round(len(times) / new_people, 3),
         "requests_by_endpoint": report.get("requests_by_endpoint"),
+        "contact_reads": report.get("contact_reads"),
         "rate_limit": limit,
         # n requests span n - 1 intervals
         "sustained_rate": round((len(times) - 1) / span, 3) if span else None,
@@ -128,17 +179,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await migrate(conn)
         await conn.close()
         limit = args.rate or (7 if args.crm == "amocrm" else 2)
-        sim, sim_runner, _, crm = await start_simulator(args.crm, limit)
+        sim, sim_runner, sim_url, crm = await start_simulator(args.crm, limit)
         runners.append(sim_runner)
+        if args.crm_contacts:
+            seed_contacts(sim, args.crm_contacts)
+        if args.warm:
+            await warm_index(sim, sim_url, dsn, float(limit))
         settings = dataclasses.replace(
             Settings(database_url=dsn, data_dir=root / "var", crm_rate_limit=float(limit)),
-            amocrm_trust_duplicates=args.trust_duplicates,
+            amocrm_dedup=args.dedup,
             retry=RetryPolicy(base_s=0.5, max_s=5),
             **crm,
         )
         intake, url = await serve(settings, Roles(worker=False))
         runners.append(intake)
-        await queue_backlog(url, args.submissions, args.people)
+        await queue_backlog(url, args.submissions, args.people, args.identities)
         t0 = time.monotonic()
         worker, _ = await serve(settings, Roles(http=False))
         runners.append(worker)
@@ -157,9 +212,15 @@ def cli() -> None:
     p.add_argument("--submissions", type=int, default=300)
     p.add_argument("--people", type=int, default=240)
     p.add_argument("--rate", type=int, default=0, help="simulator limit = our CRM_RATE_LIMIT")
-    p.add_argument("--trust-duplicates", action="store_true", help="AMOCRM_TRUST_DUPLICATE_CONTROL")
+    p.add_argument("--dedup", choices=["index", "search", "trust"], default="index")
+    p.add_argument("--trust-duplicates", action="store_true", help="the same as --dedup trust")
+    p.add_argument("--identities", choices=["both", "mix"], default="mix")
+    p.add_argument("--crm-contacts", type=int, default=0, help="amoCRM: contacts already there")
+    p.add_argument("--warm", action="store_true", help="amoCRM: index synced before the run")
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
+    if args.trust_duplicates:
+        args.dedup = "trust"
     result = asyncio.run(main(args))
     width = max(map(len, result))
     for key, value in result.items():

@@ -158,7 +158,7 @@ async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
         else:
             base_url, tokens = await _crm_endpoint(app, settings, session, gate, stack)
             api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=settings.crm_timeout_s)
-            app[ADAPTER] = AmoCrmAdapter(api, settings)
+            app[ADAPTER] = AmoCrmAdapter(api, settings, app[STORE].pool)
         yield
 
 

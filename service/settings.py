@@ -18,6 +18,7 @@ from service.errors import SettingsError
 T = TypeVar("T")
 
 CRM_KINDS = ("amocrm", "bitrix24", "simulator")
+AMOCRM_DEDUP_MODES = ("index", "search", "trust")
 DEFAULT_RATES = {"amocrm": 6.0, "bitrix24": 2.0, "simulator": 6.0}
 BITRIX24_OAUTH_URL = "https://oauth.bitrix.info/oauth/token/"
 
@@ -131,10 +132,11 @@ class Settings:
     pause_base_s: float = 1.0
     pause_max_s: float = 60.0
     db_write_timeout_s: float = 2.0
-    # skip the per-person CRM search for new people and let the account's own duplicate control
-    # merge contacts (fewer requests; a crash between create and commit can then leave a second
-    # lead for the person)
-    amocrm_trust_duplicates: bool = False
+    # how the amoCRM adapter finds out whether a new person is already a contact: "index" (a
+    # local index of the CRM's contacts, synced incrementally), "search" (one CRM search per
+    # phone/email) or "trust" (no lookup: the account's own duplicate control merges contacts;
+    # a crash between create and commit can then leave a second lead for the person)
+    amocrm_dedup: str = "index"
     default_pipeline_id: int | None = None
     default_status_id: int | None = None
     forms: Mapping[str, FormRule] = field(default_factory=dict)
@@ -219,13 +221,26 @@ class Settings:
             circuit_cooldown_s=r.number("CIRCUIT_COOLDOWN_S", float, 60.0, 0.1, 86400),
             pause_base_s=r.number("CRM_PAUSE_BASE_S", float, 1.0, 0.01, 3600),
             pause_max_s=r.number("CRM_PAUSE_MAX_S", float, 60.0, 0.01, 86400),
-            amocrm_trust_duplicates=r.flag("AMOCRM_TRUST_DUPLICATE_CONTROL"),
+            amocrm_dedup=_amocrm_dedup(r),
             default_pipeline_id=r.number("AMOCRM_PIPELINE_ID", int, 0, 0, 2**62) or None,
             default_status_id=r.number("AMOCRM_STATUS_ID", int, 0, 0, 2**62) or None,
         )
         s = _check_crm(s)
         path = r.text("CRM_RELAY_CONFIG")
         return load_config(s, Path(path)) if path else s
+
+
+def _amocrm_dedup(r: _Reader) -> str:
+    """`AMOCRM_DEDUP`; `AMOCRM_TRUST_DUPLICATE_CONTROL=true` is the older name for `trust`."""
+    mode = r.choice("AMOCRM_DEDUP", AMOCRM_DEDUP_MODES, None)
+    if not r.flag("AMOCRM_TRUST_DUPLICATE_CONTROL"):
+        return mode or "index"
+    if mode not in (None, "trust"):
+        raise SettingsError(
+            "AMOCRM_TRUST_DUPLICATE_CONTROL",
+            f"unset or false with AMOCRM_DEDUP={mode} (true means AMOCRM_DEDUP=trust)",
+        )
+    return "trust"
 
 
 def _guess_crm(env: Mapping[str, str]) -> str:

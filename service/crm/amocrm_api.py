@@ -14,11 +14,46 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from service.crm.amocrm_parse import (
+    CLOSED_STATUSES,
+    AmoContact,
+    AmoLead,
+    ComplexResult,
+    ContactPage,
+    as_int,
+    contact_fields,
+    dicts,
+    digits,
+    embedded_list,
+    ids,
+    in_request_order,
+    parse_complex,
+    parse_contact,
+    parse_contact_page,
+    parse_lead,
+)
 from service.crm.http import Gate, retry_after_seconds, send_json
 from service.errors import CrmBlocked, CrmPermanent, CrmRateLimited, CrmRetryable, CrmUnauthorized
 
-CLOSED_STATUSES = frozenset({142, 143})  # won, lost: the same ids in every amoCRM pipeline
+__all__ = [  # what callers import from here, parsed types included
+    "CLOSED_STATUSES",
+    "LIST_LIMIT",
+    "MAX_BATCH",
+    "AmoContact",
+    "AmoCrmApi",
+    "AmoLead",
+    "ComplexResult",
+    "ContactPage",
+    "StaticToken",
+    "TokenPair",
+    "TokenSource",
+    "contact_fields",
+    "digits",
+    "exchange_refresh_token",
+]
+
 MAX_BATCH = 50  # amoCRM's limit for leads/complex, and its advice for every other batch
+LIST_LIMIT = 250  # the most contacts one list page may hold
 _PERMANENT = frozenset({400, 404, 405, 409, 422})
 _MESSAGE_LIMIT = 500
 _DEFAULT_TOKEN_LIFETIME_S = 86400.0  # what amoCRM documents for `expires_in`
@@ -117,42 +152,6 @@ def _parse_token_pair(body: Any) -> TokenPair:
     return TokenPair(access, refresh, time.time() + float(lifetime))
 
 
-@dataclass(frozen=True)
-class AmoContact:
-    """A contact as found by search, with the phones, e-mails and leads amoCRM returned."""
-
-    id: int
-    name: str | None
-    phones: tuple[str, ...]
-    emails: tuple[str, ...]
-    lead_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class AmoLead:
-    """A lead's position in the funnel and its linked contacts."""
-
-    id: int
-    pipeline_id: int
-    status_id: int
-    contact_ids: tuple[int, ...]
-
-    @property
-    def is_open(self) -> bool:
-        """True unless the lead is won (142) or lost (143)."""
-        return self.status_id not in CLOSED_STATUSES
-
-
-@dataclass(frozen=True)
-class ComplexResult:
-    """What `leads/complex` made of one requested lead."""
-
-    lead_id: int
-    contact_id: int | None
-    merged: bool  # amoCRM's duplicate control merged the contact into an existing one
-    request_id: str | None
-
-
 class AmoCrmApi:
     """amoCRM API v4 client: one method per endpoint the relay uses."""
 
@@ -171,13 +170,50 @@ class AmoCrmApi:
         self._gate = gate
         self._timeout_s = timeout_s
 
+    @property
+    def base_url(self) -> str:
+        """The account's API root, e.g. `https://example.amocrm.ru`."""
+        return self._base
+
     async def search_contacts(self, query: str) -> list[AmoContact]:
         """Contacts matching a phone or e-mail (fuzzy: re-check the fields); none → []."""
         body = await self._call("GET", "/api/v4/contacts", params={"query": query, "with": "leads"})
         if body is None:
             return []
-        contacts = (_parse_contact(item) for item in _embedded_list(body, "contacts", strict=True))
+        contacts = (parse_contact(item) for item in embedded_list(body, "contacts", strict=True))
         return [contact for contact in contacts if contact is not None]
+
+    async def list_contacts(
+        self, updated_from: int, page: int = 1, limit: int = LIST_LIMIT
+    ) -> ContactPage:
+        """Contacts updated at or after `updated_from` (unix seconds), oldest change first.
+
+        One page of `limit` (at most 250); none → an empty page (amoCRM answers 204).
+        """
+        if not 1 <= limit <= LIST_LIMIT or page < 1:
+            raise ValueError(f"limit must be 1..{LIST_LIMIT} and page at least 1")
+        params = {
+            "filter[updated_at][from]": str(max(0, int(updated_from))),
+            "order[updated_at]": "asc",
+            "limit": str(limit),
+            "page": str(page),
+        }
+        return parse_contact_page(await self._call("GET", "/api/v4/contacts", params=params))
+
+    async def get_contact(self, contact_id: int) -> AmoContact | None:
+        """One contact with its leads; None when amoCRM does not have it (404, or 204)."""
+        body = await self._call(
+            "GET",
+            f"/api/v4/contacts/{int(contact_id)}",
+            params={"with": "leads"},
+            none_on_404=True,
+        )
+        if body is None:
+            return None
+        contact = parse_contact(body)
+        if contact is None:
+            raise CrmRetryable(f"amoCRM answered contact {contact_id} without an id")
+        return contact
 
     async def get_lead(self, lead_id: int) -> AmoLead | None:
         """One lead with its contacts; None when amoCRM does not know it (404)."""
@@ -186,7 +222,7 @@ class AmoCrmApi:
         )
         if body is None:
             return None
-        lead = _parse_lead(body)
+        lead = parse_lead(body)
         if lead is None:
             raise CrmRetryable(f"amoCRM answered lead {lead_id} without id/pipeline_id/status_id")
         return lead
@@ -201,7 +237,7 @@ class AmoCrmApi:
             raise CrmRetryable(
                 f"amoCRM answered leads/complex for {len(leads)} leads with an unexpected body"
             )
-        return _in_request_order(leads, [_parse_complex(item) for item in body])
+        return in_request_order(leads, [parse_complex(item) for item in body])
 
     async def create_leads(self, leads: Sequence[Mapping[str, Any]]) -> list[int]:
         """Create leads (link contacts via `_embedded.contacts[{id}]`); their ids in order."""
@@ -209,10 +245,10 @@ class AmoCrmApi:
         if not leads:
             return []
         body = await self._call("POST", "/api/v4/leads", json_body=list(leads))
-        ids = [_as_int(item.get("id")) for item in _embedded_list(body, "leads", strict=True)]
-        if len(ids) != len(leads) or None in ids:
+        found = [as_int(item.get("id")) for item in embedded_list(body, "leads", strict=True)]
+        if len(found) != len(leads) or None in found:
             raise CrmRetryable(f"amoCRM answered {len(leads)} created leads with unexpected ids")
-        return [lead_id for lead_id in ids if lead_id is not None]
+        return [lead_id for lead_id in found if lead_id is not None]
 
     async def update_leads(self, patches: Sequence[Mapping[str, Any]]) -> None:
         """Patch leads; every patch carries the lead's `id`."""
@@ -232,15 +268,15 @@ class AmoCrmApi:
         """Every pipeline id with the ids of its statuses."""
         body = await self._call("GET", "/api/v4/leads/pipelines")
         result: dict[int, set[int]] = {}
-        for pipeline in _embedded_list(body, "pipelines", strict=True):
-            pipeline_id = _as_int(pipeline.get("id"))
+        for pipeline in embedded_list(body, "pipelines", strict=True):
+            pipeline_id = as_int(pipeline.get("id"))
             if pipeline_id is not None:
-                result[pipeline_id] = set(_ids(_embedded_list(pipeline, "statuses")))
+                result[pipeline_id] = set(ids(embedded_list(pipeline, "statuses")))
         return result
 
     async def _patch(self, path: str, patches: Sequence[Mapping[str, Any]]) -> None:
         _check_batch(patches)
-        if any(_as_int(patch.get("id")) is None for patch in patches):
+        if any(as_int(patch.get("id")) is None for patch in patches):
             raise ValueError("every patch needs an integer 'id'")
         if patches:
             await self._call("PATCH", path, json_body=list(patches))
@@ -305,8 +341,8 @@ def _problem_summary(body: Any) -> str:
     """`path: detail` pairs from application/problem+json, else its title/detail/hint."""
     pairs: list[str] = []
     if isinstance(body, dict):
-        for item in _dicts(body.get("validation-errors")):
-            for error in _dicts(item.get("errors")):
+        for item in dicts(body.get("validation-errors")):
+            for error in dicts(item.get("errors")):
                 pairs.append(f"{error.get('path', '?')}: {error.get('detail', error.get('code'))}")
         if not pairs:
             pairs = [str(body[key]) for key in ("title", "detail", "hint") if body.get(key)]
@@ -323,115 +359,3 @@ def _clip(message: str) -> str:
 def _check_batch(items: Sequence[Mapping[str, Any]]) -> None:
     if len(items) > MAX_BATCH:
         raise ValueError(f"at most {MAX_BATCH} items per amoCRM request, got {len(items)}")
-
-
-def _in_request_order(
-    leads: Sequence[Mapping[str, Any]], results: list[ComplexResult]
-) -> list[ComplexResult]:
-    # amoCRM answers in request order; when the caller tagged every lead with a distinct
-    # request_id and the answer echoes them all, match on those instead of trusting position.
-    wanted = [lead.get("request_id") for lead in leads]
-    by_id = {result.request_id: result for result in results}
-    if len(set(wanted)) == len(wanted) and all(isinstance(w, str) and w in by_id for w in wanted):
-        return [by_id[w] for w in wanted]
-    return results
-
-
-def _parse_complex(item: Any) -> ComplexResult:
-    lead_id = _as_int(item.get("id")) if isinstance(item, dict) else None
-    if lead_id is None:
-        raise CrmRetryable("amoCRM answered leads/complex with a result that has no lead id")
-    request_id = item.get("request_id")
-    if isinstance(request_id, list):  # documented as a list with one element
-        request_id = request_id[0] if request_id else None
-    return ComplexResult(
-        lead_id=lead_id,
-        contact_id=_as_int(item.get("contact_id")),
-        merged=item.get("merged") is True,
-        request_id=None if request_id is None else str(request_id),
-    )
-
-
-def _parse_contact(item: dict[str, Any]) -> AmoContact | None:
-    contact_id = _as_int(item.get("id"))
-    if contact_id is None:
-        return None
-    name = item.get("name")
-    fields = item.get("custom_fields_values")
-    return AmoContact(
-        id=contact_id,
-        name=name if isinstance(name, str) and name else None,
-        phones=_field_values(fields, "PHONE"),
-        emails=_field_values(fields, "EMAIL"),
-        lead_ids=tuple(_ids(_embedded_list(item, "leads"))),
-    )
-
-
-def _parse_lead(body: Any) -> AmoLead | None:
-    if not isinstance(body, dict):
-        return None
-    lead_id, pipeline_id, status_id = (
-        _as_int(body.get(key)) for key in ("id", "pipeline_id", "status_id")
-    )
-    if lead_id is None or pipeline_id is None or status_id is None:
-        return None
-    contact_ids = tuple(_ids(_embedded_list(body, "contacts")))
-    return AmoLead(lead_id, pipeline_id, status_id, contact_ids)
-
-
-def _field_values(custom_fields: Any, code: str) -> tuple[str, ...]:
-    """Non-empty values of the field with `field_code == code`; anything malformed is skipped."""
-    found: list[str] = []
-    for custom_field in _dicts(custom_fields):
-        if custom_field.get("field_code") != code:
-            continue
-        for entry in _dicts(custom_field.get("values")):
-            value = entry.get("value")
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)  # a phone stored as a number is still a phone
-            if isinstance(value, str) and value.strip():
-                found.append(value.strip())
-    return tuple(found)
-
-
-def _embedded_list(body: Any, key: str, *, strict: bool = False) -> list[dict[str, Any]]:
-    """`body["_embedded"][key]` as a list of dicts; `strict` makes a missing envelope an error."""
-    embedded = body.get("_embedded") if isinstance(body, dict) else None
-    items = embedded.get(key) if isinstance(embedded, dict) else None
-    if not isinstance(items, list):
-        if strict:
-            raise CrmRetryable(f"amoCRM answered without _embedded.{key}")
-        return []
-    return _dicts(items)
-
-
-def _dicts(value: Any) -> list[dict[str, Any]]:
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
-
-
-def _ids(items: list[dict[str, Any]]) -> list[int]:
-    return [i for i in (_as_int(item.get("id")) for item in items) if i is not None]
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
-
-
-def contact_fields(phone: str | None, email: str | None) -> list[dict[str, Any]]:
-    """`custom_fields_values` for a contact's work phone and e-mail (empty ones left out)."""
-    fields: list[dict[str, Any]] = []
-    for code, value in (("PHONE", phone), ("EMAIL", email)):
-        if value:
-            fields.append({"field_code": code, "values": [{"value": value, "enum_code": "WORK"}]})
-    return fields
-
-
-def digits(phone: str) -> str:
-    """Only the ASCII digits of a phone, for comparing numbers written differently."""
-    return "".join(ch for ch in phone if "0" <= ch <= "9")

@@ -122,6 +122,7 @@ class AmoCrmSimulator:
             "notes": [note.to_json() for note in self.store.notes.values()],
             "requests_total": len(self.log.entries),
             "requests_by_endpoint": self.log.by_endpoint(),
+            "contact_reads": dict(self.api.contact_reads),
             "answers_by_status": self.log.by_status(),
             "violations": self.blocker.violations,
             "max_in_any_second": self.log.max_in_any_second(),
@@ -142,11 +143,20 @@ class AmoCrmSimulator:
     def reset(self) -> None:
         """Forget data, tokens, traffic and scripted faults; keep config and pipelines."""
         self.store.clear()
+        self.api.contact_reads.clear()
         self.log.clear()
         self.window.clear()
         self.blocker.clear()
         self.faults.reset(self.config.seed)
         self.tokens.reset(self.config.refresh_token)
+
+    def seed_contacts(self, contacts: list[dict[str, Any]]) -> list[int]:
+        """Contacts made by a manager, not through the API: not counted, not limited."""
+        return [made["id"] for made in self.store.seed_contacts(contacts)]
+
+    def delete_contact(self, contact_id: int) -> bool:
+        """A manager deletes a contact; False if there is no such contact."""
+        return self.store.delete_contact(contact_id)
 
     def add_pipeline(self, pipeline_id: int, statuses: list[int], name: str = "") -> Pipeline:
         """Add a pipeline; its first status is where new leads land; 142/143 are added."""
@@ -242,6 +252,8 @@ class AmoCrmSimulator:
             web.post("/_sim/unblock", self._unblock),
             web.post("/_sim/reset", self._reset),
             web.post("/_sim/pipelines", self._pipelines),
+            web.post("/_sim/contacts", self._seed_contacts),
+            web.delete(r"/_sim/contacts/{id:\d+}", self._delete_contact),
         ]
 
     async def _state(self, request: web.Request) -> web.Response:
@@ -270,6 +282,19 @@ class AmoCrmSimulator:
     async def _reset(self, request: web.Request) -> web.Response:
         self.reset()
         return json_answer({"reset": True})
+
+    async def _seed_contacts(self, request: web.Request) -> web.Response:
+        """`POST /_sim/contacts`: a contact or an array of them, as a manager would make them."""
+        try:
+            made = self.store.seed_contacts(await read_json(request))
+        except ValidationFailed as exc:
+            return validation_problem(exc)
+        return json_answer({"_embedded": {"contacts": made}})
+
+    async def _delete_contact(self, request: web.Request) -> web.Response:
+        if not self.delete_contact(int(request.match_info["id"])):
+            return problem(404, "Contact not found")
+        return web.Response(status=204)
 
     async def _pipelines(self, request: web.Request) -> web.Response:
         try:

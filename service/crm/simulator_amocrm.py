@@ -7,6 +7,7 @@ here; `service.crm.simulator` wraps every route in them.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["AmoApi", "Tokens", "validation_problem"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LIST_LIMIT = 250  # amoCRM's most entities per page
+_ORDER_FIELDS = ("updated_at", "id")
 
 
 def validation_problem(exc: ValidationFailed) -> web.Response:
@@ -110,11 +113,13 @@ class AmoApi:
         self.tokens = tokens
         self._config = config
         self._clock = clock
+        # served contact reads by kind: "search" (?query=), "list" (no query), "get" (by id)
+        self.contact_reads: Counter[str] = Counter()
 
     def routes(self) -> list[web.RouteDef]:
         """Every endpoint, each turning `ValidationFailed` into amoCRM's 400."""
         table: list[tuple[str, str, Handler]] = [
-            ("GET", "/api/v4/contacts", self.search_contacts),
+            ("GET", "/api/v4/contacts", self.list_contacts),
             ("POST", "/api/v4/contacts", self.create_contacts),
             ("PATCH", "/api/v4/contacts", self.update_contacts),
             ("GET", r"/api/v4/contacts/{id:\d+}", self.get_contact),
@@ -136,21 +141,34 @@ class AmoApi:
             return False
         return self.tokens.valid(token.strip(), self._config(), self._clock())
 
-    async def search_contacts(self, request: web.Request) -> web.Response:
-        """Fuzzy search; nothing found is 204 with an empty body, as amoCRM answers it."""
-        found = self.store.search_contacts(request.query.get("query", ""))
-        limit = min(_int_param(request, "limit", 50), 250)
-        page = max(_int_param(request, "page", 1), 1)
-        found = found[(page - 1) * limit : page * limit]
-        if not found:
+    async def list_contacts(self, request: web.Request) -> web.Response:
+        """The contacts list: a fuzzy `query` search and/or `filter[updated_at][from|to]`,
+        `order[updated_at|id]=asc|desc`, `limit` (1..250), `page`; an empty page is 204 with an
+        empty body, as amoCRM answers it."""
+        query = request.query.get("query", "")
+        limit = _int_param(request, "limit", 50)
+        page = _int_param(request, "page", 1)
+        if not 1 <= limit <= LIST_LIMIT or page < 1:
+            detail = f"limit must be 1..{LIST_LIMIT} and page at least 1"
+            raise ValidationFailed.single("InvalidValue", "limit", detail)
+        since = _optional_int(request, "filter[updated_at][from]")
+        until = _optional_int(request, "filter[updated_at][to]")
+        found = self.store.list_contacts(query, since, until, _order(request))
+        self.contact_reads["search" if query.strip() else "list"] += 1
+        shown = found[(page - 1) * limit : page * limit]
+        if not shown:
             return web.Response(status=204)
         with_leads = "leads" in request.query.get("with", "").split(",")
         leads = self.store.lead_ids_by_contact() if with_leads else None
-        contacts = [c.to_json(leads.get(c.id, []) if leads is not None else None) for c in found]
-        return json_answer({"_page": page, "_embedded": {"contacts": contacts}})
+        contacts = [c.to_json(leads.get(c.id, []) if leads is not None else None) for c in shown]
+        links = {"self": {"href": str(request.url)}}
+        if len(found) > page * limit:
+            links["next"] = {"href": str(request.url.update_query(page=page + 1))}
+        return json_answer({"_page": page, "_links": links, "_embedded": {"contacts": contacts}})
 
     async def get_contact(self, request: web.Request) -> web.Response:
         contact = self.store.contacts.get(int(request.match_info["id"]))
+        self.contact_reads["get"] += 1
         if contact is None:
             return problem(404, "Contact not found")
         with_leads = "leads" in request.query.get("with", "").split(",")
@@ -229,3 +247,19 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
         return int(request.query.get(name, default))
     except ValueError:
         raise ValidationFailed.single("InvalidType", name, "Expected an integer") from None
+
+
+def _optional_int(request: web.Request, name: str) -> int | None:
+    return _int_param(request, name, 0) if name in request.query else None
+
+
+def _order(request: web.Request) -> tuple[str, str]:
+    """`order[<field>]=asc|desc` (one field: updated_at or id); by id, oldest first, if none."""
+    given = [(k[6:-1], v.lower()) for k, v in request.query.items() if k.startswith("order[")]
+    if not given:
+        return ("id", "asc")
+    (field, direction), *rest = given
+    if rest or field not in _ORDER_FIELDS or direction not in ("asc", "desc"):
+        detail = f"one order[updated_at|id]=asc|desc, got {given}"
+        raise ValidationFailed.single("InvalidValue", "order", detail)
+    return field, direction

@@ -33,6 +33,7 @@ from service.crm.simulator_entities import (
     identities,
     now,
 )
+from service.crm.simulator_search import ContactSearch
 
 __all__ = [
     "CLOSED_STATUSES",
@@ -64,10 +65,12 @@ class AmoStore:
         self.notes: dict[int, Note] = {}
         self._tags: dict[str, int] = {}
         self._next = dict(_FIRST_IDS)
+        self._search = ContactSearch()
 
     def clear(self) -> None:
         """Forget every entity; pipelines added by tests survive, as they are configuration."""
         self.contacts.clear()
+        self._search.clear()
         self.leads.clear()
         self.notes.clear()
         self._tags.clear()
@@ -98,7 +101,25 @@ class AmoStore:
         """amoCRM's deliberately loose search: callers must re-check what comes back."""
         if not query.strip():
             return list(self.contacts.values())
-        return [c for c in self.contacts.values() if _matches(c, query)]
+        ids = self._search.candidates(query)
+        pool = self.contacts.values() if ids is None else map(self.contacts.__getitem__, ids)
+        return sorted((c for c in pool if _matches(c, query)), key=lambda c: c.id)
+
+    def list_contacts(
+        self, query: str, since: int | None, until: int | None, order: tuple[str, str]
+    ) -> list[Contact]:
+        """`GET /api/v4/contacts`: the search's contacts (all without a query) changed within
+        [since, until], ordered by `order` = (field, direction)."""
+        found = self.search_contacts(query) if query.strip() else None
+        if order[0] == "updated_at" or since is not None or until is not None:
+            wanted = None if found is None else {c.id for c in found}
+            changed = self._search.changed(since or 0, until)
+            found = [self.contacts[i] for i in changed if wanted is None or i in wanted]
+            if order[0] == "id":
+                found.sort(key=lambda c: c.id)
+        elif found is None:
+            found = list(self.contacts.values())
+        return found[::-1] if order[1] == "desc" else found
 
     def duplicates(self) -> dict[str, list[dict[str, Any]]]:
         """What a relay must never produce: one person split over contacts, or twice in work."""
@@ -172,6 +193,7 @@ class AmoStore:
             contact_id = (existing or self._add_contact(contacts[0])).id
             if existing is not None:
                 self._merge_into(existing, contacts[0])
+                self._search.put(existing)
         lead = self._add_lead(item, [] if contact_id is None else [contact_id])
         return {
             "id": lead.id,
@@ -210,6 +232,7 @@ class AmoStore:
             copy.deepcopy(spec.get("custom_fields_values") or []),
         )
         self.contacts[contact.id] = contact
+        self._search.put(contact)
         return contact
 
     def _add_lead(self, item: dict[str, Any], contact_ids: list[int]) -> Lead:
@@ -273,6 +296,33 @@ class AmoStore:
         batch.raise_if_failed()
         return [{"id": self._add_contact(item).id, "request_id": rid} for rid, item in batch]
 
+    def seed_contacts(self, body: Any) -> list[dict[str, Any]]:
+        """Contacts a manager made by hand (the control API): phones written any way, and
+        `created_at`/`updated_at` (unix seconds) as given, for an account with a history."""
+        batch = Batch(body if isinstance(body, list) else [body], limit=10_000)
+        for rid, item in batch:
+            check_contact(batch, rid, item, "")
+            check_types(batch, rid, item, {"created_at": int, "updated_at": int})
+        batch.raise_if_failed()
+        made = []
+        for _rid, item in batch:
+            contact = self._add_contact(item)
+            contact.created_at = item.get("created_at") or contact.created_at
+            contact.updated_at = item.get("updated_at") or contact.updated_at
+            self._search.put(contact)
+            made.append({"id": contact.id, "updated_at": contact.updated_at})
+        return made
+
+    def delete_contact(self, contact_id: int) -> bool:
+        """A manager deletes a contact: it is gone, its leads stay without it."""
+        if self.contacts.pop(contact_id, None) is None:
+            return False
+        self._search.drop(contact_id)
+        for lead in self.leads.values():
+            if contact_id in lead.contact_ids:
+                lead.contact_ids.remove(contact_id)
+        return True
+
     def update_leads(self, body: Any) -> list[dict[str, Any]]:
         """`PATCH /api/v4/leads`: change name, price, pipeline/status, fields or tags."""
         batch = Batch(body, limit=250)
@@ -310,6 +360,7 @@ class AmoStore:
                 setattr(contact, attr, str(item[attr]))
         merge_fields(contact.fields, copy.deepcopy(item.get("custom_fields_values") or []))
         contact.updated_at = now()
+        self._search.put(contact)
         return {"id": contact.id, "updated_at": contact.updated_at}
 
     def add_notes(self, body: Any) -> list[dict[str, Any]]:

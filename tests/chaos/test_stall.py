@@ -2,7 +2,8 @@
 
 Slower than the write timeout (`db_write_timeout_s`, 2 s), a submission must be answered from the
 fsync'd spool in time, and when the lock goes the blocked transaction and the spool's copy must
-make one stored submission, delivered once.
+make one stored submission, delivered once. Run once per CRM kind (the `simulator` fixture of
+conftest.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import time
 
 import asyncpg
 
-from service.crm.simulator import AmoCrmSimulator
 from tests.chaos.conftest import chaos_plan
+from tests.chaos.crms import Simulator
 from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_resilience import no_duplicates, person
 
@@ -24,7 +25,7 @@ ANSWER_WITHIN_S = 2.0 + 1.5  # the write timeout, plus the spool's fsync on a bu
 
 async def test_stalled_database_answers_from_the_spool_and_stores_once(
     service_factory: ServiceFactory,
-    simulator: tuple[AmoCrmSimulator, str],
+    simulator: tuple[Simulator, str],
     db: asyncpg.Connection,
     db_dsn: str,
 ) -> None:
