@@ -111,6 +111,14 @@ class AdminStore:
         n: int = await self._run(lambda c: c.fetchval(self.q["dead_letter_count"]))
         return n
 
+    async def claim_alert(self, condition: str, kind: str, interval_s: float, by: str) -> bool:
+        """True when this process is the one to say `kind` of `condition` now: nobody in the
+        cluster said it within `interval_s` (sql/migrations/008_alert_claims.sql)."""
+        row = await self._run(
+            lambda c: c.fetchval(self.q["claim_alert"], condition, kind, interval_s, by)
+        )
+        return row is not None
+
     async def replay_one(self, job_id: int) -> bool:
         """Replay one dead letter, discarded or not (replaying it is the operator's decision)."""
         return bool(await self._replay(job_id, DeadFilter(), undiscard=True))

@@ -43,6 +43,9 @@ CHECK_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 10.0
 SEND_TRIES = 3
 QUEUE_SIZE = 100
+# facts about the CRM or the shared database, seen alike by every process: said once per
+# cluster (the spool and crash markers are this process's own and are said by it)
+CLUSTER_WIDE = frozenset({"dead_letters", "delivery_lag", "crm_blocked", "circuit_open"})
 # tells this process's markers from those of an earlier process that had the same pid
 PROCESS_TOKEN = uuid.uuid4().hex
 
@@ -302,9 +305,33 @@ async def watch(watcher: Watcher, throttle: Throttle, sender: Sender, every_s: f
 async def _check(watcher: Watcher, throttle: Throttle, sender: Sender, host: str) -> None:
     now = time.monotonic()
     for obs in await watcher.observe():
-        if (text := throttle.step(obs, now)) is not None:
-            log.warning(text, extra={"action": "alert", "condition": obs.key})
-            sender.offer(f"crm-relay@{host}: {text}")
+        if (text := throttle.step(obs, now)) is None:
+            continue
+        if not await _ours_to_say(watcher, throttle, obs, text, host):
+            log.info(
+                "alert already said by another process",
+                extra={"action": "alert_said_elsewhere", "condition": obs.key},
+            )
+            continue
+        log.warning(text, extra={"action": "alert", "condition": obs.key})
+        sender.offer(f"crm-relay@{host}: {text}")
+
+
+async def _ours_to_say(
+    watcher: Watcher, throttle: Throttle, obs: Observation, text: str, host: str
+) -> bool:
+    """Whether this process says it: always for its own conditions; for a cluster-wide one
+    only if no other process said it within the interval. Unsure (database away) → say it:
+    a repeated message is better than a lost one."""
+    if obs.key not in CLUSTER_WIDE or watcher.admin is None:
+        return True
+    kind = "firing" if obs.active else "resolved"
+    by = f"{host}:{os.getpid()}:{PROCESS_TOKEN[:8]}"
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            return await watcher.admin.claim_alert(obs.key, kind, throttle.interval_s, by)
+    except (StoreUnavailable, TimeoutError, OSError):
+        return True
 
 
 async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:

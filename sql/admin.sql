@@ -122,3 +122,10 @@ SELECT m.m AS minute,
        ) AS delivered
   FROM minutes m
  ORDER BY m.m;
+
+-- name: claim_alert
+INSERT INTO alert_claims AS a (condition, kind, sent_at, sent_by)
+VALUES ($1, $2, now(), $4)
+ON CONFLICT (condition, kind) DO UPDATE SET sent_at = now(), sent_by = EXCLUDED.sent_by
+ WHERE a.sent_at <= now() - make_interval(secs => $3)
+RETURNING a.sent_by;

@@ -137,6 +137,46 @@ async def test_dead_letters_circuit_and_spool_fire_once_and_resolve(
     assert all(m["text"].startswith("crm-relay@") for m in inbox.webhook)
 
 
+async def test_several_processes_say_a_cluster_wide_condition_once(
+    service_factory: ServiceFactory,
+    simulator: tuple[AmoCrmSimulator, str],
+    db: asyncpg.Connection,
+    inbox: Inbox,
+) -> None:
+    """Three processes on one database all see the dead letter and the open circuit; the
+    channel hears each once (and each "resolved" once), not three times."""
+    one_try = RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=1)
+    services = [await service_factory(retry=one_try, **inbox.settings()) for _ in range(3)]
+    simulator[0].config.error_rate = 1.0
+    await services[0].submit("course", {"name": "A", "phone": "+77015550411"})
+    await arrives(inbox, "1 dead letter(s) waiting")
+    for svc in services:
+        svc.app[GATE].open_circuit("CrmBlocked: amoCRM 403 account blocked", 60)
+    await arrives(inbox, "CRM blocked the account")
+    simulator[0].config.error_rate = 0.0
+    await db.execute("INSERT INTO discarded_jobs (job_id) SELECT id FROM jobs WHERE state='dead'")
+    for svc in services:
+        svc.app[GATE].close_circuit()
+    await arrives(inbox, "resolved: no dead letters left")
+    await arrives(inbox, "resolved: CRM no longer blocked")
+
+    await asyncio.sleep(0.5)  # several more checks by every process: nothing is said again
+    for needle in (
+        "dead letter(s) waiting",
+        "CRM blocked the account",
+        "resolved: no dead letters left",
+        "resolved: CRM no longer blocked",
+    ):
+        assert len(inbox.texts(needle)) == 1, (needle, inbox.webhook)
+    said_by = await db.fetch("SELECT condition, kind FROM alert_claims ORDER BY 1, 2")
+    assert [tuple(r) for r in said_by] == [
+        ("crm_blocked", "firing"),
+        ("crm_blocked", "resolved"),
+        ("dead_letters", "firing"),
+        ("dead_letters", "resolved"),
+    ]
+
+
 async def test_delivery_lag_over_threshold(service_factory: ServiceFactory, inbox: Inbox) -> None:
     svc = await service_factory(Roles(worker=False), **inbox.settings(alert_lag_s=0.3))
     await svc.submit("course", {"name": "Lag", "phone": "+77015550501"})
