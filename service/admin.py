@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -31,6 +33,7 @@ from service.admin_openapi import spec
 from service.admin_store import ADMIN_STORE, AdminStore, DeadFilter, SubmissionQuery
 from service.cluster import list_processes
 from service.dashboard import dashboard
+from service.delivery_control import DELIVERY_CONTROL
 from service.errors import BadInput, FieldError, StoreUnavailable
 from service.health import RUNTIME
 from service.intake import SETTINGS, answer
@@ -258,14 +261,14 @@ async def release_lock(request: web.Request) -> web.Response:
 def _delivery_state(request: web.Request) -> dict[str, Any]:
     worker = request.app[RUNTIME].worker
     return {
-        "worker": worker is not None,
-        "paused": bool(worker and worker.paused),
+        "worker": worker is not None,  # whether this process runs one
         "running": bool(worker and worker.running),
-        "scope": "this process",
+        **request.app[DELIVERY_CONTROL].state(),  # paused, by whom, when: for the cluster
     }
 
 
 async def delivery(request: web.Request) -> web.Response:
+    await request.app[DELIVERY_CONTROL].read()
     return answer({"ok": True, **_delivery_state(request)})
 
 
@@ -278,14 +281,13 @@ async def resume(request: web.Request) -> web.Response:
 
 
 async def _set_paused(request: web.Request, paused: bool) -> web.Response:
-    worker = request.app[RUNTIME].worker
-    if worker is None:
-        return answer({"ok": False, "error": "this process runs no delivery worker"}, status=409)
-    worker.paused = paused
-    if not paused:
-        worker.wake()  # claim what became due while paused now, not after the idle wait
+    """Every process's delivery, whichever process is asked (service/delivery_control.py)."""
+    by = f"admin@{socket.gethostname()}:{os.getpid()}"
+    await request.app[DELIVERY_CONTROL].set(paused, by)
     action = "delivery_paused" if paused else "delivery_resumed"
-    log.warning("delivery %s by an operator", action.split("_")[1], extra={"action": action})
+    log.warning(
+        "delivery %s by an operator for the cluster", action.split("_")[1], extra={"action": action}
+    )
     return answer({"ok": True, **_delivery_state(request)})
 
 

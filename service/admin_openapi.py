@@ -181,9 +181,11 @@ def _paths() -> Json:
                 },
             )
         },
-        f"{api}/delivery": {"get": _op("Whether this process's delivery is paused", "state")},
-        f"{api}/delivery/pause": {"post": _op("Pause delivery in this process", "state")},
-        f"{api}/delivery/resume": {"post": _op("Resume delivery in this process", "state")},
+        f"{api}/delivery": {
+            "get": _op("Whether delivery is paused (in every process), by whom, since", "state")
+        },
+        f"{api}/delivery/pause": {"post": _op("Pause delivery in every process", "state")},
+        f"{api}/delivery/resume": {"post": _op("Resume delivery in every process", "state")},
         f"{api}/processes": {
             "get": _op(
                 "Processes that beat in the last day (live or not) and this process's cluster "

@@ -27,6 +27,7 @@ from service.crm.base import CrmAdapter
 from service.crm.bitrix24 import Bitrix24Adapter
 from service.crm.bitrix24_api import Bitrix24Api
 from service.database import EmbeddedPostgres, create_pool, migrate
+from service.delivery_control import DELIVERY_CONTROL, DeliveryControl
 from service.errors import StoreUnavailable
 from service.event_store import EventStore
 from service.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
@@ -122,6 +123,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         await migrate(conn)
     app[DSN] = dsn
     app[STORE] = app[RUNTIME].store = Store(pool)
+    app[DELIVERY_CONTROL] = DeliveryControl(pool, dsn)
     yield
     await pool.close()
     if embedded is not None:
@@ -270,17 +272,30 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[intake.SETTINGS]
     worker = Worker(app[STORE], app[ADAPTER], app[GATE], settings, app[DSN])
     app[WORKER] = app[RUNTIME].worker = worker
+    # an operator's pause holds for every process, this one from its first claim on
+    control = app[DELIVERY_CONTROL]
+    with contextlib.suppress(StoreUnavailable):
+        await control.read()
+    control.follow(lambda paused: _apply_pause(worker, paused))
+    following = asyncio.create_task(control.run(), name="delivery-control")
     task = asyncio.create_task(worker.run(), name="worker")
     yield
     t0 = time.monotonic()
     await worker.stop(timeout_s=8.0)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for running in (task, following):
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
     log.info(
         "worker stopped",
         extra={"action": "worker_stopped", "seconds": round(time.monotonic() - t0, 2)},
     )
+
+
+def _apply_pause(worker: Worker, paused: bool) -> None:
+    worker.paused = paused
+    if not paused:
+        worker.wake()  # claim what became due while paused now, not after the idle wait
 
 
 async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -129,3 +129,14 @@ VALUES ($1, $2, now(), $4)
 ON CONFLICT (condition, kind) DO UPDATE SET sent_at = now(), sent_by = EXCLUDED.sent_by
  WHERE a.sent_at <= now() - make_interval(secs => $3)
 RETURNING a.sent_by;
+
+-- name: delivery_control_get
+SELECT paused, changed_at, changed_by FROM delivery_control WHERE id;
+
+-- name: delivery_control_set
+WITH changed AS (
+    UPDATE delivery_control SET paused = $1, changed_at = now(), changed_by = $2
+     WHERE id RETURNING paused, changed_at, changed_by
+)
+SELECT paused, changed_at, changed_by, pg_notify('crm_relay_delivery', paused::text) AS notified
+  FROM changed;

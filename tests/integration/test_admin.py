@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from service import cli
-from service.app import CLUSTER, PERSON_LOCKS, STORE
+from service.app import CLUSTER, PERSON_LOCKS, STORE, WORKER, Roles
 from service.crm.simulator import AmoCrmSimulator
 from service.locks import person_lock_key
 from service.settings import RetryPolicy
@@ -182,6 +182,39 @@ async def test_pause_and_resume_delivery(
         return await count(db, "SELECT count(*) FROM jobs WHERE state = 'done'") == 1
 
     await wait_for(delivered, timeout=10)
+
+
+async def test_a_pause_holds_for_every_process_and_survives_a_restart(
+    service_factory: ServiceFactory, db: asyncpg.Connection
+) -> None:
+    """Paused through a process that runs no worker: the worker process stops claiming, a process
+    started while paused stays paused, and one resume lets them all deliver."""
+    front = await service_factory(Roles(http=True, worker=False), admin_token=TOKEN)
+    back = await service_factory(Roles(http=False, worker=True))
+    status, body = await call(front, "POST", "/admin/api/delivery/pause")
+    assert status == 200 and body["paused"] is True and body["scope"] == "cluster"
+    assert body["worker"] is False and body["changed_by"].startswith("admin@")
+
+    async def back_paused() -> bool:
+        return back.app[WORKER].paused
+
+    await wait_for(back_paused, timeout=5)  # through the NOTIFY
+    await front.submit("course", {"name": "P", "phone": "+77015550002"})
+    late = await service_factory(Roles(http=False, worker=True))  # started while paused
+    assert late.app[WORKER].paused
+    await asyncio.sleep(0.8)
+    assert await count(db, "SELECT count(*) FROM jobs WHERE state = 'pending'") == 1
+    _, body = await call(front, "GET", "/admin/api/delivery")
+    assert body["paused"] is True
+
+    status, body = await call(front, "POST", "/admin/api/delivery/resume")
+    assert status == 200 and body["paused"] is False
+
+    async def delivered() -> bool:
+        return await count(db, "SELECT count(*) FROM jobs WHERE state = 'done'") == 1
+
+    await wait_for(delivered, timeout=10)
+    assert not back.app[WORKER].paused and not late.app[WORKER].paused
 
 
 async def test_locks_list_and_force_release(
