@@ -4,40 +4,39 @@ Used by integration tests (started in-process on a real port), by `crm-relay fak
 `crm-relay serve` when no CRM is configured. Every request to `/api/*` and `/oauth2/*` goes
 through one gate, in this order:
 
-1. it is logged and counted in the sliding 1-second window at its arrival time;
+1. it is logged;
 2. a blocked account answers 403 to everything;
-3. more than `rate_limit` arrivals in the window answers 429 (and counts towards the block);
-4. a scripted `fail_next` answer, if one matches;
-5. random faults: a 5xx *instead of* doing the work, or — after the work was done — a hang or a
-   dropped connection. The latter two are what makes duplicates: the write landed, the client
-   cannot know;
-6. `latency_s`, the Bearer token check, and the endpoint itself.
+3. during a scripted storm (`storm(seconds)`, `POST /_sim/storm`) everything answers 429: it is
+   someone else's traffic on the account, so neither a violation nor counted in the window;
+4. it is counted in the sliding 1-second window at its arrival time: more than `rate_limit`
+   arrivals in the window answers 429 (and counts towards the block);
+5. a scripted `fail_next` answer, if one matches;
+6. random faults (`Faults.around_work`): a 5xx *instead of* doing the work, or — after the work
+   was done — a hang or a dropped connection. The latter two are what makes duplicates: the
+   write landed, the client cannot know;
+7. `latency_s`, the Bearer token check, and the endpoint itself.
 
-`/_sim/*` is the control and inspection API; it needs no token and is never limited or logged.
+`/_sim/*` is the control and inspection API (simulator_control.py, plus amoCRM's own
+`/_sim/pipelines` and `/_sim/contacts`); it needs no token and is never limited or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.crm.simulator_amocrm import AmoApi, Tokens, read_json, validation_problem
-from service.crm.simulator_common import (
-    Blocker,
-    Faults,
-    RequestLog,
-    ScriptedAnswer,
-    SlidingWindowLimit,
-    drop_connection,
-    json_answer,
-    problem,
+from service.crm.simulator_common import SlidingWindowLimit, json_answer, problem
+from service.crm.simulator_control import (
+    RANDOM_FAULT_FIELDS,
+    SimulatorBase,
+    serve_until_signalled,
+    start_server,
 )
 from service.crm.simulator_state import AmoStore, Pipeline, ValidationFailed
 
@@ -50,18 +49,6 @@ __all__ = [
 ]
 
 _GATED = ("/api/", "/oauth2/")
-# What `POST /_sim/faults` may change, with the JSON type each value must have.
-_FAULT_FIELDS: dict[str, type] = {
-    "latency_s": float,
-    "error_rate": float,
-    "timeout_rate": float,
-    "hang_s": float,
-    "reset_rate": float,
-    "rate_limit": int,
-    "block_after": int,
-    "block_window_s": float,
-    "merge_duplicates": bool,
-}
 
 
 @dataclass
@@ -85,28 +72,33 @@ class SimulatorConfig:
     seed: int | None = None
 
 
-class AmoCrmSimulator:
+class AmoCrmSimulator(SimulatorBase[SimulatorConfig]):
     """One simulated amoCRM account: data, tokens, limits, faults and the request log."""
 
+    # What `POST /_sim/faults` may change, with the JSON type each value must have.
+    FAULT_FIELDS = RANDOM_FAULT_FIELDS | {
+        "rate_limit": int,
+        "block_after": int,
+        "block_window_s": float,
+        "merge_duplicates": bool,
+    }
+
     def __init__(self, config: SimulatorConfig | None = None) -> None:
-        self.config = config or SimulatorConfig()
-        self.clock: Callable[[], float] = time.monotonic
+        super().__init__(config or SimulatorConfig(), time.monotonic)
         self.store = AmoStore()
-        self.tokens = Tokens(self.config.refresh_token)
-        self.log = RequestLog()
+        self.tokens: Tokens = Tokens(self.config.refresh_token)
         self.window = SlidingWindowLimit(1.0)
-        self.blocker = Blocker()
-        self.faults = Faults(self.config.seed)
         self.api = AmoApi(self.store, self.tokens, lambda: self.config, lambda: self.clock())
 
     def make_app(self) -> web.Application:
         """A fresh aiohttp application serving this simulator's state."""
-        app = web.Application(middlewares=[self._gate])
+        own_control = [
+            web.post("/_sim/pipelines", self._pipelines),
+            web.post("/_sim/contacts", self._seed_contacts),
+            web.delete(r"/_sim/contacts/{id:\d+}", self._delete_contact),
+        ]
+        app = self.new_app([*self.api.routes(), *own_control], middlewares=[self._gate])
         app[SIMULATOR_KEY] = self
-        app.add_routes(self.api.routes())
-        app.add_routes(self._control_routes())
-        app.on_startup.append(self._on_startup)
-        app.on_shutdown.append(self._on_shutdown)
         return app
 
     # ---- helpers for tests and the control API ------------------------------------------------
@@ -120,34 +112,27 @@ class AmoCrmSimulator:
             ],
             "leads": [lead.to_json() for lead in self.store.leads.values()],
             "notes": [note.to_json() for note in self.store.notes.values()],
-            "requests_total": len(self.log.entries),
             "requests_by_endpoint": self.log.by_endpoint(),
             "contact_reads": dict(self.api.contact_reads),
-            "answers_by_status": self.log.by_status(),
-            "violations": self.blocker.violations,
-            "max_in_any_second": self.log.max_in_any_second(),
-            "blocked": self.blocker.blocked,
             "refresh_token": self.tokens.refresh_token,
             "duplicates": self.store.duplicates(),
+            **self.traffic(),
         }
 
-    def expire_tokens(self) -> None:
-        """Every access token, the long-lived one included, now answers 401."""
-        self.tokens.expire_all()
+    def bad_request(self, detail: str) -> web.Response:
+        return problem(400, detail)
 
     def unblock(self) -> None:
         """Lift the block as support would: later, so the limit window starts empty."""
-        self.blocker.unblock()
+        super().unblock()
         self.window.clear()
 
     def reset(self) -> None:
         """Forget data, tokens, traffic and scripted faults; keep config and pipelines."""
+        super().reset()
         self.store.clear()
         self.api.contact_reads.clear()
-        self.log.clear()
         self.window.clear()
-        self.blocker.clear()
-        self.faults.reset(self.config.seed)
         self.tokens.reset(self.config.refresh_token)
 
     def seed_contacts(self, contacts: list[dict[str, Any]]) -> list[int]:
@@ -162,54 +147,15 @@ class AmoCrmSimulator:
         """Add a pipeline; its first status is where new leads land; 142/143 are added."""
         return self.store.add_pipeline(pipeline_id, statuses, name)
 
-    def fail_next(
-        self,
-        method: str,
-        path: str,
-        status: int,
-        count: int = 1,
-        body: Any = None,
-        apply: bool = False,
-    ) -> None:
-        """Script the next `count` answers to matching requests (patterns like `/api/v4/*`)."""
-        self.faults.scripted.append(
-            ScriptedAnswer(method.upper(), path, status, count, body, apply)
-        )
-
-    def set_faults(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Apply a `POST /_sim/faults` body all-or-nothing; ValueError says what is wrong."""
-        changes = dict(changes)
-        scripted = changes.pop("fail_next", [])
-        if not isinstance(scripted, list):
-            raise ValueError("fail_next must be an array")
-        answers = [ScriptedAnswer.from_json(item) for item in scripted]
-        for key, value in changes.items():
-            _check_fault_value(key, value)
-        for key, value in changes.items():
-            setattr(self.config, key, value)
-        self.faults.scripted.extend(answers)
-        return self._config_json()
-
-    def _config_json(self) -> dict[str, Any]:
-        return asdict(self.config) | {"fail_next": [a.to_json() for a in self.faults.scripted]}
-
     # ---- the gate -----------------------------------------------------------------------------
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(_GATED):
             return await _route(request, handler)
-        now = self.clock()
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else request.path
-        entry = self.log.start(now, request.method, request.path, endpoint)
-        response = await self._answer(request, handler, now)
-        if response is None:
-            entry.status = "reset"
-            # the transport is gone; aiohttp drops whatever is returned
-            return web.Response(status=500)
-        entry.status = response.status
-        return response
+        return await self.logged(request, endpoint, lambda now: self._answer(request, handler, now))
 
     async def _answer(
         self, request: web.Request, handler: Handler, now: float
@@ -217,71 +163,19 @@ class AmoCrmSimulator:
         config = self.config
         if self.blocker.blocked:
             return problem(403, "Account is blocked")
+        if self.faults.storm.refuse(now):
+            return problem(429)  # someone else's traffic: not a violation of ours, not counted
         if not self.window.arrive(now, config.rate_limit):
             self.blocker.violation(now, config.block_after, config.block_window_s)
             return problem(429)
-        scripted = self.faults.take_scripted(request.method, request.path)
-        if scripted is not None:
-            if scripted.apply:
-                await self._serve(request, handler)
-            return scripted.response()
-        if self.faults.roll(config.error_rate):
-            return self.faults.server_error()
-        await self.faults.sleep(config.latency_s)
-        response = await self._serve(request, handler)
-        if self.faults.roll(config.timeout_rate):
-            await self.faults.sleep(config.hang_s)
-        if self.faults.roll(config.reset_rate):
-            drop_connection(request)
-            return None
-        return response
+        return await self.faulty(request, lambda: self._serve(request, handler))
 
     async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/api/") and not self.api.authorized(request):
             return problem(401, "Missing, unknown or expired access token")
         return await _route(request, handler)
 
-    # ---- control API --------------------------------------------------------------------------
-
-    def _control_routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/_sim/state", self._state),
-            web.get("/_sim/requests", self._requests),
-            web.post("/_sim/faults", self._faults),
-            web.post("/_sim/expire-tokens", self._expire_tokens),
-            web.post("/_sim/unblock", self._unblock),
-            web.post("/_sim/reset", self._reset),
-            web.post("/_sim/pipelines", self._pipelines),
-            web.post("/_sim/contacts", self._seed_contacts),
-            web.delete(r"/_sim/contacts/{id:\d+}", self._delete_contact),
-        ]
-
-    async def _state(self, request: web.Request) -> web.Response:
-        return json_answer(self.report())
-
-    async def _requests(self, request: web.Request) -> web.Response:
-        return json_answer(self.log.to_json())
-
-    async def _faults(self, request: web.Request) -> web.Response:
-        try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValueError("Expected a JSON object")
-            return json_answer(self.set_faults(body))
-        except (ValueError, ValidationFailed) as exc:
-            return problem(400, str(exc))
-
-    async def _expire_tokens(self, request: web.Request) -> web.Response:
-        self.expire_tokens()
-        return json_answer({"expired": True})
-
-    async def _unblock(self, request: web.Request) -> web.Response:
-        self.unblock()
-        return json_answer({"blocked": False})
-
-    async def _reset(self, request: web.Request) -> web.Response:
-        self.reset()
-        return json_answer({"reset": True})
+    # ---- control API of amoCRM's own ----------------------------------------------------------
 
     async def _seed_contacts(self, request: web.Request) -> web.Response:
         """`POST /_sim/contacts`: a contact or an array of them, as a manager would make them."""
@@ -308,15 +202,6 @@ class AmoCrmSimulator:
         pipeline = self.add_pipeline(body["id"], statuses, str(body.get("name") or ""))
         return json_answer(pipeline.to_json())
 
-    # ---- lifecycle ----------------------------------------------------------------------------
-
-    async def _on_startup(self, app: web.Application) -> None:
-        self.faults.stopping.clear()
-
-    async def _on_shutdown(self, app: web.Application) -> None:
-        # Hanging answers would hold the server's graceful shutdown for hang_s; end them now.
-        self.faults.stopping.set()
-
 
 SIMULATOR_KEY = web.AppKey("amocrm_simulator", AmoCrmSimulator)
 
@@ -332,33 +217,11 @@ async def _route(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def _check_fault_value(key: str, value: Any) -> None:
-    wanted = _FAULT_FIELDS.get(key)
-    if wanted is None:
-        raise ValueError(f"{key}: not a setting /_sim/faults can change")
-    if wanted is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false")
-        return
-    # JSON has one number type (1 is a fine float) and bool is an int to Python, not to JSON
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if not numeric or (wanted is int and not isinstance(value, int)):
-        raise ValueError(f"{key}: expected {wanted.__name__}")
-    if value < 0:
-        raise ValueError(f"{key}: must not be negative")
-
-
 async def start_simulator(
     sim: AmoCrmSimulator, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, str]:
     """Serve `sim` on a real TCP port; returns the runner (call `cleanup()`) and base URL."""
-    runner = web.AppRunner(sim.make_app(), access_log=None, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_port = runner.addresses[0][1]
-    shown_host = f"[{host}]" if ":" in host else host
-    return runner, f"http://{shown_host}:{bound_port}"
+    return await start_server(sim.make_app(), host, port)
 
 
 def run_fake_crm(kind: str, host: str, port: int, config: SimulatorConfig) -> None:
@@ -374,25 +237,14 @@ def run_fake_crm(kind: str, host: str, port: int, config: SimulatorConfig) -> No
             serve_bitrix_until_signalled,
         )
 
-        shared = ("latency_s", "error_rate", "timeout_rate", "hang_s", "reset_rate", "seed")
+        shared = (*RANDOM_FAULT_FIELDS, "seed")
         bitrix = BitrixSimulatorConfig(**{name: getattr(config, name) for name in shared})
         asyncio.run(serve_bitrix_until_signalled(BitrixSimulator(bitrix), host, port))
         return
     if kind != "amocrm":
         raise ValueError(f"unknown fake CRM kind {kind!r}; supported: amocrm, bitrix24")
-    asyncio.run(_serve_until_signalled(AmoCrmSimulator(config), host, port))
+    asyncio.run(serve_until_signalled(AmoCrmSimulator(config).make_app(), host, port, _banner))
 
 
-async def _serve_until_signalled(sim: AmoCrmSimulator, host: str, port: int) -> None:
-    runner, url = await start_simulator(sim, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"fake amocrm listening on {url}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
+def _banner(url: str) -> str:
+    return f"fake amocrm listening on {url}"

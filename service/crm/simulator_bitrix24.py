@@ -15,28 +15,25 @@ under `/rest/` goes through one gate, in this order:
    `/rest/{method}.json` an OAuth access token in `auth` (401 `expired_token` / `invalid_token`,
    see simulator_bitrix24_oauth.py; tokens come from `/oauth/token/`, `expire_tokens()` ends them);
 6. a scripted `fail_next` answer, then random faults as in the amoCRM simulator
-   (`Faults.around_work`): a 5xx instead of the work, or a hang / dropped connection after it;
+   (`SimulatorBase.faulty`): a 5xx instead of the work, or a hang / dropped connection after it;
 7. the method, or `batch` running up to 50 of them. Each method call first checks its operating
    time (429 `OPERATION_TIME_LIMIT`, also a violation) and scripted `fail_command` errors.
 
-`/_sim/*` is the control and inspection API (simulator_bitrix24_control.py).
+`/_sim/*` is the control and inspection API (simulator_control.py); here `/_sim/faults` also takes
+`fail_command` and `method_costs`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
 from service.crm.simulator_bitrix24_batch import Answer, run_batch
-from service.crm.simulator_bitrix24_config import BitrixSimulatorConfig, parse_faults
-from service.crm.simulator_bitrix24_control import BitrixControl
+from service.crm.simulator_bitrix24_config import FAULT_FIELDS, BitrixSimulatorConfig, parse_faults
 from service.crm.simulator_bitrix24_entities import BitrixFault, Page
 from service.crm.simulator_bitrix24_limits import (
     CommandFault,
@@ -48,13 +45,8 @@ from service.crm.simulator_bitrix24_limits import (
 from service.crm.simulator_bitrix24_oauth import BitrixTokens, auth_param
 from service.crm.simulator_bitrix24_store import BitrixStore
 from service.crm.simulator_bitrix24_wire import error_answer, request_params, scripted_response
-from service.crm.simulator_common import (
-    Blocker,
-    Faults,
-    RequestLog,
-    ScriptedAnswer,
-    json_answer,
-)
+from service.crm.simulator_common import ScriptedAnswer, json_answer
+from service.crm.simulator_control import SimulatorBase, serve_until_signalled, start_server
 
 __all__ = [
     "BITRIX_SIMULATOR_KEY",
@@ -65,22 +57,20 @@ __all__ = [
 ]
 
 
-class BitrixSimulator:
+class BitrixSimulator(SimulatorBase[BitrixSimulatorConfig]):
     """One simulated portal: CRM data, limits, faults and the request log."""
 
+    FAULT_FIELDS = FAULT_FIELDS
+
     def __init__(self, config: BitrixSimulatorConfig | None = None) -> None:
-        self.config = config or BitrixSimulatorConfig()
-        # Wall-clock seconds: `operating_reset_at` is a unix time. Tests replace it.
-        self.clock: Callable[[], float] = time.time
+        # Wall-clock seconds: `operating_reset_at` is a unix time.
+        super().__init__(config or BitrixSimulatorConfig(), time.time)
         self.store = BitrixStore()
-        self.log = RequestLog()
         self.bucket = LeakyBucket()
         self.operating = OperatingTime()
-        self.blocker = Blocker()
-        self.faults = Faults(self.config.seed)
         self.command_faults: list[CommandFault] = []
         self.commands: Counter[str] = Counter()
-        self.tokens = BitrixTokens(self.config.oauth)
+        self.tokens: BitrixTokens = BitrixTokens(self.config.oauth)
         self._methods: dict[str, Callable[[dict[str, Any]], Any]] = {
             "crm.duplicate.findbycomm": self.store.find_by_comm,
             "crm.contact.add": self.store.contact_add,
@@ -95,13 +85,10 @@ class BitrixSimulator:
 
     def make_app(self) -> web.Application:
         """A fresh aiohttp application serving this simulator's state."""
-        app = web.Application()
+        routes = [web.route("*", "/rest/{tail:.*}", self._rest)]
+        routes += [web.route("*", path, self._token) for path in _TOKEN_PATHS]
+        app = self.new_app(routes)
         app[BITRIX_SIMULATOR_KEY] = self
-        app.add_routes([web.route("*", "/rest/{tail:.*}", self._rest)])
-        app.add_routes([web.route("*", path, self._token) for path in _TOKEN_PATHS])
-        app.add_routes(BitrixControl(self).routes())
-        app.on_startup.append(self._on_startup)
-        app.on_shutdown.append(self._on_shutdown)
         return app
 
     def webhook_url(self, base_url: str, user_id: int = 1) -> str:
@@ -134,66 +121,37 @@ class BitrixSimulator:
             "deals": deals,
             "leads": deals,
             "comments": [c.to_json() for c in self.store.comments.values()],
-            "requests_total": len(self.log.entries),
             "requests_by_endpoint": dict(
                 Counter(e.endpoint.split(" ", 1)[-1] for e in self.log.entries)
             ),
             "commands_by_method": dict(self.commands),
-            "answers_by_status": self.log.by_status(),
-            "violations": self.blocker.violations,
             "max_bucket_level": self.bucket.max_level,
-            "max_in_any_second": self.log.max_in_any_second(),
             "operating": self.operating.to_json(),
-            "blocked": self.blocker.blocked,
             "duplicates": self.store.duplicates(),
             "oauth": self.tokens.to_json(),
-            "storm": self.faults.storm.to_json(self.clock()),
+            **self.traffic(),
         }
+
+    def bad_request(self, detail: str) -> web.Response:
+        return error_answer(400, "INVALID_REQUEST", detail)
+
+    def render_scripted(self, answer: ScriptedAnswer) -> web.Response:
+        return scripted_response(answer)
 
     def unblock(self) -> None:
         """Lift the manual block as support would: later, with an empty bucket."""
-        self.blocker.unblock()
+        super().unblock()
         self.bucket.clear()
-
-    def expire_tokens(self) -> None:
-        """Every OAuth access token issued so far now answers `expired_token`."""
-        self.tokens.expire_all()
-
-    def storm(self, seconds: float) -> None:
-        """Answer every REST call 503 `QUERY_LIMIT_EXCEEDED` for `seconds` (0: end a storm).
-
-        Not counted as violations; the bucket keeps draining meanwhile (see the gate)."""
-        if seconds <= 0:
-            self.faults.storm.stop()
-        else:
-            self.faults.storm.start(self.clock(), seconds)
 
     def reset(self) -> None:
         """Forget data, tokens, traffic, limits and scripted faults; keep the config."""
+        super().reset()
         self.store.clear()
-        self.log.clear()
         self.bucket.clear()
         self.operating.clear()
-        self.blocker.clear()
-        self.faults.reset(self.config.seed)
         self.command_faults.clear()
         self.commands.clear()
         self.tokens.reset()
-
-    def fail_next(
-        self,
-        method: str,
-        path: str,
-        status: int,
-        count: int = 1,
-        body: Any = None,
-        apply: bool = False,
-    ) -> None:
-        """Script the next `count` answers to matching requests (patterns like `*/batch.json`);
-        with `apply` the work is done first and only the answer is replaced."""
-        self.faults.scripted.append(
-            ScriptedAnswer(method.upper(), path, status, count, body, apply)
-        )
 
     def fail_command(self, method: str, count: int = 1, **kw: Any) -> None:
         """Script the next `count` calls of `method` (in a batch or not) to answer an error."""
@@ -202,30 +160,21 @@ class BitrixSimulator:
     def set_faults(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Apply a `POST /_sim/faults` body all-or-nothing; ValueError says what is wrong."""
         settings, answers, commands = parse_faults(changes)
-        for key, value in settings.items():
-            setattr(self.config, key, value)
-        self.faults.scripted.extend(answers)
         self.command_faults.extend(commands)
-        return self._config_json()
+        return self.apply_faults(settings, answers)
 
-    def _config_json(self) -> dict[str, Any]:
-        return asdict(self.config) | {
-            "fail_next": [a.to_json() for a in self.faults.scripted],
+    def config_json(self) -> dict[str, Any]:
+        return super().config_json() | {
             "fail_command": [c.to_json() for c in self.command_faults],
         }
 
     # ---- the gate -----------------------------------------------------------------------------
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
-        now = self.clock()
         method = request.match_info["tail"].rsplit("/", 1)[-1].removesuffix(".json")
-        entry = self.log.start(now, request.method, request.path, method or "?")
-        response = await self._answer(request, method, now)
-        if response is None:
-            entry.status = "reset"
-            return web.Response(status=500)  # the transport is gone; aiohttp drops this
-        entry.status = response.status
-        return response
+        return await self.logged(
+            request, method or "?", lambda now: self._answer(request, method, now)
+        )
 
     async def _answer(self, request: web.Request, method: str, now: float) -> web.Response | None:
         config = self.config
@@ -239,12 +188,7 @@ class BitrixSimulator:
         refusal = await self._refusal(request)
         if refusal is not None:
             return refusal
-        scripted = self.faults.take_scripted(request.method, request.path)
-        if scripted is not None:
-            if scripted.apply:
-                await self._serve(request, method)
-            return scripted_response(scripted)
-        return await self.faults.around_work(request, config, lambda: self._serve(request, method))
+        return await self.faulty(request, lambda: self._serve(request, method))
 
     async def _refusal(self, request: web.Request) -> web.Response | None:
         parts = request.match_info["tail"].split("/")
@@ -320,15 +264,6 @@ class BitrixSimulator:
         response = await self.tokens.answer(request, self.clock())
         return response if scripted is None else scripted_response(scripted)
 
-    # ---- lifecycle ----------------------------------------------------------------------------
-
-    async def _on_startup(self, app: web.Application) -> None:
-        self.faults.stopping.clear()
-
-    async def _on_shutdown(self, app: web.Application) -> None:
-        # Hanging answers would hold the server's graceful shutdown for hang_s; end them now.
-        self.faults.stopping.set()
-
 
 BITRIX_SIMULATOR_KEY = web.AppKey("bitrix24_simulator", BitrixSimulator)
 _TOKEN_PATHS = ("/oauth/token/", "/oauth/token")
@@ -341,28 +276,13 @@ async def start_bitrix_simulator(
 
     The webhook URL a client needs is `sim.webhook_url(base_url)`.
     """
-    runner = web.AppRunner(sim.make_app(), access_log=None, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_port = runner.addresses[0][1]
-    shown_host = f"[{host}]" if ":" in host else host
-    return runner, f"http://{shown_host}:{bound_port}"
+    return await start_server(sim.make_app(), host, port)
 
 
 async def serve_bitrix_until_signalled(sim: BitrixSimulator, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, printing the webhook URL to configure the relay with."""
-    runner, url = await start_bitrix_simulator(sim, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(
-        f"fake bitrix24 listening on {url}; BITRIX24_WEBHOOK_URL={sim.webhook_url(url)}", flush=True
-    )
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
+
+    def banner(url: str) -> str:
+        return f"fake bitrix24 listening on {url}; BITRIX24_WEBHOOK_URL={sim.webhook_url(url)}"
+
+    await serve_until_signalled(sim.make_app(), host, port, banner)

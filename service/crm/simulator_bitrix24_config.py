@@ -7,17 +7,13 @@ from typing import Any
 
 from service.crm.simulator_bitrix24_limits import CommandFault
 from service.crm.simulator_bitrix24_oauth import BitrixOAuthConfig
-from service.crm.simulator_common import ScriptedAnswer, check_fault_value
+from service.crm.simulator_common import ScriptedAnswer
+from service.crm.simulator_control import RANDOM_FAULT_FIELDS, fault_changes, json_items
 
-__all__ = ["BitrixSimulatorConfig", "parse_faults"]
+__all__ = ["FAULT_FIELDS", "BitrixSimulatorConfig", "parse_faults"]
 
 # What `POST /_sim/faults` may change, with the JSON type each value must have.
-_FAULT_FIELDS: dict[str, type] = {
-    "latency_s": float,
-    "error_rate": float,
-    "timeout_rate": float,
-    "hang_s": float,
-    "reset_rate": float,
+FAULT_FIELDS = RANDOM_FAULT_FIELDS | {
     "drain_per_s": float,
     "burst": int,
     "operating_limit_s": float,
@@ -60,24 +56,15 @@ def parse_faults(
     is wrong.
     """
     changes = dict(changes)
-    answers = [ScriptedAnswer.from_json(item) for item in _as_list(changes.pop("fail_next", []))]
-    commands = [CommandFault.from_json(item) for item in _as_list(changes.pop("fail_command", []))]
+    listed = json_items(changes.pop("fail_command", []), "fail_command")
+    commands = [CommandFault.from_json(item) for item in listed]
     costs = changes.pop("method_costs", None)
     if costs is not None and not _costs_ok(costs):
         raise ValueError("method_costs: expected an object of non-negative numbers")
-    for key, value in changes.items():
-        check_fault_value(_FAULT_FIELDS, key, value)
+    settings, answers = fault_changes(FAULT_FIELDS, changes)
     if costs is not None:
-        changes["method_costs"] = dict(costs)
-    return changes, answers, commands
-
-
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, dict):  # one item may come without its array
-        return [value]
-    if not isinstance(value, list):
-        raise ValueError("fail_next / fail_command must be an array")
-    return value
+        settings["method_costs"] = dict(costs)
+    return settings, answers, commands
 
 
 def _costs_ok(costs: Any) -> bool:

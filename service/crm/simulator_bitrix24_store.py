@@ -25,6 +25,7 @@ from service.crm.simulator_bitrix24_entities import (
     not_found,
     stamp,
 )
+from service.crm.simulator_common import duplicates_report
 
 __all__ = ["MAX_COMM_VALUES", "PAGE_SIZE", "BitrixStore"]
 
@@ -118,26 +119,10 @@ class BitrixStore:
 
     def duplicates(self) -> dict[str, list[dict[str, Any]]]:
         """What a relay must never produce: one person on two contacts, or twice in work."""
-        owners: dict[str, list[int]] = defaultdict(list)
-        for contact in self.contacts.values():
-            for ident in sorted(contact.identities()):
-                owners[ident].append(contact.id)
-        open_deals: dict[int, list[int]] = defaultdict(list)
-        for deal in self.deals.values():
-            for contact_id in deal.contact_ids if deal.is_open else ():
-                open_deals[contact_id].append(deal.id)
-        return {
-            "contacts_sharing_identity": [
-                {"identity": i, "contact_ids": ids}
-                for i, ids in sorted(owners.items())
-                if len(ids) > 1
-            ],
-            "contacts_with_several_open_leads": [
-                {"contact_id": c, "lead_ids": ids}
-                for c, ids in sorted(open_deals.items())
-                if len(ids) > 1
-            ],
-        }
+        return duplicates_report(
+            ((c.id, c.identities()) for c in self.contacts.values()),
+            ((d.id, d.contact_ids) for d in self.deals.values() if d.is_open),
+        )
 
     # ---- writing ------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Pieces every CRM simulator shares: the request log, rate-limit windows, faults, problem bodies.
+"""Pieces every CRM simulator shares: the request log, rate-limit windows, faults, problem bodies
+and the duplicates report.
 
 Nothing here knows about amoCRM or Bitrix24 payloads, so a second simulator can gate its own
 endpoints with the same log, limit and fault machinery and report them the same way.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import random
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -27,8 +28,8 @@ __all__ = [
     "ScriptedAnswer",
     "SlidingWindowLimit",
     "Storm",
-    "check_fault_value",
     "drop_connection",
+    "duplicates_report",
     "json_answer",
     "max_in_window",
     "problem",
@@ -77,6 +78,31 @@ def _reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+def duplicates_report(
+    contacts: Iterable[tuple[int, Iterable[str]]],
+    open_leads: Iterable[tuple[int, Iterable[int]]],
+) -> dict[str, list[dict[str, Any]]]:
+    """What a relay must never produce, as `/_sim/state` reports it: one person split over
+    contacts, or twice in work. `contacts` are (id, identities); `open_leads` (id, contact ids)
+    of the open leads or deals."""
+    owners: dict[str, list[int]] = defaultdict(list)
+    for contact_id, found in contacts:
+        for identity in sorted(found):
+            owners[identity].append(contact_id)
+    in_work: dict[int, list[int]] = defaultdict(list)
+    for lead_id, contact_ids in open_leads:
+        for contact_id in contact_ids:
+            in_work[contact_id].append(lead_id)
+    return {
+        "contacts_sharing_identity": [
+            {"identity": i, "contact_ids": ids} for i, ids in sorted(owners.items()) if len(ids) > 1
+        ],
+        "contacts_with_several_open_leads": [
+            {"contact_id": c, "lead_ids": ids} for c, ids in sorted(in_work.items()) if len(ids) > 1
+        ],
+    }
 
 
 def drop_connection(request: web.Request) -> None:
@@ -355,21 +381,3 @@ class Faults:
             await asyncio.wait_for(self.stopping.wait(), seconds)
         except TimeoutError:
             pass
-
-
-def check_fault_value(fields: dict[str, type], key: str, value: Any) -> None:
-    """Check one `POST /_sim/faults` setting against `fields` (name → the JSON type it takes);
-    ValueError says what is wrong."""
-    wanted = fields.get(key)
-    if wanted is None:
-        raise ValueError(f"{key}: not a setting /_sim/faults can change")
-    if wanted is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false")
-        return
-    # JSON has one number type (1 is a fine float) and bool is an int to Python, not to JSON
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if not numeric or (wanted is int and not isinstance(value, int)):
-        raise ValueError(f"{key}: expected {wanted.__name__}")
-    if value < 0:
-        raise ValueError(f"{key}: must not be negative")

@@ -21,6 +21,7 @@ from service.crm.simulator_checks import (
     field_slot,
     merge_fields,
 )
+from service.crm.simulator_common import duplicates_report
 from service.crm.simulator_entities import (
     CLOSED_STATUSES,
     MAIN_PIPELINE_ID,
@@ -123,26 +124,10 @@ class AmoStore:
 
     def duplicates(self) -> dict[str, list[dict[str, Any]]]:
         """What a relay must never produce: one person split over contacts, or twice in work."""
-        owners: dict[str, list[int]] = defaultdict(list)
-        for contact in self.contacts.values():
-            for identity in sorted(identities(contact.fields)):
-                owners[identity].append(contact.id)
-        open_leads: dict[int, list[int]] = defaultdict(list)
-        for lead in self.leads.values():
-            for contact_id in lead.contact_ids if lead.is_open else ():
-                open_leads[contact_id].append(lead.id)
-        return {
-            "contacts_sharing_identity": [
-                {"identity": i, "contact_ids": ids}
-                for i, ids in sorted(owners.items())
-                if len(ids) > 1
-            ],
-            "contacts_with_several_open_leads": [
-                {"contact_id": c, "lead_ids": ids}
-                for c, ids in sorted(open_leads.items())
-                if len(ids) > 1
-            ],
-        }
+        return duplicates_report(
+            ((c.id, identities(c.fields)) for c in self.contacts.values()),
+            ((lead.id, lead.contact_ids) for lead in self.leads.values() if lead.is_open),
+        )
 
     # ---- writing ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from service.crm.simulator_bitrix24 import (
 )
 from service.crm.simulator_bitrix24_batch import parse_command
 from service.crm.simulator_bitrix24_limits import LeakyBucket
+from service.crm.simulator_control import SimulatorBase
 
 PHONE = "+7 701 000-00-01"
 
@@ -82,7 +83,7 @@ async def bx(start_bx: StartBx) -> Bx:
     return await start_bx(burst=10_000)
 
 
-def frozen(sim: BitrixSimulator, at: float = 1_700_000_000.0) -> list[float]:
+def frozen(sim: SimulatorBase[Any], at: float = 1_700_000_000.0) -> list[float]:
     """Stop the simulator's clock; tests move it by assigning `now[0]`."""
     now = [at]
     sim.clock = lambda: now[0]

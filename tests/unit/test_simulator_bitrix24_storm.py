@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.crm.simulator_common import Faults, Storm, check_fault_value
+from service.crm.simulator_common import Faults, Storm
+from service.crm.simulator_control import check_fault_value
 from tests.unit import test_simulator_bitrix24 as portal
 from tests.unit.test_simulator_bitrix24 import StartBx, frozen
 
