@@ -156,6 +156,7 @@ class RateGate:
         self._paused_until = 0.0
         self.circuit = CircuitState()
         self._sent: deque[float] = deque(maxlen=10_000)
+        self._firsts: deque[asyncio.Future[int]] = deque()  # callers to get the next turn
 
     @property
     def mode(self) -> str:
@@ -196,28 +197,89 @@ class RateGate:
             raise CrmBlocked(f"circuit open: {self.circuit.reason}")
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, *, first: bool = False) -> AsyncIterator[None]:
         """Wait for the pause to end and for a turn; then the caller sends one request and the
-        turn is held until it is answered.
+        turn is held until it is answered. `first`: the next turn, ahead of every caller
+        already queued (see `front`).
 
         Raises CrmBlocked while the circuit is open."""
-        while True:
-            self.check_circuit()
-            # a deadline that may move later, not an event: sleeping to it is the point
-            while (wait := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(wait)
-            ticket = await self._bucket.acquire()
-            # a pause that began while we queued for the turn holds us too
-            if time.monotonic() >= self._paused_until:
-                break
-            self._bucket.release(ticket)
+        ticket = await self._admit(first)
         self._sent.append(time.monotonic())
         try:
             yield
         finally:
             self._bucket.release(ticket)
 
+    def front(self) -> FrontOfLine:
+        """This gate with every slot taken ahead of the queue: for a token refresh, which the
+        calls queued behind it are waiting for. Still one slot of the limit per request."""
+        return FrontOfLine(self)
+
+    async def _admit(self, first: bool) -> int:
+        while True:
+            self.check_circuit()
+            # a deadline that may move later, not an event: sleeping to it is the point
+            while (wait := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(wait)
+            ticket = await (self._first_turn() if first else self._bucket.acquire())
+            # a pause that began while we queued for the turn holds us too
+            if time.monotonic() < self._paused_until:
+                self._bucket.release(ticket)
+            elif first or not self._hand_over(ticket):
+                return ticket
+
+    def _hand_over(self, ticket: int) -> bool:
+        """Give our turn to a caller waiting to go first, if there is one; we queue again."""
+        while self._firsts:
+            waiter = self._firsts.popleft()
+            if not waiter.done():
+                waiter.set_result(ticket)
+                return True
+        return False
+
+    async def _first_turn(self) -> int:
+        """The next turn: the one the next caller admitted hands over, or our own from the
+        bucket if it comes first (nobody else is queued)."""
+        turn: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._firsts.append(turn)
+        own = asyncio.create_task(self._acquire_into(turn))
+        try:
+            return await asyncio.shield(turn)
+        except asyncio.CancelledError:
+            if not turn.cancel() and turn.exception() is None:
+                self._bucket.release(turn.result())  # handed over as we were cancelled
+            raise
+        finally:
+            # Cancelled while queued, a bucket takes nothing; a ClusterBucket cancelled inside
+            # its Redis call may leave one entry there, which ages out (never more calls).
+            own.cancel()
+            with contextlib.suppress(ValueError):
+                self._firsts.remove(turn)
+
+    async def _acquire_into(self, turn: asyncio.Future[int]) -> None:
+        try:
+            ticket = await self._bucket.acquire()
+        except Exception as exc:
+            if not turn.done():
+                turn.set_exception(exc)
+            return
+        if turn.done():  # a handed-over turn came first
+            self._bucket.release(ticket)
+        else:
+            turn.set_result(ticket)
+
     def observed_rate(self, window_s: float = 60.0) -> float:
         """Calls per second over the last `window_s` seconds."""
         cutoff = time.monotonic() - window_s
         return sum(1 for t in self._sent if t >= cutoff) / window_s
+
+
+class FrontOfLine:
+    """`RateGate.front()`: a Gate whose every slot is the gate's next turn."""
+
+    def __init__(self, gate: RateGate) -> None:
+        self._gate = gate
+
+    def slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """The gate's next turn, ahead of the callers queued for one."""
+        return self._gate.slot(first=True)

@@ -10,6 +10,7 @@ import aiohttp
 from service.crm import bitrix24_oauth
 from service.crm.amocrm_api import exchange_refresh_token
 from service.crm.http import Gate
+from service.limits import RateGate
 from service.settings import Settings
 from service.store import Store, StoredTokens
 
@@ -22,7 +23,9 @@ BITRIX24 = "bitrix24"
 class OAuthTokens:
     """TokenSource backed by the `oauth_tokens` row; the env pair only seeds an empty row.
 
-    amoCRM's by default; a subclass names its CRM's row, refresh token and exchange.
+    amoCRM's by default; a subclass names its CRM's row, refresh token and exchange. The clients
+    keep the token in memory and refresh it once per process (`service.crm.http.Credentials`);
+    this is the part shared by every process: the row, and its lock around each exchange.
     """
 
     crm = CRM
@@ -34,7 +37,9 @@ class OAuthTokens:
         self.session = session
         self.settings = settings
         self.gate = gate
-        self._current: str | None = None
+        # amoCRM's token endpoint is on the API host, inside its limit: the exchange takes a
+        # slot, but the gate's next one, not one behind the calls that wait for its token.
+        self.token_gate: Gate = gate.front() if isinstance(gate, RateGate) else gate
 
     def configured_refresh_token(self) -> str | None:
         return self.settings.amocrm_refresh_token
@@ -49,16 +54,17 @@ class OAuthTokens:
         )
 
     async def access_token(self) -> str:
-        if self._current is None:
-            stored = await self.store.tokens(self.crm)
-            if stored is None or not stored.access_token or stored.expires_at < time.time() + 60:
-                return await self.refresh(stored.access_token if stored else "")
-            self._current = stored.access_token
-        return self._current
+        """The stored token; refreshed first when there is none yet or it is about to expire."""
+        stored = await self.store.tokens(self.crm)
+        if stored is None or not stored.access_token or stored.expires_at < time.time() + 60:
+            return await self.refresh(stored.access_token if stored else "")
+        return stored.access_token
 
     async def refresh(self, stale_access_token: str) -> str:
+        """A fresh token for the refused one, refreshed once across every process: under the
+        row's lock, whoever finds it already replaced takes the stored pair instead of spending
+        the single-use refresh token again (Store.refresh_tokens)."""
         fresh = await self.store.refresh_tokens(self.crm, stale_access_token, self._exchange)
-        self._current = fresh.access_token
         return fresh.access_token
 
     async def _exchange(self, refresh_token: str) -> StoredTokens:
@@ -72,7 +78,7 @@ class OAuthTokens:
             refresh_token=refresh_token,
             redirect_uri=s.amocrm_redirect_uri or "",
             timeout_s=s.crm_timeout_s,
-            gate=self.gate,
+            gate=self.token_gate,
         )
         return StoredTokens(pair.access_token, pair.refresh_token, pair.expires_at)
 
@@ -89,8 +95,6 @@ class Bitrix24OAuthTokens(OAuthTokens):
     async def _exchange(self, refresh_token: str) -> StoredTokens:
         s = self.settings
         assert s.bitrix24_client_id and s.bitrix24_client_secret
-        # The token server is another host than the portal, but its calls still take a slot of
-        # the CRM gate: one an hour costs nothing, and send_json wants a gate.
         pair, endpoint = await bitrix24_oauth.exchange_refresh_token(
             self.session,
             s.bitrix24_oauth_url,
@@ -98,8 +102,7 @@ class Bitrix24OAuthTokens(OAuthTokens):
             client_secret=s.bitrix24_client_secret,
             refresh_token=refresh_token,
             timeout_s=s.crm_timeout_s,
-            gate=self.gate,
-        )
+        )  # no CRM gate: oauth.bitrix.info is outside the portal's limit
         if (
             endpoint
             and s.bitrix24_portal_url

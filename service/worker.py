@@ -16,7 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from service.crm.base import CrmAdapter, Delivery, Link
+from service.crm.base import CrmAdapter, Deferred, Delivery, Link
+from service.crm.contact_guard import ContactGuard
 from service.database import listen_forever
 from service.errors import (
     CrmBlocked,
@@ -50,6 +51,8 @@ class Worker:
         self.settings = settings
         self.dsn = dsn
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # one delivery at a time per existing CRM contact, across processes (contact_guard.py)
+        self.guard = ContactGuard(dsn, self.owner)
         self.paused = False
         self.running = False
         self.in_flight: dict[int, list[Job]] = {}  # person id → its claimed jobs
@@ -83,6 +86,8 @@ class Worker:
             for t in (listener, beat):
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            if not self._tasks:  # else `stop()` closes it once they are over
+                await self.guard.close()
 
     async def _loop(self) -> None:
         last_reap = 0.0
@@ -187,7 +192,7 @@ class Worker:
             Delivery(j.id, j.person_id, j.submission_id, j.lead, links[j.person_id]) for j in jobs
         ]
         try:
-            results = await self.adapter.deliver_batch(items)
+            results = await self.adapter.deliver_batch(items, self.guard)
         except CrmError as exc:
             results = [exc] * len(items)
         except Exception as exc:  # a bug in an adapter must not kill the worker or lose jobs
@@ -225,9 +230,12 @@ class Worker:
 
     async def _failed(self, job: Job, exc: CrmError) -> float:
         """The one place where a CRM error becomes behaviour; returns the job's delay."""
-        self.last_failure = (time.time(), f"{exc.__class__.__name__}: {exc}")
         error = f"{exc.__class__.__name__}: {exc}"
         extra = {"job_id": job.id, "submission_id": str(job.submission_id), "error": error}
+        if isinstance(exc, Deferred):  # not a failure: another delivery writes to its contact
+            log.info("job deferred", extra={"action": "job_deferred", **extra})
+            return await self._reschedule(job, counted=False, delay=exc.delay_s, error=error)
+        self.last_failure = (time.time(), error)
         if isinstance(exc, CrmRateLimited):
             pause = self._pause_for(exc)
             return await self._reschedule(job, counted=False, delay=pause, error=error)
@@ -285,5 +293,6 @@ class Worker:
             for t in late:
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self.guard.close()
         with contextlib.suppress(StoreUnavailable):
             await self.store.release_people(self.owner, list(self.in_flight))

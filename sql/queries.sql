@@ -141,3 +141,45 @@ VALUES ($1, $2, $3, to_timestamp($4)) ON CONFLICT (crm) DO NOTHING;
 UPDATE oauth_tokens SET access_token = $2, refresh_token = $3, expires_at = to_timestamp($4),
                         updated_at = now()
  WHERE crm = $1;
+
+-- Contact guard (service/crm/contact_guard.py, 007_contact_writes.sql): one delivery at a time
+-- writes to an existing CRM contact, across processes. $1 is the lock space (ours alone), $2 the
+-- account ("amocrm:<host>"), the contact ids are bigint arrays.
+
+-- name: contact_write_no
+-- Read before a batch reads the CRM: the next number the sequence will hand out, so a stamp
+-- drawn after this read is at least this number, and one drawn before it is less.
+SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END FROM contact_write_no;
+
+-- name: contact_locks_take
+-- Try (never wait for) each contact's session lock: no hold-and-wait, so no deadlock and no
+-- stall behind a holder that is waiting for the rate limit.
+SELECT t.id AS contact_id,
+       pg_try_advisory_lock($1::int, hashtext($2::text || ':' || t.id::text)) AS locked
+  FROM unnest($3::bigint[]) WITH ORDINALITY AS t(id, n)
+ ORDER BY t.n;
+
+-- name: contact_writes_since
+-- Of the contacts just locked ($2), those written since $3 (this batch's contact_write_no). A
+-- statement of its own: its snapshot is taken after the lock, so it sees the stamp the previous
+-- holder committed before unlocking.
+SELECT contact_id FROM contact_writes
+ WHERE account = $1 AND contact_id = ANY($2::bigint[]) AND write_no >= $3;
+
+-- name: contact_writes_stamp
+-- After the CRM answered our write to these contacts, before unlocking them.
+INSERT INTO contact_writes (account, contact_id)
+SELECT $1, t.id FROM unnest($2::bigint[]) AS t(id) ORDER BY t.id
+ON CONFLICT (account, contact_id) DO UPDATE
+   SET write_no = nextval('contact_write_no'), written_at = now();
+
+-- name: contact_writes_prune
+-- Stamps a day old mean nothing to a batch reading now. SKIP LOCKED: never wait for a stamper.
+DELETE FROM contact_writes
+ WHERE ctid = ANY(ARRAY(SELECT ctid FROM contact_writes
+                         WHERE written_at < now() - interval '1 day'
+                         LIMIT 1000 FOR UPDATE SKIP LOCKED));
+
+-- name: contact_locks_release
+SELECT ARRAY(SELECT pg_advisory_unlock($1::int, hashtext($2::text || ':' || t.id::text))
+               FROM unnest($3::bigint[]) AS t(id)) AS unlocked;

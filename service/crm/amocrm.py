@@ -10,6 +10,11 @@ for — by `AMOCRM_DEDUP`:
 - `search`: a CRM search by phone, then by email (fuzzy: every hit is re-checked).
 - `trust`: no lookup; amoCRM's own duplicate control merges contacts.
 
+Two of our people can be one contact (a phone-only and an email-only submission of someone a
+manager entered with both): every delivery is resolved to its contact before anything is
+written, and only one delivery per contact writes, in the batch and across processes
+(`ContactClaims`); the others are `Deferred` to the next round, where they find its lead.
+
 Because a failed local commit leaves the link table empty, a retry after a crash between the
 CRM call and our commit finds the contact it created (the sync reads every contact changed since
 the last one seen; the search finds it too) and updates its open lead instead of creating another.
@@ -19,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
@@ -30,20 +35,21 @@ from service.crm.amocrm_api import (
     AmoContact,
     AmoCrmApi,
     AmoLead,
-    contact_fields,
     digits,
 )
-from service.crm.amocrm_index import ContactIndex, phone_identity
+from service.crm.amocrm_bodies import Plan, complex_body, linked_lead_body
+from service.crm.amocrm_index import ContactIndex, account_of, phone_identity
 from service.crm.base import Delivery, Link
+from service.crm.contact_guard import ContactClaims, ContactGuard
 from service.errors import CrmError, CrmPermanent, CrmRetryable, StoreUnavailable
 from service.model import Lead
 from service.settings import FormRule, Settings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MAX_LEADS_CHECKED = 5  # newest leads of a found contact examined for an open one
 MAX_CANDIDATES = 5  # indexed contacts of one person read back before treating them as new
-NOTE_LIMIT = 4000
 
 
 class AmoCrmAdapter:
@@ -74,22 +80,32 @@ class AmoCrmAdapter:
             else:
                 self.index = ContactIndex(api, pool, default_region=self.region)
 
-    async def deliver_batch(self, items: Sequence[Delivery]) -> list[Link | CrmError]:
-        plan = _Plan(items)
+    async def deliver_batch(
+        self, items: Sequence[Delivery], guard: ContactGuard | None = None
+    ) -> list[Link | CrmError]:
+        """Find every item's contact first, then let one delivery per contact write (the
+        others are `Deferred`: `ContactClaims`), then write."""
+        plan = Plan(items)
         out: list[Link | CrmError | None] = [None] * len(items)
-        lookup = await self._lookup_for(items, plan, out)
-        todo = [(plan.slot[d.job_id], d) for d in items if out[plan.slot[d.job_id]] is None]
-        results = await asyncio.gather(
-            *(self._prepare(item, plan, lookup) for _, item in todo), return_exceptions=True
-        )
-        for (slot, _), result in zip(todo, results, strict=True):
-            out[slot] = _as_result(result)
-        await self._create_new(plan, out)
-        await self._flush(plan, out)
+        async with ContactClaims(guard, account_of(self.api.base_url)) as claims:
+            lookup = await self._lookup_for(items, plan, out)
+            todo = plan.pending(items, out)
+            found = await _each(todo, plan, out, lambda d: self._resolve(d, plan, lookup))
+            resolved = [(d, found[d.job_id].contact_id) for d in todo if d.job_id in found]
+            for job_id, why in (await claims.hold(resolved)).items():
+                out[plan.slot[job_id]] = why
+            ready = plan.pending(todo, out)
+            links = await _each(
+                ready, plan, out, lambda d: self._act(d, found[d.job_id], plan, claims)
+            )
+            for job_id, link in links.items():
+                out[plan.slot[job_id]] = link
+            await self._create_new(plan, out)
+            await self._flush(plan, out)
         return [r if r is not None else CrmRetryable("not delivered") for r in out]
 
     async def _lookup_for(
-        self, items: Sequence[Delivery], plan: _Plan, out: list[Link | CrmError | None]
+        self, items: Sequence[Delivery], plan: Plan, out: list[Link | CrmError | None]
     ) -> str:
         """How this batch finds the people we have no link for: "trust", "search" or "index"
         (the index only when a refresh just now found it complete and caught up; their
@@ -120,37 +136,65 @@ class AmoCrmAdapter:
                     out[plan.slot[d.job_id]] = exc
             return "search"
 
-    async def _prepare(self, item: Delivery, plan: _Plan, lookup: str) -> Link | None:
-        """Work out what the item needs; return its link now, or None if it waits for the
-        batch's complex create."""
-        rule = self.settings.form_rule(item.lead.form)
-        link, lead = item.link, item.lead
+    async def _resolve(self, item: Delivery, plan: Plan, lookup: str) -> _Found:
+        """Whom the delivery goes to, before anything is written."""
         if _known(item):
-            assert link.contact_id is not None and link.lead_id is not None
-            known = await self.api.get_lead(link.lead_id)
-            if known is not None and known.is_open:
-                plan.touch(item, known, rule)
-                return link
-            return Link(link.contact_id, await self._new_lead(link.contact_id, lead, rule, item))
+            return _Found(item.link.contact_id)
         if lookup == "index":
-            return await self._from_index(item, plan, rule)
-        contact = None if lookup == "trust" else await self.find_contact(lead)
+            contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id])
+            return _Found() if contact is None else _Found(contact.id, contact, indexed=True)
+        contact = None if lookup == "trust" else await self.find_contact(item.lead)
         if contact is None:
-            plan.new.append(item)
-            return None
+            return _Found()
         await self._remember(contact)
-        return await self._existing(contact, item, plan, rule)
+        return _Found(contact.id, contact)
 
-    async def _from_index(self, item: Delivery, plan: _Plan, rule: FormRule) -> Link | None:
-        """An index hit is used like a search hit; a contact deleted in the CRM meanwhile (404
-        on reading it, 400/404 on linking or updating it) leaves the index and the person is
-        new."""
-        contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id])
+    async def _act(
+        self, item: Delivery, found: _Found, plan: Plan, claims: ContactClaims
+    ) -> Link | None:
+        """Write what the item needs; its link now, or None if it waits for the batch's
+        complex create (a new person)."""
+        rule = self.settings.form_rule(item.lead.form)
+        if found.contact_id is None:
+            plan.new.append(item)
+            return None
+        if found.contact is None:
+            return await self._linked(item, plan, rule, claims)
+        if found.indexed:
+            return await self._from_index(found.contact, item, plan, rule, claims)
+        return await self._existing(found.contact, item, plan, rule, claims)
+
+    async def _linked(
+        self, item: Delivery, plan: Plan, rule: FormRule, claims: ContactClaims
+    ) -> Link | None:
+        """A person we delivered before: their open lead gets the note. Their lead closed (or
+        deleted), the contact's open lead gets it (another of our people may have opened one),
+        else a new lead; their contact deleted in the CRM, they are new."""
+        link = item.link
+        assert link.contact_id is not None and link.lead_id is not None
+        known = await self.api.get_lead(link.lead_id)
+        if known is not None and known.is_open:
+            plan.touch(item, known, rule)
+            return link
+        contact = await self.api.get_contact(link.contact_id)
         if contact is None:
             plan.new.append(item)
             return None
+        return await self._existing(contact, item, plan, rule, claims)
+
+    async def _from_index(
+        self,
+        contact: AmoContact,
+        item: Delivery,
+        plan: Plan,
+        rule: FormRule,
+        claims: ContactClaims,
+    ) -> Link | None:
+        """An index hit is written to like a search hit; a contact deleted in the CRM since
+        we read it (400/404 on linking or updating it) leaves the index and the person is new
+        (one deleted before, 404 on reading it, was left out by `_indexed_contact`)."""
         try:
-            return await self._existing(contact, item, plan, rule)
+            return await self._existing(contact, item, plan, rule, claims)
         except CrmPermanent as exc:
             if exc.status not in (400, 404) or await self.api.get_contact(contact.id) is not None:
                 raise
@@ -173,22 +217,28 @@ class AmoCrmAdapter:
         return None
 
     async def _existing(
-        self, contact: AmoContact, item: Delivery, plan: _Plan, rule: FormRule
+        self,
+        contact: AmoContact,
+        item: Delivery,
+        plan: Plan,
+        rule: FormRule,
+        claims: ContactClaims,
     ) -> Link:
         """The person is this contact: their open lead gets the note, else a new lead."""
-        await self._complete_contact(contact, item.lead)
+        await self._complete_contact(contact, item.lead, claims)
         open_lead = await self._open_lead(contact, rule)
         if open_lead is not None:
             plan.touch(item, open_lead, rule)
             return Link(contact.id, open_lead.id)
+        claims.wrote(contact.id)
         return Link(contact.id, await self._new_lead(contact.id, item.lead, rule, item))
 
-    async def _create_new(self, plan: _Plan, out: list[Link | CrmError | None]) -> None:
+    async def _create_new(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
         """One `leads/complex` call for every new person of the batch; the new contacts go
         into the index at once."""
         if not plan.new:
             return
-        bodies = [self._complex(d.lead, self.settings.form_rule(d.lead.form), d) for d in plan.new]
+        bodies = [complex_body(d.lead, self.settings.form_rule(d.lead.form), d) for d in plan.new]
         slots = [plan.slot[d.job_id] for d in plan.new]
         try:
             created = await self.api.create_complex(bodies)
@@ -203,7 +253,7 @@ class AmoCrmAdapter:
                 pairs += [(i, res.contact_id) for i in (item.lead.phone, item.lead.email) if i]
         await self._remember(pairs)
 
-    async def _flush(self, plan: _Plan, out: list[Link | CrmError | None]) -> None:
+    async def _flush(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
         """Status changes and notes for existing leads, one array call each. A failure fails
         only the items that still needed it (their lead exists; the retry will update it)."""
         for call, bodies in (
@@ -263,7 +313,9 @@ class AmoCrmAdapter:
                 return found
         return None
 
-    async def _complete_contact(self, contact: AmoContact, lead: Lead) -> None:
+    async def _complete_contact(
+        self, contact: AmoContact, lead: Lead, claims: ContactClaims
+    ) -> None:
         """Add the phone or email the contact lacks, so the next search finds it either way.
 
         PATCH replaces all values of a field, so the existing values are sent along."""
@@ -280,101 +332,51 @@ class AmoCrmAdapter:
             for code, values in (("PHONE", phones), ("EMAIL", emails))
             if values
         ]
+        claims.wrote(contact.id)
         await self.api.update_contacts([{"id": contact.id, "custom_fields_values": fields}])
         await self._remember([(i, contact.id) for i in (lead.phone, lead.email) if i])
 
     async def _new_lead(self, contact_id: int, lead: Lead, rule: FormRule, item: Delivery) -> int:
-        body = lead_body(lead, rule, item.submission_id)
-        body["_embedded"] = {"contacts": [{"id": contact_id}], **body.get("_embedded", {})}
-        ids = await self.api.create_leads([body])
+        ids = await self.api.create_leads([linked_lead_body(contact_id, lead, rule, item)])
         return ids[0]
 
-    def _complex(self, lead: Lead, rule: FormRule, item: Delivery) -> dict[str, Any]:
-        body = lead_body(lead, rule, item.submission_id)
-        contact = {
-            "first_name": lead.name or lead.phone or lead.email or "",
-            "custom_fields_values": contact_fields(lead.phone, lead.email),
-        }
-        body["_embedded"] = {"contacts": [contact], **body.get("_embedded", {})}
-        return body
+
+@dataclass(frozen=True)
+class _Found:
+    """Whom a delivery goes to: an existing contact (read from the CRM, or only its id, from
+    our link), or nobody yet (a new person)."""
+
+    contact_id: int | None = None
+    contact: AmoContact | None = None
+    indexed: bool = False  # found through the index: a contact deleted meanwhile is handled
 
 
-class _Plan:
-    """What a batch still has to send after the per-person lookups."""
-
-    def __init__(self, items: Sequence[Delivery]) -> None:
-        self.slot = {d.job_id: i for i, d in enumerate(items)}  # position in the batch
-        self.new: list[Delivery] = []
-        self.indexed: dict[int, list[int]] = {}  # job id → the person's contacts in the index
-        self.patches: list[tuple[int, dict[str, Any]]] = []  # (slot, body)
-        self.notes: list[tuple[int, dict[str, Any]]] = []
-
-    def touch(self, item: Delivery, existing: AmoLead, rule: FormRule) -> None:
-        """Move the lead to the form's status (if set and different) and add the note."""
-        slot = self.slot[item.job_id]
-        if rule.status_id and existing.status_id != rule.status_id:
-            patch: dict[str, Any] = {"id": existing.id, "status_id": rule.status_id}
-            if rule.pipeline_id:
-                patch["pipeline_id"] = rule.pipeline_id
-            self.patches.append((slot, patch))
-        self.notes.append((slot, note(existing.id, item.lead, item.submission_id)))
+async def _each(
+    items: Sequence[Delivery],
+    plan: Plan,
+    out: list[Link | CrmError | None],
+    step: Callable[[Delivery], Awaitable[T]],
+) -> dict[int, T]:
+    """`step` for every item at once: job id → its answer; an item whose step failed gets
+    its error in `out` instead."""
+    results = await asyncio.gather(*(step(d) for d in items), return_exceptions=True)
+    done: dict[int, T] = {}
+    for item, result in zip(items, results, strict=True):
+        if isinstance(result, BaseException):
+            out[plan.slot[item.job_id]] = _as_error(result)
+        else:
+            done[item.job_id] = result
+    return done
 
 
-def _as_result(result: Link | BaseException | None) -> Link | CrmError | None:
-    if isinstance(result, CrmError):
-        return result
-    if isinstance(result, BaseException):
-        if not isinstance(result, Exception):
-            raise result
-        return CrmRetryable(f"unexpected {result.__class__.__name__}: {result}")
-    return result
+def _as_error(exc: BaseException) -> CrmError:
+    if isinstance(exc, CrmError):
+        return exc
+    if not isinstance(exc, Exception):
+        raise exc
+    return CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")
 
 
 def _known(item: Delivery) -> bool:
     """We hold the person's contact and lead from an earlier delivery."""
     return bool(item.link.contact_id and item.link.lead_id)
-
-
-def lead_body(lead: Lead, rule: FormRule, sid: uuid.UUID) -> dict[str, Any]:
-    """The lead as amoCRM wants it: name, pipeline/status, tags, mapped custom fields."""
-    body: dict[str, Any] = {
-        "name": rule.lead_name.format(form=lead.form, name=lead.name or lead.phone or lead.email),
-        "request_id": str(sid),
-    }
-    if rule.pipeline_id:
-        body["pipeline_id"] = rule.pipeline_id
-    if rule.status_id:
-        body["status_id"] = rule.status_id
-    custom = [
-        {"field_id": field_id, "values": [{"value": value}]}
-        for name, field_id in rule.field_map.items()
-        if (value := field_value(lead, name)) is not None
-    ]
-    if custom:
-        body["custom_fields_values"] = custom
-    if rule.tags:
-        body["_embedded"] = {"tags": [{"name": t} for t in rule.tags]}
-    return body
-
-
-def field_value(lead: Lead, name: str) -> str | None:
-    """`utm_source` → lead.utm["source"]; `a.b` → lead.fields["a"]["b"]; else lead.fields[name]."""
-    if name.startswith("utm_"):
-        return lead.utm.get(name[4:])
-    value: Any = lead.fields
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    if value is None or isinstance(value, dict | list):
-        return None
-    return str(value)
-
-
-def note(lead_id: int, lead: Lead, sid: uuid.UUID) -> dict[str, Any]:
-    """A note with the submission, so the manager sees every form the person sent."""
-    return {
-        "entity_id": lead_id,
-        "note_type": "common",
-        "params": {"text": lead.summary(sid)[:NOTE_LIMIT]},
-    }

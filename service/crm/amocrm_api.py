@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
@@ -32,7 +32,14 @@ from service.crm.amocrm_parse import (
     parse_contact_page,
     parse_lead,
 )
-from service.crm.http import Gate, retry_after_seconds, send_json
+from service.crm.http import (
+    Credentials,
+    Gate,
+    TokenSource,
+    retry_after_seconds,
+    send_json,
+    send_with_token,
+)
 from service.errors import CrmBlocked, CrmPermanent, CrmRateLimited, CrmRetryable, CrmUnauthorized
 
 __all__ = [  # what callers import from here, parsed types included
@@ -66,21 +73,6 @@ class TokenPair:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: float  # unix seconds
-
-
-class TokenSource(Protocol):
-    """Where the client gets its bearer token, and a fresh one after a 401."""
-
-    async def access_token(self) -> str:
-        """The token to send now."""
-        ...
-
-    async def refresh(self, stale_access_token: str) -> str:
-        """A fresh token to replace `stale_access_token`, which the CRM just refused.
-
-        Implementations refresh only once when many callers report the same stale token.
-        """
-        ...
 
 
 class StaticToken:
@@ -166,7 +158,7 @@ class AmoCrmApi:
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
-        self._tokens = tokens
+        self._credentials = Credentials(tokens)
         self._gate = gate
         self._timeout_s = timeout_s
 
@@ -290,26 +282,27 @@ class AmoCrmApi:
         params: Mapping[str, str] | None = None,
         none_on_404: bool = False,
     ) -> Any:
-        """Send with the current token; on 401 refresh it once and repeat once."""
-        token = await self._tokens.access_token()
-        for attempt in range(2):
-            status, body, headers = await send_json(
-                self._session,
-                self._gate,
-                method,
-                self._base + path,
-                json_body=json_body,
-                params=params,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout_s=self._timeout_s,
-            )
-            if status != 401 or attempt:
-                break
-            token = await self._tokens.refresh(token)
+        """Send with the token current when the slot is granted; on 401 wait for the one
+        refresh and repeat once (service.crm.http.send_with_token)."""
+        status, body, headers = await send_with_token(
+            self._session,
+            self._gate,
+            self._credentials,
+            method,
+            self._base + path,
+            authorize=lambda token: (json_body, {"Authorization": f"Bearer {token}"}),
+            refused=_token_refused,
+            params=params,
+            timeout_s=self._timeout_s,
+        )
         if status == 404 and none_on_404:
             return None
         _raise_for(status, body, headers)
         return body
+
+
+def _token_refused(status: int, body: Any) -> bool:
+    return status == 401
 
 
 def _raise_for(status: int, body: Any, headers: Mapping[str, str]) -> None:

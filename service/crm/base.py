@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from service.errors import CrmError
+from service.errors import CrmError, CrmRetryable
 from service.model import Lead
+
+if TYPE_CHECKING:
+    from service.crm.contact_guard import ContactGuard
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,62 @@ class Delivery:
     link: Link
 
 
+class Deferred(CrmRetryable):
+    """Not now, and not a failure: another delivery is writing to the same CRM contact.
+
+    The worker puts the job back for the next round after `delay_s` without counting an attempt;
+    the next round reads the contact again and finds the lead the other delivery made. (A
+    CrmRetryable, so that anything unaware of it still retries rather than gives up.)
+    """
+
+    def __init__(self, message: str | None = None, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        super().__init__(message)
+
+
 class CrmAdapter(Protocol):
     """Find-or-create for many people at once, in as few CRM requests as the API allows.
 
-    The worker never puts two deliveries of one person into one batch. The answer has one entry
-    per delivery, in order: the person's new link, or the CrmError that failed that delivery
-    alone (a sub-error inside a batch). Raising a CrmError fails the whole batch.
+    The worker never puts two deliveries of one person into one batch; two *people* may still
+    turn out to be one CRM contact (a phone-only and an email-only submission of someone a
+    manager entered with both): the adapter lets one delivery per contact write, in this batch
+    (`one_per_contact`) and across processes (`guard`), and answers `Deferred` for the others.
+
+    The answer has one entry per delivery, in order: the person's new link, or the CrmError that
+    failed that delivery alone (a sub-error inside a batch). Raising a CrmError fails the whole
+    batch.
     """
 
     name: str
     max_batch: int
 
-    async def deliver_batch(self, items: Sequence[Delivery]) -> list[Link | CrmError]:
-        """Put every item into the CRM, starting from what we know (`item.link`)."""
+    async def deliver_batch(
+        self, items: Sequence[Delivery], guard: ContactGuard | None = None
+    ) -> list[Link | CrmError]:
+        """Put every item into the CRM, starting from what we know (`item.link`); with `guard`,
+        writes to an existing contact are exclusive across processes too."""
         ...
+
+
+def one_per_contact(
+    resolved: Iterable[tuple[Delivery, int | None]],
+) -> tuple[dict[int, Delivery], dict[int, Deferred]]:
+    """Group a batch's deliveries by the CRM contact each resolved to; the first of each contact
+    goes ahead, the others wait for the next round.
+
+    First means the lowest job id: jobs are numbered as their submissions are stored. A delivery
+    without a contact (a new person) is in neither answer. Returns (contact id → the delivery
+    that goes ahead, job id → why it waits).
+    """
+    ahead: dict[int, Delivery] = {}
+    waiting: dict[int, Deferred] = {}
+    for delivery, contact_id in sorted(resolved, key=lambda pair: pair[0].job_id):
+        if contact_id is None:
+            continue
+        first = ahead.setdefault(contact_id, delivery)
+        if first is not delivery:
+            waiting[delivery.job_id] = Deferred(
+                f"CRM contact {contact_id} is written by job {first.job_id} of this batch; "
+                "this one follows in the next round"
+            )
+    return ahead, waiting

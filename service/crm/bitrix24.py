@@ -1,11 +1,14 @@
 """Bitrix24 find-or-create for a whole batch of people, one `batch` request per round:
 
-1. look: `crm.deal.get` (and `crm.contact.get`, when the submission may add a phone or e-mail)
-   for people we hold a link for; `crm.duplicate.findbycomm` (20 values per command) for the
+1. look: `crm.contact.get` and `crm.deal.list` of its open deals for people we hold a link for
+   (their deal, if still open, else the contact's newest open deal: another of our people or a
+   manager may have opened one); `crm.duplicate.findbycomm` (20 values per command) for the
    phones and e-mails of everyone else;
 2. recheck, only when findbycomm found someone: `crm.contact.get` (findbycomm normalises
    phones, so hits are re-checked exactly) and `crm.deal.list` of the open deals of every hit;
-3. write: a known person's open deal gets its stage (if the form sets one) and a timeline
+3. one delivery per contact goes on (`ContactClaims`: in this batch and across processes), the
+   others are `Deferred` to the next round, where they find its deal;
+4. write: a known person's open deal gets its stage (if the form sets one) and a timeline
    comment with the submission, and their contact the phone/e-mail it lacked; a known contact
    without an open deal gets a new deal; a new person gets `crm.contact.add` and `crm.deal.add`
    linked through `$result[c<i>]`, 25 people per request.
@@ -17,10 +20,10 @@ gets a deal for that contact, not a second contact.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from service.crm.base import Delivery, Link
 from service.crm.bitrix24_api import (
@@ -30,7 +33,6 @@ from service.crm.bitrix24_api import (
     BitrixContact,
     BitrixDeal,
     BitrixNotFound,
-    Ref,
     as_int,
     build_query,
     findbycomm_commands,
@@ -38,14 +40,20 @@ from service.crm.bitrix24_api import (
     parse_contact,
     parse_deal,
 )
+from service.crm.bitrix24_fields import (
+    contact_fields,
+    deal_fields,
+    missing_comms,
+    stage_for,
+    submission_text,
+)
+from service.crm.contact_guard import ContactClaims, ContactGuard
 from service.errors import CrmError, CrmRetryable
 from service.model import Lead
 from service.settings import FormRule, Settings
 
 _WRITE_ORDER = ("c", "p", "d", "u", "m")  # a person's first failed command is the one reported
-_UTM = ("source", "medium", "campaign", "content", "term")
 _DEAL_SELECT = ["ID", "CATEGORY_ID", "STAGE_ID", "STAGE_SEMANTIC_ID", "CLOSED", "CONTACT_ID"]
-TEXT_LIMIT = 4000
 
 
 @dataclass
@@ -79,20 +87,28 @@ class Bitrix24Adapter:
     def __init__(self, api: Bitrix24Api, settings: Settings) -> None:
         self.api = api
         self.settings = settings
+        portal = settings.bitrix24_portal_url or settings.bitrix24_webhook_url or ""
+        self.account = f"bitrix24:{urlparse(portal).netloc or portal}"
 
-    async def deliver_batch(self, items: Sequence[Delivery]) -> list[Link | CrmError]:
+    async def deliver_batch(
+        self, items: Sequence[Delivery], guard: ContactGuard | None = None
+    ) -> list[Link | CrmError]:
         """Find or create every item's person; one Link or CrmError per item, in order."""
         if len(items) > self.max_batch:
             raise ValueError(f"at most {self.max_batch} deliveries per batch, got {len(items)}")
         people = [
             Person(n, item, self.settings.form_rule(item.lead.form)) for n, item in enumerate(items)
         ]
-        search = Search(self.api)
-        await self._look(people, search)
-        if any(p.pending and p.searching for p in people):
-            await search.resolve([p for p in people if p.pending and p.searching])
-        _defer_shared_contacts(people)
-        await self._write([p for p in people if p.pending])
+        async with ContactClaims(guard, self.account) as claims:
+            search = Search(self.api)
+            await self._look(people, search)
+            if any(p.pending and p.searching for p in people):
+                await search.resolve([p for p in people if p.pending and p.searching])
+            resolved = [(p.delivery, p.contact_id) for p in people if p.pending]
+            waiting = await claims.hold(resolved)
+            for person in people:
+                person.outcome = waiting.get(person.delivery.job_id, person.outcome)
+            await self._write([p for p in people if p.pending], claims)
         # Every path sets an outcome; the fallback only guards "one answer per item".
         lost = CrmRetryable("the Bitrix24 adapter reached no result for this delivery")
         return [lost if p.outcome is None else p.outcome for p in people]
@@ -121,8 +137,12 @@ class Bitrix24Adapter:
 
     # ---- round 3: writes ----------------------------------------------------------------------
 
-    async def _write(self, people: list[Person]) -> None:
+    async def _write(self, people: list[Person], claims: ContactClaims) -> None:
         groups = [(p, self._writes(p)) for p in people]
+        for person, group in groups:
+            adds = f"p{person.index}" in group or f"d{person.index}" in group
+            if person.contact_id is not None and adds:  # to an existing contact
+                claims.wrote(person.contact_id)
         packs = list(_packs(groups))
         for n, pack in enumerate(packs):
             cmds = {name: cmd for _, group in pack for name, cmd in group.items()}
@@ -168,47 +188,35 @@ class Bitrix24Adapter:
 
 
 def _look_commands(person: Person) -> dict[str, str]:
-    i, link, lead = person.index, person.delivery.link, person.delivery.lead
-    cmds = {f"g{i}": f"crm.deal.get?id={int(link.lead_id or 0)}"}
-    # A second identity may be new to the contact; with one, it is the one the person was
-    # recognised by, which the contact got when we created or completed it.
-    if lead.phone and lead.email:
-        cmds[f"k{i}"] = f"crm.contact.get?id={int(link.contact_id or 0)}"
-    return cmds
+    """The linked contact (what it lacks; whether it is still there) and its open deals."""
+    i, contact_id = person.index, int(person.delivery.link.contact_id or 0)
+    return {
+        f"k{i}": f"crm.contact.get?id={contact_id}",
+        f"o{i}": "crm.deal.list?" + build_query(_open_deals_query(contact_id)),
+    }
 
 
 def _read_link(person: Person, result: dict[str, object], errors: dict[str, CrmError]) -> None:
-    """The linked deal (and contact): open → update it, closed → new deal, gone → search."""
+    """The linked deal if still open, else the contact's newest open deal (another of our
+    people, or a manager, may have opened one), else a new deal; the contact gone → search."""
     i, link = person.index, person.delivery.link
-    failed = errors.get(f"g{i}") or errors.get(f"k{i}")
+    failed = errors.get(f"k{i}") or errors.get(f"o{i}")
     if isinstance(failed, BitrixNotFound):
         person.searching = True  # deleted in the CRM: find the person afresh
         return
     if failed is not None:
         person.outcome = failed
         return
-    deal = parse_deal(result.get(f"g{i}"))
-    if deal is None:
-        person.outcome = CrmRetryable("Bitrix24 answered crm.deal.get without a readable deal")
+    contact, rows = parse_contact(result.get(f"k{i}")), result.get(f"o{i}")
+    if contact is None or not isinstance(rows, list):
+        person.outcome = CrmRetryable("Bitrix24 answered without the linked contact or its deals")
         return
     person.searching = False
-    person.contact_id = link.contact_id
-    person.contact = parse_contact(result.get(f"k{i}")) if f"k{i}" in result else None
-    person.deal = deal if deal.is_open else None
-
-
-def _defer_shared_contacts(people: list[Person]) -> None:
-    """Two deliveries that resolve to one contact must not both add a deal for it: the later
-    one is retried (and then finds the deal the first one made)."""
-    seen: set[int] = set()
-    for person in people:
-        if not person.pending or person.contact_id is None:
-            continue
-        if person.contact_id in seen:
-            person.outcome = CrmRetryable(
-                "another delivery in this batch has the same Bitrix24 contact; retry later"
-            )
-        seen.add(person.contact_id)
+    person.contact_id, person.contact = link.contact_id, contact
+    kept = [
+        d for d in map(parse_deal, rows) if d is not None and d.is_open and d.id == link.lead_id
+    ]
+    person.deal = kept[0] if kept else _open_deal(rows, person.rule)
 
 
 def _packs(
@@ -308,14 +316,17 @@ class Search:
 def _recheck_commands(ids: list[int]) -> dict[str, str]:
     cmds: dict[str, str] = {}
     for contact_id in ids:
-        query = {
-            "filter": {"CONTACT_ID": contact_id, "CLOSED": "N"},
-            "order": {"ID": "DESC"},
-            "select": _DEAL_SELECT,
-        }
         cmds[f"cg{contact_id}"] = f"crm.contact.get?id={contact_id}"
-        cmds[f"dl{contact_id}"] = "crm.deal.list?" + build_query(query)
+        cmds[f"dl{contact_id}"] = "crm.deal.list?" + build_query(_open_deals_query(contact_id))
     return cmds
+
+
+def _open_deals_query(contact_id: int) -> dict[str, Any]:
+    return {
+        "filter": {"CONTACT_ID": contact_id, "CLOSED": "N"},
+        "order": {"ID": "DESC"},
+        "select": _DEAL_SELECT,
+    }
 
 
 def _choose(
@@ -360,69 +371,3 @@ def _open_deal(rows: list[Any], rule: FormRule) -> BitrixDeal | None:
     if rule.pipeline_id is not None:
         deals = [d for d in deals if d.category_id == rule.pipeline_id]
     return max(deals, key=lambda d: d.id, default=None)
-
-
-# ---- what is written ---------------------------------------------------------------------------
-
-
-def contact_fields(lead: Lead) -> dict[str, Any]:
-    """A new contact: a name (the phone or e-mail when none was given), work phone and e-mail."""
-    name = lead.name or lead.phone or lead.email or ""
-    return {"NAME": name, "SOURCE_ID": "WEB", **missing_comms(None, lead)}
-
-
-def missing_comms(contact: BitrixContact | None, lead: Lead) -> dict[str, Any]:
-    """The phone/e-mail the contact lacks (all of them for no contact), as multi-fields."""
-    missing: dict[str, Any] = {}
-    for kind, value in (("PHONE", lead.phone), ("EMAIL", lead.email)):
-        if value and not (contact and contact.has(kind, value)):
-            missing[kind] = [{"VALUE": value, "VALUE_TYPE": "WORK"}]
-    return missing
-
-
-def deal_fields(lead: Lead, rule: FormRule, sid: uuid.UUID, contact: int | str) -> dict[str, Any]:
-    """A new deal: title from the form rule, category/stage, source, UTM, the submission.
-
-    `contact` is the contact's id, or the name of the batch command that creates it.
-    """
-    contact_ref: int | Ref = contact if isinstance(contact, int) else Ref(contact)
-    fields: dict[str, Any] = {
-        "TITLE": _title(lead, rule),
-        "SOURCE_ID": "WEB",
-        "COMMENTS": submission_text(lead, sid),
-        "CONTACT_IDS": [contact_ref],
-    }
-    if rule.pipeline_id is not None:
-        fields["CATEGORY_ID"] = rule.pipeline_id
-    stage = stage_for(rule, rule.pipeline_id or 0)
-    if stage is not None:
-        fields["STAGE_ID"] = stage
-    for name in _UTM:
-        if lead.utm.get(name):
-            fields[f"UTM_{name.upper()}"] = lead.utm[name]
-    return fields
-
-
-def stage_for(rule: FormRule, category_id: int) -> str | None:
-    """STAGE_ID for the rule's `status_id` in a category, or None when the rule sets none.
-
-    The rule's ids are amoCRM-shaped integers; a Bitrix24 stage is a string, prefixed `C<n>:`
-    outside the default category, so `status_id` 5 means stage "5" or "C<n>:5".
-    """
-    if rule.status_id is None:
-        return None
-    return f"C{category_id}:{rule.status_id}" if category_id else str(rule.status_id)
-
-
-def submission_text(lead: Lead, sid: uuid.UUID) -> str:
-    """Everything the person sent, one line per field: the new deal's COMMENTS, or a timeline
-    comment on their open deal, so the manager sees every form the person sent."""
-    return lead.summary(sid)[:TEXT_LIMIT]
-
-
-def _title(lead: Lead, rule: FormRule) -> str:
-    name = lead.name or lead.phone or lead.email or ""
-    try:
-        return rule.lead_name.format(form=lead.form, name=name)
-    except (KeyError, IndexError, ValueError):  # a template naming fields we do not have
-        return f"{lead.form}: {name}"

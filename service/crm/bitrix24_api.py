@@ -1,10 +1,12 @@
-"""The Bitrix24 REST API over an incoming webhook: requests, error mapping, parsing, no logic.
+"""The Bitrix24 REST API (incoming webhook or OAuth app): requests, error mapping, no logic.
 
-Every request goes through `send_json` and so takes one rate-gate slot; a `batch` of up to 50
+Every request goes through `send_json` (with OAuth, `send_with_token`: the shared token path
+of service/crm/http.py) and so takes one rate-gate slot; a `batch` of up to 50
 commands is one request and one slot, which is what makes Bitrix24's bucket (2 requests/s) go
 far. Errors — of a whole request or of one command inside a batch — become `CrmError`s in one
 place, `error_for`. Answers are untrusted input: a 2xx we cannot read is `CrmRetryable`, never
-"nothing found" (that would make the caller create duplicates).
+"nothing found" (that would make the caller create duplicates); contacts and deals are read in
+bitrix24_parse.py.
 
 The webhook URL carries its secret in the path, so it never appears in a message or a log;
 `send_json` itself names only the host and the method.
@@ -16,12 +18,21 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from service.crm.http import Gate, send_json
+from service.crm.bitrix24_parse import (
+    BitrixContact,
+    BitrixDeal,
+    as_int,
+    comm_key,
+    found_ids,
+    parse_contact,
+    parse_deal,
+)
+from service.crm.http import Credentials, Gate, TokenSource, send_json, send_with_token
 from service.errors import (
     CrmBlocked,
     CrmError,
@@ -30,6 +41,28 @@ from service.errors import (
     CrmRetryable,
     CrmUnauthorized,
 )
+
+__all__ = [  # what callers import from here, parsed types included
+    "MAX_COMMANDS",
+    "MAX_COMM_VALUES",
+    "BatchResult",
+    "Bitrix24Api",
+    "BitrixContact",
+    "BitrixDeal",
+    "BitrixNotFound",
+    "Ref",
+    "TokenSource",
+    "as_int",
+    "build_query",
+    "comm_key",
+    "error_for",
+    "findbycomm_commands",
+    "found_ids",
+    "parse_batch",
+    "parse_contact",
+    "parse_deal",
+    "unwrap",
+]
 
 MAX_COMMANDS = 50  # per batch
 MAX_COMM_VALUES = 20  # per crm.duplicate.findbycomm
@@ -43,24 +76,6 @@ _PERMISSION_CODES = frozenset({"insufficient_scope", "ACCESS_DENIED"})
 _TRANSIENT_CODES = frozenset({"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"})
 # Batch substitution prefixes Bitrix24 expands in any parameter value (see `build_query`).
 _REFERENCE = re.compile(r"\$(?=(?:result|result_error|result_total|result_next|result_time)\[)")
-
-
-class TokenSource(Protocol):
-    """OAuth app tokens (service/oauth.py): the token to send, and a fresh one after
-    `expired_token`.
-
-    Bitrix24 access tokens live 1 hour, refresh tokens 28 days and are single-use. With a token
-    source the client sends `auth=<token>` in every body and `webhook_url` is the portal's
-    `https://<portal>/rest/`; without one the secret in the webhook path is the credential.
-    """
-
-    async def access_token(self) -> str:
-        """The token to send now."""
-        ...
-
-    async def refresh(self, stale_access_token: str) -> str:
-        """A fresh token to replace `stale_access_token`, which the portal just refused."""
-        ...
 
 
 class BitrixNotFound(CrmPermanent):
@@ -86,49 +101,13 @@ class BatchResult:
     errors: dict[str, CrmError]
 
 
-@dataclass(frozen=True)
-class BitrixContact:
-    """A contact with the phones and e-mails Bitrix24 stores for it."""
-
-    id: int
-    phones: tuple[str, ...]
-    emails: tuple[str, ...]
-
-    def has(self, kind: str, value: str) -> bool:
-        """True if the contact holds this phone or e-mail (any case).
-
-        Phones are the same digits, or the same last ten of at least ten: Bitrix24's findbycomm
-        matches a hand-typed "8 701 …" to our "+7701…", and rejecting that hit would create the
-        duplicate contact the search exists to prevent.
-        """
-        wanted = comm_key(kind, value)
-        stored = (comm_key(kind, v) for v in (self.phones if kind == "PHONE" else self.emails))
-        if kind != "PHONE":
-            return bool(wanted) and wanted in stored
-        return any(
-            v == wanted or (min(len(v), len(wanted)) >= 10 and v[-10:] == wanted[-10:])
-            for v in stored
-            if v
-        )
-
-
-@dataclass(frozen=True)
-class BitrixDeal:
-    """A deal's position in its funnel (category) and whether it is closed."""
-
-    id: int
-    category_id: int
-    stage_id: str
-    contact_id: int | None
-    closed: bool
-
-    @property
-    def is_open(self) -> bool:
-        return not self.closed
-
-
 class Bitrix24Api:
-    """Bitrix24 REST client: `call` one method, `batch` up to 50, and typed helpers."""
+    """Bitrix24 REST client: `call` one method, `batch` up to 50, and typed helpers.
+
+    With `tokens` (OAuth app tokens, service/oauth.py: access tokens live an hour, refresh
+    tokens 28 days and once) every body carries `auth=<token>` and `webhook_url` is the portal's
+    `https://<portal>/rest/`; without, the secret in the webhook path is the credential.
+    """
 
     def __init__(
         self,
@@ -143,7 +122,7 @@ class Bitrix24Api:
         self._base = webhook_url.rstrip("/") + "/"
         self._gate = gate
         self._timeout_s = timeout_s
-        self._tokens = tokens
+        self._credentials = Credentials(tokens) if tokens is not None else None
 
     def __repr__(self) -> str:
         return "Bitrix24Api(<webhook hidden>)"
@@ -215,22 +194,24 @@ class Bitrix24Api:
         return deal
 
     async def _request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """POST `{webhook}{method}.json`; with OAuth, refresh an expired token once and repeat."""
-        token = await self._tokens.access_token() if self._tokens else None
-        for attempt in range(2):
-            body = params if token is None else {**params, "auth": token}
+        """POST `{base}{method}.json`; with OAuth, `auth=<token>` in the body, the token read
+        when the slot is granted, and an expired one refreshed once per process."""
+        url = f"{self._base}{method}.json"
+        if self._credentials is None:
             status, answer, _ = await send_json(
+                self._session, self._gate, "POST", url, json_body=params, timeout_s=self._timeout_s
+            )
+        else:
+            status, answer, _ = await send_with_token(
                 self._session,
                 self._gate,
+                self._credentials,
                 "POST",
-                f"{self._base}{method}.json",
-                json_body=body,
+                url,
+                authorize=lambda token: ({**params, "auth": token}, {}),
+                refused=_token_refused,
                 timeout_s=self._timeout_s,
             )
-            expired = _code(answer) in ("expired_token", "invalid_token")
-            if self._tokens is None or token is None or not expired or attempt:
-                break
-            token = await self._tokens.refresh(token)
         return unwrap(method, status, answer)
 
 
@@ -340,69 +321,6 @@ def findbycomm_commands(kind: str, values: Sequence[str], prefix: str) -> dict[s
     }
 
 
-def found_ids(value: Any) -> list[int]:
-    """Contact ids from a findbycomm result: `{"CONTACT": [ids]}`, or `[]` for none."""
-    if isinstance(value, list) and not value:
-        return []
-    if not isinstance(value, dict):
-        raise CrmRetryable("Bitrix24 answered findbycomm with an unexpected result")
-    ids = value.get("CONTACT") or []
-    if not isinstance(ids, list):
-        raise CrmRetryable("Bitrix24 answered findbycomm with CONTACT that is not a list")
-    return [i for i in map(as_int, ids) if i is not None]
-
-
-def parse_contact(value: Any) -> BitrixContact | None:
-    """A crm.contact.get result; None if it has no id. Malformed multi-field items are skipped."""
-    contact_id = as_int(value.get("ID")) if isinstance(value, dict) else None
-    if contact_id is None:
-        return None
-    return BitrixContact(contact_id, _comms(value.get("PHONE")), _comms(value.get("EMAIL")))
-
-
-def parse_deal(value: Any) -> BitrixDeal | None:
-    """A crm.deal.get / crm.deal.list row; None without an id."""
-    deal_id = as_int(value.get("ID")) if isinstance(value, dict) else None
-    if deal_id is None:
-        return None
-    assert isinstance(value, dict)
-    stage = value.get("STAGE_ID")
-    semantic = value.get("STAGE_SEMANTIC_ID")
-    closed = value.get("CLOSED") == "Y" or semantic in ("S", "F")
-    return BitrixDeal(
-        id=deal_id,
-        category_id=as_int(value.get("CATEGORY_ID")) or 0,
-        stage_id=stage if isinstance(stage, str) else "",
-        contact_id=as_int(value.get("CONTACT_ID")),
-        closed=closed,
-    )
-
-
-def comm_key(kind: str, value: str) -> str:
-    """How phones (digits only) and e-mails (trimmed, lower-case) are compared."""
-    if kind == "PHONE":
-        return "".join(ch for ch in value if "0" <= ch <= "9")
-    return value.strip().lower()
-
-
-def as_int(value: Any) -> int | None:
-    """An id from JSON, where Bitrix24 writes numbers as strings; anything else → None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
-
-
-def _comms(items: Any) -> tuple[str, ...]:
-    if not isinstance(items, list):
-        return ()
-    values = (item.get("VALUE") for item in items if isinstance(item, dict))
-    return tuple(v.strip() for v in values if isinstance(v, str) and v.strip())
-
-
 def _section(envelope: Any, key: str) -> dict[str, Any] | None:
     value = envelope.get(key) if isinstance(envelope, dict) else None
     if isinstance(value, list):  # PHP writes an empty (or numbered) array as a JSON list
@@ -413,6 +331,10 @@ def _section(envelope: Any, key: str) -> dict[str, Any] | None:
 def _raise_first(errors: Mapping[str, CrmError]) -> None:
     for error in errors.values():
         raise error
+
+
+def _token_refused(status: int, body: Any) -> bool:
+    return _code(body) in ("expired_token", "invalid_token")
 
 
 def _code(body: Any) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from service.crm.amocrm_api import TokenPair
-from service.crm.http import Gate, send_json
+from service.crm.http import UNGATED, Gate, send_json
 from service.errors import CrmRetryable, CrmUnauthorized
 
 DEFAULT_OAUTH_URL = "https://oauth.bitrix.info/oauth/token/"
@@ -31,9 +31,12 @@ async def exchange_refresh_token(
     client_secret: str,
     refresh_token: str,
     timeout_s: float,
-    gate: Gate,
+    gate: Gate = UNGATED,
 ) -> tuple[TokenPair, str | None]:
     """Trade a (single-use) refresh token for a new pair and the portal's `client_endpoint`.
+
+    The token server is another host than the portal and outside its bucket, so by default the
+    exchange takes no slot of the CRM gate (and never queues behind the calls waiting for it).
 
     A refused refresh token (`invalid_grant`, 400 or 401 — which one is unconfirmed) or client
     (`invalid_client`) → `CrmUnauthorized`: only a new authorisation of the app fixes it.

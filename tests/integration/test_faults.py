@@ -106,6 +106,8 @@ async def test_storm_of_429_5xx_timeouts_and_a_token_expiry_all_deliver(
     # phase 3: a 429 storm, 5xx answers and hangs past our timeout. (Not during a refresh: a
     # refresh whose answer is lost has spent the single-use refresh token for good.)
     sim.fail_next("*", "/api/v4/*", 429, count=6)
+    # then two certain 5xx (the random ones below may miss a phase this short): counted attempts
+    sim.fail_next("*", "/api/v4/*", 500, count=2)
     sim.config.error_rate = 0.15
     sim.config.timeout_rate = 0.05
     sim.config.hang_s = 3.0
