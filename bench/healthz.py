@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,23 +26,18 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from bench.common import LoadResult, free_port, have_wrk, machine_facts, run_aiohttp_load, run_wrk
+from bench.common import (
+    LoadResult,
+    Server,
+    clean_env,
+    free_port,
+    have_wrk,
+    machine_facts,
+    run_aiohttp_load,
+    run_wrk,
+)
 
 FORM_PATH = "/api/v1/forms/bench"
-
-
-async def wait_ready(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(f"{url}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise SystemExit("service not ready")
 
 
 async def probe(url: str, seconds: float) -> list[float]:
@@ -81,25 +74,22 @@ async def load_elsewhere(url: str, connections: int, seconds: float, tool: str) 
 async def main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="crh-", dir="/tmp"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMOCRM_", "BITRIX24_"))}
-    for var in ("DATABASE_URL", "CRM", "REDIS_URL", "CRM_RELAY_CONFIG"):
-        env.pop(var, None)
-    env.update(CRM_RELAY_DATA_DIR=str(root / "var"), PORT=str(port), HOST="127.0.0.1")
-    env.update(LOG_LEVEL=args.log_level)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    env = clean_env(
+        CRM_RELAY_DATA_DIR=str(root / "var"),
+        PORT=str(port),
+        HOST="127.0.0.1",
+        LOG_LEVEL=args.log_level,
     )
-    url = f"http://127.0.0.1:{port}"
+    server = Server(
+        "service", [sys.executable, "-m", "service", "serve"], env, port, "/readyz", root / "log"
+    )
     try:
-        await wait_ready(url)
+        await server.start()
         print(f"machine: {machine_facts()}")
         print(f"load: {args.tool}, {args.connections} connections, {args.seconds:.0f} s")
         load, times = await asyncio.gather(
-            load_elsewhere(url, args.connections, args.seconds, args.tool),
-            probe(url, args.seconds),
+            load_elsewhere(server.url, args.connections, args.seconds, args.tool),
+            probe(server.url, args.seconds),
         )
         q = statistics.quantiles(times, n=100)
         print(
@@ -111,8 +101,7 @@ async def main(args: argparse.Namespace) -> None:
             f"max {max(times):.1f} ms"
         )
     finally:
-        proc.terminate()
-        proc.wait(15)
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -146,7 +146,6 @@ class Intake:
         self.locks = locks or KeyLocks()
         # across processes (service.cluster): Redis keys, PostgreSQL person locks
         self.shared_keys = shared_keys or NoSharedKeys()
-        self.shared = self.shared_keys.enabled  # else no task per request just to learn nothing
         self.person_locks = person_locks
         self.writer = GroupCommit(store)
         self.write_timeout_s = write_timeout_s
@@ -163,7 +162,9 @@ class Intake:
                 return self._count(Receipt(sid, duplicate=True))
             # another process may have taken it: Redis knows sooner than the database would
             # (asked while we take the person's lock: two round trips at once, not one by one)
-            claim = asyncio.ensure_future(self.shared_keys.claim(key)) if self.shared else None
+            # (without Redis, no task per request just to learn nothing)
+            shared = self.shared_keys.enabled
+            claim = asyncio.ensure_future(self.shared_keys.claim(key)) if shared else None
             async with self._person_lock(lead):
                 if claim is not None and (sid := await claim) is not None:
                     self.window.put(key, sid)

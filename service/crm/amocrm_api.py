@@ -20,7 +20,6 @@ from service.crm.amocrm_parse import (
     AmoLead,
     ComplexResult,
     ContactPage,
-    as_int,
     contact_fields,
     dicts,
     digits,
@@ -32,6 +31,7 @@ from service.crm.amocrm_parse import (
     parse_contact_page,
     parse_lead,
 )
+from service.crm.base import as_int
 from service.crm.http import (
     Credentials,
     Gate,

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.crm.base import as_int
 from service.errors import CrmRetryable
 
 CLOSED_STATUSES = frozenset({142, 143})  # won, lost: the same ids in every amoCRM pipeline
@@ -169,16 +170,6 @@ def ids(items: list[dict[str, Any]]) -> list[int]:
     """The integer `id`s of `items`, skipping the unreadable."""
     return [i for i in (as_int(item.get("id")) for item in items) if i is not None]
 
-
-def as_int(value: Any) -> int | None:
-    """An integer, or the digits of one; None for anything else (bool included)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
 
 
 def contact_fields(phone: str | None, email: str | None) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.errors import CrmError, CrmRetryable
 from service.model import Lead
@@ -92,3 +92,15 @@ def one_per_contact(
                 "this one follows in the next round"
             )
     return ahead, waiting
+
+
+def as_int(value: Any) -> int | None:
+    """An id from a CRM's JSON: an integer, or the digits of one (Bitrix24 writes numbers as
+    strings); None for anything else, bool included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None

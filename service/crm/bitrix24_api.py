@@ -23,10 +23,10 @@ from urllib.parse import quote
 
 import aiohttp
 
+from service.crm.base import as_int
 from service.crm.bitrix24_parse import (
     BitrixContact,
     BitrixDeal,
-    as_int,
     comm_key,
     found_ids,
     parse_contact,

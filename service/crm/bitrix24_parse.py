@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.crm.base import as_int
 from service.errors import CrmRetryable
 
 
@@ -98,16 +99,6 @@ def comm_key(kind: str, value: str) -> str:
         return "".join(ch for ch in value if "0" <= ch <= "9")
     return value.strip().lower()
 
-
-def as_int(value: Any) -> int | None:
-    """An id from JSON, where Bitrix24 writes numbers as strings; anything else → None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
 
 
 def _comms(items: Any) -> tuple[str, ...]:
