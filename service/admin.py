@@ -349,8 +349,7 @@ async def admin_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[ADMIN_STORE] = AdminStore(rt.store.pool)
     intake = rt.intake
     sources: list[LockSource] = [ProcessLocks(intake.locks if intake else None)]
-    person_locks = ClusterPersonLocks(rt.store.pool, intake.person_locks if intake else None)
-    app[LOCK_SOURCES] = [*sources, PersonLeases(store), person_locks]
+    app[LOCK_SOURCES] = [*sources, PersonLeases(store), ClusterPersonLocks(rt.store.pool)]
     yield
 
 

@@ -15,9 +15,8 @@ from aiohttp import web
 
 from service.admin_store import AdminStore, json_ready
 from service.errors import StoreUnavailable
-from service.locks import KeyLocks, PersonLocks, person_lock_key, person_locks_held
+from service.locks import KeyLocks, person_locks_held
 from service.logs import mask_text
-from service.normalize import mask_email, mask_phone
 from service.store import UNAVAILABLE
 
 
@@ -81,58 +80,30 @@ class PersonLeases:
 
 
 class ClusterPersonLocks:
-    """Intake's person locks across processes: every holder's from `pg_locks` (keys are hashes of
-    identities), and this process's own with the identity masked."""
+    """Intake's person locks across processes, from `pg_locks`: each is held by an ingest
+    transaction while it writes (keys are hashes of identities: `service.locks.person_lock_key`;
+    `holder` is the process's name, its connections' application_name)."""
 
     name = "person-locks"
 
-    def __init__(self, pool: asyncpg.Pool, local: PersonLocks | None) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.local = local
 
     async def held(self) -> list[dict[str, Any]]:
         try:
             rows = await person_locks_held(self.pool)
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
-        cluster = [{"scope": "cluster", **json_ready(row), "key": str(row["key"])} for row in rows]
-        return cluster + self._mine()
-
-    def _mine(self) -> list[dict[str, Any]]:
-        if self.local is None:
-            return []
-        # lock_key is the identity's hash as pg_locks shows it (an unsigned objid): it links a
-        # cluster row to the person this process locked, without showing whose it is
-        return [
-            {
-                "scope": "this process",
-                "key": _masked(identity),
-                "lock_key": str(person_lock_key(identity) & 0xFFFFFFFF),
-                "holder": self.local.name,
-                "held_s": round(seconds, 3),
-            }
-            for identity, seconds in self.local.held().items()
-        ]
+        return [{"scope": "cluster", **json_ready(row), "key": str(row["key"])} for row in rows]
 
     async def release(self, key: str) -> bool:
-        # pg_advisory_unlock works only in the session that took the lock; another session
-        # cannot take it away (and terminating the holder's connection would cut every write
-        # it has in flight). The locks last one write: they free themselves within seconds.
+        # a transaction's advisory lock ends with the transaction; no other session can take it
+        # away (terminating the holder's connection would cut the write it guards)
         raise LockRefused(
-            "a person lock is a PostgreSQL advisory lock: only the holding session can release "
-            "it. It is released when the holder's write ends, or when the holding process (see "
-            "`holder`) stops and its lock connection closes"
+            "a person lock is a PostgreSQL advisory lock held by an ingest transaction: only that "
+            "transaction can release it, and it does when its write commits or rolls back "
+            "(within milliseconds; the holder's connection is named by `holder`)"
         )
-
-
-def _masked(identity: str) -> str:
-    """`phone:+77011234567` → `phone:+7******4567`, `email:ivan@x.kz` → `email:i***@x.kz`."""
-    kind, _, value = identity.partition(":")
-    if kind == "phone":
-        return f"phone:{mask_phone(value)}"
-    if kind == "email":
-        return f"email:{mask_email(value)}"
-    return mask_text(identity)
 
 
 LOCK_SOURCES = web.AppKey("lock_sources", list[LockSource])

@@ -158,8 +158,8 @@ def _paths() -> Json:
         },
         f"{api}/locks": {
             "get": _op(
-                "Locks held, by source: process, people (leases), person-locks (intake's "
-                "cluster-wide advisory locks; this process's with masked identities), redis",
+                "Locks held, by source: process, people (leases), person-locks (advisory locks "
+                "ingest transactions hold across the cluster, keyed by hash), redis",
                 "by source",
             )
         },
@@ -175,7 +175,7 @@ def _paths() -> Json:
                     "404": {"description": "not held", "content": _error()},
                     "409": {
                         "description": "cannot be force-released (process; person-locks: only "
-                        "the holding session can release them)",
+                        "the holding transaction can release them)",
                         "content": _error(),
                     },
                 },

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from service import admin, alerts, health, intake, metrics, webhooks
-from service.cluster import Cluster, connect_redis
+from service.cluster import Cluster, connect_redis, process_name
 from service.crm.amocrm import AmoCrmAdapter
 from service.crm.amocrm_api import AmoCrmApi, StaticToken, TokenSource
 from service.crm.base import CrmAdapter
@@ -35,7 +35,6 @@ from service.health import RUNTIME, Runtime
 from service.ingest import Intake
 from service.keys import IdempotencyWindow
 from service.limits import RateGate
-from service.locks import PersonLocks
 from service.oauth import Bitrix24OAuthTokens, OAuthTokens
 from service.redis_keys import SharedKeys
 from service.redis_limits import cluster_gate
@@ -48,11 +47,11 @@ log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
 DSN = web.AppKey("dsn", str)
+PROCESS_NAME = web.AppKey("process_name", str)  # host:pid:random (service.cluster)
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
 CLUSTER = web.AppKey("cluster", Cluster)
-PERSON_LOCKS = web.AppKey("person_locks", PersonLocks)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SPOOL_DRAIN_EVERY_S = 1.0
 FORWARDER_POOL_SIZE = 4
@@ -118,7 +117,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             "embedded PostgreSQL running",
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
-    pool = await create_pool(dsn)
+    # the process's name on its connections too: pg_locks and pg_stat_activity show whose they are
+    app[PROCESS_NAME] = name = process_name()
+    pool = await create_pool(dsn, application_name=name)
     async with pool.acquire() as conn:
         await migrate(conn)
     app[DSN] = dsn
@@ -135,7 +136,9 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[intake.SETTINGS]
     redis = connect_redis(settings.redis_url) if settings.redis_url else None
     rt = app[RUNTIME]
-    cluster = app[CLUSTER] = rt.cluster = Cluster(app[STORE].pool, redis, sends=rt.worker_expected)
+    cluster = app[CLUSTER] = rt.cluster = Cluster(
+        app[STORE].pool, redis, sends=rt.worker_expected, name=app[PROCESS_NAME]
+    )
     if redis is not None:
         rt.probes["redis"] = health.redis_probe(cluster.redis)
     await cluster.start()
@@ -213,14 +216,12 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     spool = Spool(settings.spool_dir)
     window = IdempotencyWindow(settings.idempotency_window_s, settings.idempotency_window_size)
     cluster = app[CLUSTER]
-    locks = app[PERSON_LOCKS] = PersonLocks(app[DSN], cluster.name)
     service = Intake(
         store,
         spool,
         window=window,
         write_timeout_s=settings.db_write_timeout_s,
         shared_keys=SharedKeys(cluster.redis, settings.idempotency_window_s),
-        person_locks=locks,
     )
     app[intake.INTAKE] = app[RUNTIME].intake = service
     events = app[webhooks.EVENTS] = webhooks.EventIntake(EventStore(store.pool), spool, settings)
@@ -232,7 +233,6 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     }
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(background(service.writer.run(), "group-commit"))
-        await stack.enter_async_context(background(locks.run(), "person-locks"))
         await stack.enter_async_context(background(events.writer.run(), "event-commit"))
         await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))
         yield

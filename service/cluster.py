@@ -193,8 +193,10 @@ class Membership:
 class Cluster:
     """This process's view of the cluster: the Redis link, the heartbeats, the mode."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis | None, *, sends: bool) -> None:
-        self.name = process_name()
+    def __init__(
+        self, pool: asyncpg.Pool, redis: Redis | None, *, sends: bool, name: str | None = None
+    ) -> None:
+        self.name = name or process_name()
         self.redis = RedisLink(redis)
         self.members = Membership(pool, self.name, sends)
 

@@ -88,8 +88,11 @@ async def listen_forever(dsn: str, channel: str, wake: Callable[..., None]) -> N
                 await asyncio.wait_for(conn.close(), 2)
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, application_name: str | None = None
+) -> asyncpg.Pool:
     """A pool whose connections fail fast when the server is gone."""
+    settings = {"application_name": application_name[:63]} if application_name else None
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -97,6 +100,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         timeout=5,
         command_timeout=30,
         max_inactive_connection_lifetime=60,
+        server_settings=settings,
     )
     return pool
 

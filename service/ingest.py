@@ -8,7 +8,6 @@ unreachable or slow, the submission goes to the fsync'd spool and the sender sti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -20,7 +19,7 @@ import asyncpg
 
 from service.errors import BadInput, FieldError, StoreUnavailable
 from service.keys import IdempotencyWindow, submission_key
-from service.locks import KeyLocks, PersonLocks
+from service.locks import KeyLocks
 from service.model import Lead
 from service.redis_keys import NoSharedKeys, SharedKeys
 from service.spool import Spool
@@ -138,15 +137,14 @@ class Intake:
         locks: KeyLocks | None = None,
         write_timeout_s: float = 2.0,
         shared_keys: SharedKeys | None = None,
-        person_locks: PersonLocks | None = None,
     ) -> None:
         self.store = store
         self.spool = spool
         self.window = window
         self.locks = locks or KeyLocks()
-        # across processes (service.cluster): Redis keys, PostgreSQL person locks
+        # across processes (service.cluster): Redis keys; the person lock is the database's own,
+        # taken inside the ingest transaction (service.locks)
         self.shared_keys = shared_keys or NoSharedKeys()
-        self.person_locks = person_locks
         self.writer = GroupCommit(store)
         self.write_timeout_s = write_timeout_s
         self._db_down_until = 0.0
@@ -161,25 +159,14 @@ class Intake:
             if (sid := self.window.get(key)) is not None:
                 return self._count(Receipt(sid, duplicate=True))
             # another process may have taken it: Redis knows sooner than the database would
-            # (asked while we take the person's lock: two round trips at once, not one by one)
-            # (without Redis, no task per request just to learn nothing)
-            shared = self.shared_keys.enabled
-            claim = asyncio.ensure_future(self.shared_keys.claim(key)) if shared else None
-            async with self._person_lock(lead):
-                if claim is not None and (sid := await claim) is not None:
-                    self.window.put(key, sid)
-                    return self._count(Receipt(sid, duplicate=True))
-                pending = Pending(uuid.uuid4(), key, lead, dt.datetime.now(dt.UTC))
-                receipt = await self._store(pending)
+            if self.shared_keys.enabled and (sid := await self.shared_keys.claim(key)) is not None:
+                self.window.put(key, sid)
+                return self._count(Receipt(sid, duplicate=True))
+            pending = Pending(uuid.uuid4(), key, lead, dt.datetime.now(dt.UTC))
+            receipt = await self._store(pending)
             self.window.put(key, receipt.id)
             self.shared_keys.remember(key, receipt.id)
             return self._count(receipt)
-
-    def _person_lock(self, lead: Lead) -> contextlib.AbstractAsyncContextManager[bool]:
-        """The person across processes, so no two resolve its identities at once."""
-        if self.person_locks is None:
-            return contextlib.nullcontext(False)
-        return self.person_locks.hold(lead.identities())
 
     async def _store(self, pending: Pending) -> Receipt:
         if time.monotonic() >= self._db_down_until:

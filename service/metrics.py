@@ -10,10 +10,11 @@ requests (in the middleware) and CRM calls (an aiohttp trace on the CRM client s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
@@ -105,9 +106,17 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+# made request ids: 16 random hex digits for this process, then a counter (32 hex digits as a
+# uuid4's hex, unique across processes and restarts alike, without a uuid4 per request)
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
 def _request_id(request: web.Request) -> str:
-    sent = request.headers.get("X-Request-Id", "")
-    return sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
+    sent = request.headers.get("X-Request-Id")
+    if sent is not None and _REQUEST_ID.match(sent):
+        return sent
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 @web.middleware
@@ -152,9 +161,10 @@ def _record(
     if not ACCESS_LOG.isEnabledFor(level):
         return
     path = logs.mask_text(path)  # never the query string: admin lookups carry phones and emails
+    method = request.method
     extra: dict[str, Any] = {
         "action": "http_request",
-        "method": request.method,
+        "method": method,
         "route": route,
         "path": path,
         "status": status,
@@ -162,7 +172,7 @@ def _record(
     }
     if submission_id:
         extra["submission_id"] = submission_id
-    ACCESS_LOG.log(level, "%s %s %s", request.method, path, status, extra=extra)
+    logs.log_direct(ACCESS_LOG, level, f"{method} {path} {status}", extra)
 
 
 # --- CRM calls ------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import phonenumbers
 
 from service.errors import BadInput, FieldError
 from service.model import Lead
+from service.phone_valid import is_valid
 
 _FORM = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CONTAINERS = frozenset({"contact", "contacts", "fields", "form", "data"})
@@ -28,6 +28,7 @@ _PHONE_KEYS = ("phone", "tel", "telephone", "phone_number", "phonenumber", "mobi
 _EMAIL_KEYS = ("email", "e-mail", "mail", "почта")
 _NAME_KEYS = ("name", "fio", "full_name", "fullname", "имя")
 _UTM_KEYS = ("source", "medium", "campaign", "content", "term")
+_UTM_ALIASES = tuple((tag, ("utm_" + tag,)) for tag in _UTM_KEYS)
 _MAX_NAME = 255
 _MAX_EMAIL = 254
 _MAX_CACHED_PHONE = 64
@@ -37,8 +38,7 @@ _DIGITS = re.compile(r"[1-9][0-9]{5,16}")
 Path = tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class _Hit:
+class _Hit(NamedTuple):
     """One candidate field: where it was found and what it holds."""
 
     rank: tuple[int, int, str]  # (alias position, nesting level, key): lower wins
@@ -84,6 +84,8 @@ def _check_form(form: str) -> list[FieldError]:
 
 def _check_lengths(data: Mapping[str, Any], limit: int) -> list[FieldError]:
     """Every string anywhere in data longer than limit; iterative, whatever the nesting."""
+    if all(type(v) is str and len(v) <= limit for v in data.values()):
+        return []  # a flat form of short strings, as most are
     errors = []
     stack: list[tuple[str, Any]] = [(str(k), v) for k, v in data.items()]
     while stack:
@@ -97,30 +99,38 @@ def _check_lengths(data: Mapping[str, Any], limit: int) -> list[FieldError]:
     return sorted(errors, key=lambda e: e.field)
 
 
-def _candidates(data: Mapping[str, Any]) -> list[tuple[str, Path, Any]]:
-    """(case-folded key, path, value) at the top level and one level into contact containers."""
-    found: list[tuple[str, Path, Any]] = []
+# case-folded field name → every (path, value) under it: one pass over the body, then each alias
+# is a dict lookup (the name, contact and UTM lookups asked every field a dozen times before)
+Index = dict[str, list[tuple[Path, Any]]]
+
+
+def _candidates(data: Mapping[str, Any]) -> Index:
+    """Fields at the top level and one level into contact containers, by case-folded name."""
+    found: Index = {}
     for key, value in data.items():
         if not isinstance(key, str):
             continue
         folded = key.strip().casefold()
-        found.append((folded, (key,), value))
+        found.setdefault(folded, []).append(((key,), value))
         if folded in _CONTAINERS and isinstance(value, Mapping):
-            found.extend(
-                (k.strip().casefold(), (key, k), v) for k, v in value.items() if isinstance(k, str)
-            )
+            for k, v in value.items():
+                if isinstance(k, str):
+                    found.setdefault(k.strip().casefold(), []).append(((key, k), v))
     return found
 
 
-def _pick(found: list[tuple[str, Path, Any]], aliases: tuple[str, ...]) -> _Hit | None:
+def _pick(found: Index, aliases: tuple[str, ...]) -> _Hit | None:
     """The best non-blank field among aliases, by alias order, then level, then key."""
-    best: _Hit | None = None
-    for folded, path, value in found:
-        if folded in aliases and not _blank(value):
-            rank = (aliases.index(folded), len(path), "\0".join(path))
-            if best is None or rank < best.rank:
-                best = _Hit(rank, path, value)
-    return best
+    for position, alias in enumerate(aliases):
+        best: _Hit | None = None
+        for path, value in found.get(alias, ()):
+            if not _blank(value):
+                rank = (position, len(path), "\0".join(path))
+                if best is None or rank < best.rank:
+                    best = _Hit(rank, path, value)
+        if best is not None:
+            return best
+    return None
 
 
 def _blank(value: Any) -> bool:
@@ -146,7 +156,7 @@ def _text(value: Any) -> str | None:
 
 
 def _contact(
-    hits: list[tuple[str, Path, Any]],
+    hits: Index,
     default_region: str | None,
     consumed: set[Path],
     extra: dict[str, Any],
@@ -250,8 +260,7 @@ def _canonical(text: str) -> str | None:
         national = digits[size:]
         if national.startswith("0") or (trunk is not None and trunk.match(national)):
             return None
-        number = phonenumbers.PhoneNumber(country_code=code, national_number=int(national))
-        return "+" + digits if phonenumbers.is_valid_number(number) else None
+        return "+" + digits if is_valid(code, national) else None
     return None
 
 
@@ -285,7 +294,7 @@ def normalize_email(value: str) -> str:
     problem = None
     if len(email) > _MAX_EMAIL:
         problem = f"longer than {_MAX_EMAIL} characters"
-    elif any(ch.isspace() or not ch.isprintable() for ch in email):
+    elif " " in email or not email.isprintable():  # every other space is unprintable
         problem = "must not contain spaces"
     elif not at or "@" in domain or not local:
         problem = "must look like name@example.com"
@@ -296,9 +305,7 @@ def normalize_email(value: str) -> str:
     return email
 
 
-def _name(
-    hits: list[tuple[str, Path, Any]], consumed: set[Path], extra: dict[str, Any]
-) -> str | None:
+def _name(hits: Index, consumed: set[Path], extra: dict[str, Any]) -> str | None:
     """The name field, or first_name + last_name; over-long names are cut, the original kept."""
     parts = [h for h in (_pick(hits, _NAME_KEYS),) if h is not None and _text(h.value)]
     if not parts:
@@ -316,20 +323,25 @@ def _name(
 
 def _utm(data: Mapping[str, Any], consumed: set[Path]) -> dict[str, str]:
     """UTM tags from `utm_source`-style keys, or else from a nested `utm` object."""
-    top: list[tuple[str, Path, Any]] = [
-        (folded, (k,), v)
-        for k, v in data.items()
-        if isinstance(k, str) and (folded := k.casefold()).startswith("utm_")
-    ]
-    nested: list[tuple[str, Path, Any]] = []
+    top: Index = {}
+    nested: Index = {}
     for key, value in data.items():
-        if isinstance(key, str) and key.casefold() == "utm" and isinstance(value, Mapping):
-            nested.extend(
-                ("utm_" + k.casefold(), (key, k), v) for k, v in value.items() if isinstance(k, str)
-            )
+        if not isinstance(key, str):
+            continue
+        folded = key.casefold()
+        if folded.startswith("utm_"):
+            top.setdefault(folded, []).append(((key,), value))
+        elif folded == "utm" and isinstance(value, Mapping):
+            for k, v in value.items():
+                if isinstance(k, str):
+                    nested.setdefault("utm_" + k.casefold(), []).append(((key, k), v))
     utm: dict[str, str] = {}
-    for tag in _UTM_KEYS:
-        hit = _pick(top, ("utm_" + tag,)) or _pick(nested, ("utm_" + tag,))
+    if not top and not nested:
+        return utm
+    for tag, alias in _UTM_ALIASES:
+        if alias[0] not in top and alias[0] not in nested:
+            continue
+        hit = _pick(top, alias) or _pick(nested, alias)
         text = _text(hit.value) if hit else None
         if hit and text and text.strip():
             utm[tag] = text.strip()

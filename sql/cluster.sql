@@ -26,17 +26,9 @@ SELECT name, sends, mode, started_at, beat_at,
  WHERE beat_at > now() - interval '1 day'
  ORDER BY id;
 
--- name: person_locks_step
--- One round trip for everything the lock connection has queued: release ($2), then try to take
--- ($3, in the given order). Session-level locks are re-entrant, so a key released and taken
--- again in the same step stays held whichever runs first.
-SELECT ARRAY(SELECT pg_advisory_unlock($1::int, k) FROM unnest($2::int[]) AS k) AS unlocked,
-       ARRAY(SELECT pg_try_advisory_lock($1::int, t.k)
-               FROM unnest($3::int[]) WITH ORDINALITY AS t(k, n)
-              ORDER BY t.n) AS locked;
-
 -- name: person_locks_held
--- Person locks held (or waited for) anywhere in the cluster, with the holding process.
+-- Person locks held (or waited for) anywhere in the cluster, with the holding process: ingest
+-- transactions' pg_advisory_xact_lock (migration 010).
 SELECT a.application_name AS holder, l.objid::bigint AS key, l.granted,
        extract(epoch FROM now() - a.backend_start) AS connected_s
   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import uuid
 from typing import Any
 
 import aiohttp
@@ -11,10 +13,12 @@ import orjson
 import pytest
 
 from service import cli
-from service.app import CLUSTER, PERSON_LOCKS, STORE, WORKER, Roles
+from service.app import CLUSTER, STORE, WORKER, Roles
 from service.crm.simulator import AmoCrmSimulator
 from service.locks import person_lock_key
+from service.model import Lead
 from service.settings import RetryPolicy
+from service.store import Pending
 from tests.conftest import Service, ServiceFactory, wait_for
 
 TOKEN = "admin-s3cret"
@@ -248,34 +252,33 @@ async def test_locks_list_and_force_release(
     assert status == 404
 
 
-async def test_person_locks_listed_masked_and_refused_release(
+async def test_person_locks_listed_by_hash_and_refused_release(
     service_factory: ServiceFactory,
 ) -> None:
+    """An ingest transaction in flight holds its people's locks: listed with the holding process
+    (its connections' application_name), keyed by hash, never by phone; not releasable."""
     svc = await service_factory(admin_token=TOKEN)
-    locks = svc.app[PERSON_LOCKS]
-
-    async def connected() -> bool:
-        return locks.connected
-
-    await wait_for(connected)
     identity = "phone:+77015550009"
-    async with locks.hold([identity]) as held:
-        assert held
+    lead = Lead(form="f", phone="+77015550009", email=None, name=None)
+    item = Pending(uuid.uuid4(), "c:f:locks", lead, dt.datetime.now(dt.UTC)).to_json()
+    async with svc.app[STORE].pool.acquire() as conn:
+        writing = conn.transaction()
+        await writing.start()
+        await conn.fetch("SELECT * FROM relay_ingest($1::jsonb)", orjson.dumps([item]).decode())
         status, body = await call(svc, "GET", "/admin/api/locks")
+        await writing.rollback()
     assert status == 200
     rows = body["locks"]["person-locks"]
-    assert "77015550009" not in orjson.dumps(body).decode()  # only masked, or as a hash
+    assert "77015550009" not in orjson.dumps(body).decode()  # a hash, never the phone
     expected_key = str(person_lock_key(identity) & 0xFFFFFFFF)  # pg_locks shows it unsigned
-    [cluster] = [r for r in rows if r["scope"] == "cluster"]
-    assert cluster["key"] == expected_key and cluster["granted"] is True
-    assert cluster["holder"] == svc.app[CLUSTER].name
-    [mine] = [r for r in rows if r["scope"] == "this process"]
-    assert mine["key"] == "phone:+7******0009" and mine["lock_key"] == expected_key
+    [held] = rows
+    assert held["scope"] == "cluster" and held["key"] == expected_key and held["granted"] is True
+    assert held["holder"] == svc.app[CLUSTER].name
 
     status, body = await call(svc, "DELETE", f"/admin/api/locks/person-locks/{expected_key}")
-    assert status == 409 and "only the holding session" in body["error"]
+    assert status == 409 and "held by an ingest transaction" in body["error"]
     _, body = await call(svc, "GET", "/admin/api/locks")
-    assert body["locks"]["person-locks"] == []  # released with the write (here: the block)
+    assert body["locks"]["person-locks"] == []  # gone with the transaction
 
 
 async def test_processes_and_cluster_mode(service_factory: ServiceFactory) -> None:

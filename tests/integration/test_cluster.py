@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
+import orjson
 
 from service.crm.simulator import AmoCrmSimulator, SimulatorConfig
-from service.locks import PERSON_LOCK_SPACE, PersonLocks, person_locks_held
+from service.locks import PERSON_LOCK_SPACE, person_lock_key
+from service.model import Lead
+from service.store import Pending
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
@@ -369,44 +374,49 @@ async def test_without_redis_processes_share_the_limit_through_postgres(
     assert seen[-1] == (PROCESSES, "local-share"), seen
 
 
-async def test_person_locks_exclude_across_processes_and_die_with_their_holder(
-    db_dsn: str,
-) -> None:
-    one, other = PersonLocks(db_dsn, "proc-one", 0.3), PersonLocks(db_dsn, "proc-other", 0.3)
-    tasks = [asyncio.create_task(locks.run()) for locks in (one, other)]
-    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
-    phone, email = "phone:+77010000001", "email:one@example.kz"
+def _item(key: str, phone: str | None, email: str | None) -> dict[str, Any]:
+    lead = Lead(form="f", phone=phone, email=email, name=None)
+    return Pending(uuid.uuid4(), key, lead, dt.datetime.now(dt.UTC)).to_json()
 
-    async def connected() -> bool:
-        return one.connected and other.connected
 
+async def _ingest(conn: asyncpg.Connection, *items: dict[str, Any]) -> None:
+    await conn.fetch("SELECT * FROM relay_ingest($1::jsonb)", orjson.dumps(items).decode())
+
+
+async def test_person_lock_keys_agree_between_python_and_sql(db: asyncpg.Connection) -> None:
+    for identity in ("phone:+77010000001", "email:ivan.petrov@почта.рф", "x", ""):
+        sql = await db.fetchval("SELECT relay_person_lock_key($1)", identity)
+        assert sql == person_lock_key(identity), identity
+
+
+async def test_two_processes_writing_one_person_resolve_it_once(db_dsn: str) -> None:
+    """Process one writes {phone P, email E}; process two, meanwhile, {E, phone P2}. Interleaved
+    without a lock, P2 would get a person of its own while E (and the submission) stay with P's,
+    and the next lead from P2 would make a second contact. The ingest transaction's person lock
+    makes the second write wait for the first, then see E's person."""
+    one, two = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    p, p2, e = "+77010000101", "+77010000102", "both@example.kz"
     try:
-        await wait_for(connected, timeout=10)
-        async with one.hold([phone, email]) as held:
-            assert held and set(one.held()) == {phone, email}
-            listed = await person_locks_held(pool)
-            assert [(r["holder"], r["granted"]) for r in listed] == [("proc-one", True)] * 2
-            t0 = time.monotonic()
-            async with other.hold([email, "phone:+77010000002"]) as held_too:
-                assert not held_too  # all or nothing; let through after give_up_s
-            assert time.monotonic() - t0 >= 0.2 and other.gave_up == 1
-            async with other.hold(["phone:+77010000002"]) as unrelated:
-                assert unrelated
-        async with other.hold([email]) as held_now:  # released with the block
-            assert held_now
-        # a holder whose session dies (its process was killed) frees the person at once
-        holding = one.hold(["phone:+77010000003"])
-        assert await holding.__aenter__()
-        async with pool.acquire() as conn:
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'proc-one'"
-            )
-        async with other.hold(["phone:+77010000003"]) as taken:
-            assert taken
-        await holding.__aexit__(None, None, None)
+        first = one.transaction()
+        await first.start()
+        await _ingest(one, _item("k1", p, e))
+        second = asyncio.create_task(_ingest(two, _item("k2", p2, e)))
+        waiting = """SELECT count(*) FROM pg_locks
+                      WHERE locktype = 'advisory' AND classid = $1::int::oid AND NOT granted"""
+        await wait_for(lambda: _fetch_positive(one, waiting, PERSON_LOCK_SPACE), timeout=10)
+        assert not second.done()
+        await first.commit()
+        await asyncio.wait_for(second, 10)
+        rows = await one.fetch(
+            "SELECT identity, person_id FROM identities WHERE identity = ANY($1::text[])",
+            [f"phone:{p}", f"phone:{p2}", f"email:{e}"],
+        )
+        assert len(rows) == 3 and len({r["person_id"] for r in rows}) == 1, rows
+        assert await one.fetchval("SELECT count(DISTINCT person_id) FROM submissions") == 1
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await pool.close()
+        await one.close()
+        await two.close()
+
+
+async def _fetch_positive(conn: asyncpg.Connection, query: str, *args: Any) -> bool:
+    return bool(await conn.fetchval(query, *args))

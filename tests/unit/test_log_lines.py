@@ -1,0 +1,136 @@
+"""The log handler `logs.setup` installs: lines batched per event-loop turn, and the access log's
+direct path (`logs.log_direct`) writing exactly what the ordinary logging path writes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from service import logs
+
+ACCESS = logging.getLogger(logs.ACCESS_LOGGER)
+EXTRAS = {
+    "action": "http_request",
+    "method": "POST",
+    "route": "/api/v1/forms/{form}",
+    "path": "/api/v1/forms/bench",
+    "status": 200,
+    "ms": 12.5,
+    "submission_id": "0b7f1f5e-0d1c-4c44-9d73-5d3a2b1c0e9f",
+}
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    buf = io.StringIO()
+    yield buf
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("created", [1_795_000_000.0, 1_795_000_000.9996, 1_795_000_059.0421])
+def test_direct_line_is_what_the_formatter_makes_of_the_record(
+    stream: io.StringIO, fmt: str, created: float
+) -> None:
+    logs.setup("INFO", fmt, stream)
+    [handler] = logging.getLogger().handlers
+    msg = "POST /api/v1/forms/bench 200"
+    record = ACCESS.makeRecord(ACCESS.name, logging.INFO, "", 0, msg, (), None, extra=EXTRAS)
+    record.created = created
+    record.msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
+    token = logs.REQUEST_ID.set("rid-7")
+    try:
+        for f in handler.filters:
+            assert callable(getattr(f, "filter", None)) and f.filter(record)  # type: ignore[union-attr]
+        expected = handler.format(record)
+    finally:
+        logs.REQUEST_ID.reset(token)
+    formatter = handler.formatter
+    assert isinstance(formatter, logs.JsonFormatter | logs.TextFormatter)
+    got = formatter.line(created, logging.INFO, ACCESS.name, msg, {**EXTRAS, "request_id": "rid-7"})
+    assert got == expected
+
+
+def test_direct_path_writes_through_setup_handler_only(stream: io.StringIO) -> None:
+    logs.setup("INFO", "json", stream)
+    token = logs.REQUEST_ID.set("rid-8")
+    try:
+        logs.log_direct(ACCESS, logging.INFO, "POST /x 200", dict(EXTRAS))
+    finally:
+        logs.REQUEST_ID.reset(token)
+    line = stream.getvalue()  # no running loop: written at once
+    assert '"request_id":"rid-8"' in line and '"status":200' in line and line.endswith("}\n")
+
+
+def test_direct_path_gives_way_to_any_other_handler(stream: io.StringIO) -> None:
+    """A second handler (pytest's caplog, an operator's) gets the record the ordinary way."""
+    logs.setup("INFO", "text", stream)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logging.getLogger().addHandler(Keep())
+    logs.log_direct(ACCESS, logging.INFO, "POST /x 200", dict(EXTRAS))
+    [record] = seen
+    assert record.getMessage() == "POST /x 200" and record.__dict__["status"] == 200
+    assert "POST /x 200" in stream.getvalue() and "status=200" in stream.getvalue()
+
+
+async def test_lines_of_one_loop_turn_go_out_together_warnings_at_once(
+    stream: io.StringIO,
+) -> None:
+    logs.setup("INFO", "text", stream)
+    log = logging.getLogger("service.test_lines")
+    writes: list[str] = []
+    real_write = stream.write
+
+    def write(text: str) -> int:
+        writes.append(text)
+        return real_write(text)
+
+    stream.write = write  # type: ignore[method-assign]
+    log.info("one")
+    log.info("two")
+    assert writes == []  # still this turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(writes) == 1 and writes[0].count("\n") == 2
+    log.info("three")
+    log.warning("four")  # at once, after what was pending, in order
+    assert len(writes) == 2 and writes[1].index("three") < writes[1].index("four")
+    await asyncio.sleep(0)
+    assert len(writes) == 2  # nothing left for the end of the turn
+    lines = stream.getvalue().splitlines()
+    assert [ln.rsplit(": ", 1)[1] for ln in lines] == ["one", "two", "three", "four"]
+
+
+def test_a_loop_closed_before_its_turn_ended_does_not_hold_back_the_next(
+    stream: io.StringIO,
+) -> None:
+    logs.setup("INFO", "text", stream)
+    log = logging.getLogger("service.test_lines")
+
+    async def log_and_leave() -> None:
+        log.info("from the first loop")
+
+    first = asyncio.new_event_loop()
+    first.run_until_complete(log_and_leave())  # the turn-end flush may still be queued
+    first.close()
+
+    async def log_again() -> None:
+        log.info("from the second loop")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(log_again())
+    text = stream.getvalue()
+    assert "from the first loop" in text and "from the second loop" in text
