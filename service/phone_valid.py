@@ -56,7 +56,7 @@ def is_valid(country_code: int, national: str) -> bool:
     if len(candidates) == 1:
         region: _Region | None = candidates[0]
     else:
-        region = next((r for r in candidates if _belongs(r, national)), None)
+        region = next((r for r in candidates if r is not None and _belongs(r, national)), None)
     return region is not None and _known_type(region, national)
 
 
