@@ -66,11 +66,12 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
     """The body, or None when it is over `limit` bytes (read no further than that).
 
     Raises UnreadableBody when aiohttp cannot decode the transfer (bad gzip/deflate/br)."""
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         return None
     chunks, size = [], 0
     try:
-        if request.content_length is not None and "Content-Encoding" not in request.headers:
+        if length is not None and "Content-Encoding" not in request.headers:
             return await request.read()  # no more than Content-Length bytes are ever read
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)

@@ -62,7 +62,12 @@ def normalize(
     At least one valid phone or email is required; every field not used for the contact, the
     name or UTM is kept in `Lead.fields` as sent.
     """
-    errors = _check_form(form) + _check_lengths(data, max_field_chars)
+    lead = _flat(form, data, default_region, max_field_chars)
+    return lead if lead is not None else _general(form, data, default_region, max_field_chars)
+
+
+def _general(form: str, data: Mapping[str, Any], default_region: str | None, limit: int) -> Lead:
+    errors = _check_form(form) + _check_lengths(data, limit)
     hits = _candidates(data)
     consumed: set[Path] = set()
     extra: dict[str, Any] = {}
@@ -74,6 +79,106 @@ def normalize(
     fields = _remaining(data, consumed)
     fields.update(extra)
     return Lead(form=form, phone=phone, email=email, name=name, utm=utm, fields=fields)
+
+
+# --- the common case: a flat form of valid text fields --------------------------------------
+#
+# Most forms are one flat object of strings whose names never change (`name`, `phone`,
+# `utm_source` …). Which field is the phone, the email, the name and each UTM tag then depends on
+# the field names alone: that is worked out once per set of names (`_Plan`) and each submission
+# only looks its values up. The result is the general path's, field for field
+# (tests/unit/test_normalize.py compares them on generated forms); anything else — nesting, a
+# value that is not a string or is too long, a contact that does not validate, a bad form name —
+# goes the general way, which also words the errors.
+
+
+class _Plan(NamedTuple):
+    """The candidate field names of one set of names, each list best first (the general path's
+    rank for top-level fields: alias order, then name)."""
+
+    phone: tuple[str, ...]
+    email: tuple[str, ...]
+    name: tuple[str, ...]
+    first_name: tuple[str, ...]
+    last_name: tuple[str, ...]
+    utm: tuple[tuple[str, tuple[str, ...]], ...]  # (tag, names) for tags with any
+
+
+def _flat(form: str, data: Mapping[str, Any], region: str | None, limit: int) -> Lead | None:
+    """The Lead of a flat form of short strings with a valid contact; None for anything else."""
+    for value in data.values():
+        if type(value) is not str or len(value) > limit:
+            return None
+    plan = _plan(tuple(data))
+    if plan is None or not _FORM.fullmatch(form):
+        return None
+    phone_key, email_key = _first_filled(data, plan.phone), _first_filled(data, plan.email)
+    if phone_key is None and email_key is None:
+        return None
+    try:
+        phone = normalize_phone(data[phone_key], region) if phone_key is not None else None
+        email = normalize_email(data[email_key]) if email_key is not None else None
+    except BadInput:
+        return None  # the general path keeps the other contact and the raw value
+    consumed = {k for k in (phone_key, email_key) if k is not None}
+    given = _first_filled(data, plan.name)
+    if given is not None:
+        parts = [given]
+    else:
+        pair = (_first_filled(data, plan.first_name), _first_filled(data, plan.last_name))
+        parts = [k for k in pair if k is not None]
+    consumed.update(parts)
+    name = " ".join(" ".join(data[k].split()) for k in parts) or None
+    fields: dict[str, Any] = {}
+    if name is not None and len(name) > _MAX_NAME:
+        fields["name_raw"] = name
+        name = name[:_MAX_NAME].rstrip() or None
+    utm: dict[str, str] = {}
+    for tag, keys in plan.utm:
+        if (key := _first_filled(data, keys)) is not None:
+            utm[tag] = data[key].strip()
+            consumed.add(key)
+    rest = {k: v for k, v in data.items() if k not in consumed}
+    rest.update(fields)
+    return Lead(form=form, phone=phone, email=email, name=name, utm=utm, fields=rest)
+
+
+def _first_filled(data: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
+    """The first of `keys` whose value is not blank (the general path skips blank fields)."""
+    return next((k for k in keys if data[k].strip()), None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(names: tuple[Any, ...]) -> _Plan | None:
+    """Where each part of a lead is in a flat form with these field names; None when the names
+    call for the general path (a container such as `contact` or `utm`, a name that is not a
+    string)."""
+    if not all(isinstance(n, str) for n in names):
+        return None
+    folded = {n: n.strip().casefold() for n in names}
+    if any(f in _CONTAINERS for f in folded.values()) or any(n.casefold() == "utm" for n in names):
+        return None
+
+    def ranked(aliases: tuple[str, ...]) -> tuple[str, ...]:
+        found = [(aliases.index(f), n) for n, f in folded.items() if f in aliases]
+        return tuple(n for _, n in sorted(found))
+
+    utm = tuple(
+        (tag, keys)
+        for tag, (alias,) in _UTM_ALIASES
+        if (keys := tuple(sorted(n for n in names if n.casefold() == alias)))
+    )
+    return _Plan(
+        ranked(_PHONE_KEYS),
+        ranked(_EMAIL_KEYS),
+        ranked(_NAME_KEYS),
+        ranked(("first_name",)),
+        ranked(("last_name",)),
+        utm,
+    )
+
+
+# --- the general path ---------------------------------------------------------------------
 
 
 def _check_form(form: str) -> list[FieldError]:

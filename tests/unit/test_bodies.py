@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.bodies import parse_body, parse_nested_pairs
+from service.bodies import _decode, _parse_json, _parse_utf8_json, parse_body, parse_nested_pairs
 from service.errors import BadInput
 
 FORM = "application/x-www-form-urlencoded"
@@ -337,3 +337,31 @@ def test_parse_body_returns_a_dict_or_raises_bad_input(
         return
     assert isinstance(result, dict)
     orjson.dumps(result)  # what is accepted can always be stored
+
+
+def _outcome(fn: Any, *args: Any) -> Any:
+    try:
+        return ("ok", fn(*args))
+    except BadInput as exc:
+        return ("bad", [e.message for e in exc.errors])
+
+
+_JSONISH = st.one_of(
+    st.binary(max_size=40),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+        max_leaves=12,
+    ).map(lambda v: orjson.dumps(v)),
+    st.sampled_from([b"\xef\xbb\xbf{}", b'{"a": "\\ud800"}', b'{"a": "\xed\xa0\x80"}', b"{",
+                     b'{"a": [[[[1]]]]}', b"[1]", b'"x"', b'{"a": 1}  ']),
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(raw=_JSONISH, depth=st.sampled_from([2, 32]))
+def test_utf8_json_in_one_step_answers_as_the_long_way(raw: bytes, depth: int) -> None:
+    """UTF-8 JSON bodies skip the separate decode: same value, or same refusal in same words."""
+    assert _outcome(_parse_utf8_json, raw, depth) == _outcome(
+        lambda r, d: _parse_json(_decode(r, "utf-8"), d), raw, depth
+    )

@@ -13,6 +13,8 @@ from service.errors import BadInput, FieldError
 from service.model import Lead
 from service.normalize import (
     _canonical,
+    _flat,
+    _general,
     _parsed_e164,
     mask_email,
     mask_phone,
@@ -386,3 +388,49 @@ def test_normalize_returns_a_lead_or_raises_bad_input(
     assert isinstance(lead, Lead)
     assert lead.phone or lead.email
     assert lead == normalize(form, data, default_region=region, max_field_chars=20)
+
+
+# The flat-form path (service.normalize._flat) must give what the general path gives whenever
+# it answers: forms of any alias in any case and spacing, blank and bad values, long names.
+
+_NAMES = st.sampled_from([
+    "phone", "Phone", " PHONE ", "tel", "telephone", "mobile", "телефон", "email", "E-mail",
+    "mail", "почта", "name", "Name", "fio", "имя", "first_name", "last_name", "utm_source",
+    "UTM_Source", "utm_medium", "utm_campaign", "utm_term", " utm_content", "comment", "city",
+])  # fmt: skip
+_VALUES = st.one_of(
+    st.sampled_from(["", "  ", "+7 701 123-45-67", "87011234567", "+77010000000",
+                     "8 (916) 123-45-67", "ivan@example.kz", " Ivan@Example.KZ ", "not an email",
+                     "Иван  Петров", "x" * 300, "g", "+1 202 555 0143"]),
+    st.text(max_size=20),
+)  # fmt: skip
+
+
+@settings(max_examples=4000, deadline=None)
+@given(
+    data=st.dictionaries(_NAMES, _VALUES, min_size=1, max_size=7),
+    region=st.sampled_from([None, "RU", "KZ"]),
+)
+def test_flat_forms_get_what_the_general_path_gives(
+    data: dict[str, Any], region: str | None
+) -> None:
+    fast = _flat("landing", data, region, 250)
+    try:
+        general: Lead | None = _general("landing", data, region, 250)
+    except BadInput:
+        general = None
+    if fast is not None:
+        assert fast == general
+
+
+def test_the_flat_path_answers_the_usual_forms() -> None:
+    usual = [
+        {"name": "Иван", "phone": "+7 701 123-45-67", "utm_source": "yandex", "comment": "hi"},
+        {"Email": "ivan@example.kz", "fio": "Ivan Petrov"},
+        {"phone": "", "tel": "87011234567", "first_name": "Ivan", "last_name": "Petrov"},
+    ]
+    for data in usual:
+        fast = _flat("landing", data, None, 10_000)
+        assert fast is not None and fast == _general("landing", data, None, 10_000)
+    nested = {"contact": {"phone": "+77011234567"}}
+    assert _flat("landing", nested, None, 10_000) is None
