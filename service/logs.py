@@ -99,7 +99,7 @@ class TextFormatter(_SecondFormatter):
         line = super().format(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join([f"{k}={v}" for k, v in extras.items()])
         return line
 
     def line(
@@ -107,7 +107,7 @@ class TextFormatter(_SecondFormatter):
     ) -> str:
         line = f"{self._stamp(created, None)} {logging.getLevelName(levelno):<7} {name}: {msg}"
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join([f"{k}={v}" for k, v in extras.items()])
         return line
 
 
