@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from service.errors import BadInput, FieldError, StoreUnavailable
+from service.ids import new_id
 from service.keys import IdempotencyWindow, submission_key
 from service.locks import KeyLocks
 from service.model import Lead
@@ -162,7 +163,7 @@ class Intake:
             if self.shared_keys.enabled and (sid := await self.shared_keys.claim(key)) is not None:
                 self.window.put(key, sid)
                 return self._count(Receipt(sid, duplicate=True))
-            pending = Pending(uuid.uuid4(), key, lead, dt.datetime.now(dt.UTC))
+            pending = Pending(new_id(), key, lead, dt.datetime.now(dt.UTC))
             receipt = await self._store(pending)
             self.window.put(key, receipt.id)
             self.shared_keys.remember(key, receipt.id)

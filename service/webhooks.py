@@ -22,7 +22,6 @@ import datetime as dt
 import logging
 import re
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,6 +42,7 @@ from service.events import (
     verify_hmac,
     verify_qstash,
 )
+from service.ids import new_id
 from service.intake import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.keys import IdempotencyWindow
 from service.locks import KeyLocks
@@ -268,12 +268,12 @@ def _delivery(
     rejected: list[dict[str, str]] | None = None,
 ) -> PendingDelivery:
     return PendingDelivery(
-        id=uuid.uuid4(),
+        id=new_id(),
         source=source,
         content_type=request.headers.get("Content-Type"),
         raw=raw,
         received_at=dt.datetime.now(dt.UTC),
-        events=tuple((uuid.uuid4(), e) for e in events),
+        events=tuple((new_id(), e) for e in events),
         headers=kept_headers(request.headers),
         rejected=rejected,
     )
