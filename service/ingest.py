@@ -12,8 +12,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -29,9 +28,8 @@ from service.store import Accepted, Pending, Store
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Receipt:
-    """The answer to one accepted submission."""
+class Receipt(NamedTuple):
+    """The answer to one accepted submission (a tuple: one is made per request)."""
 
     id: uuid.UUID
     duplicate: bool

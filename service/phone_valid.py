@@ -12,7 +12,8 @@ made on first use, and the same questions are asked in the same order:
 - valid: the number has a known type for that region's metadata, that is, the general
   description matches and so does one of the type descriptions (`_number_type_helper`: premium
   rate, toll free, shared cost, VoIP, personal, pager, UAN, voicemail, fixed line, and mobile when
-  its pattern is not the fixed line's).
+  its pattern is not the fixed line's) — asked as one alternation of the descriptions that allow
+  the number's length.
 
 A description matches when the number's length is among its possible lengths (if it lists any)
 and its national number pattern matches the whole number. tests/unit/test_phone_valid.py checks
@@ -46,7 +47,9 @@ Desc = tuple[frozenset[int], re.Pattern[str]]
 class _Region(NamedTuple):
     leading: re.Pattern[str] | None  # leading_digits, when the metadata has them
     general: Desc | None  # None: no number has a known type here
-    types: tuple[Desc, ...]
+    # by number length: one pattern, the alternation of every type description that allows
+    # that length (or lists none) — "some type matches" in one regex call
+    types: dict[int, re.Pattern[str]]
 
 
 def is_valid(country_code: int, national: str) -> bool:
@@ -69,7 +72,8 @@ def _belongs(region: _Region, national: str) -> bool:
 def _known_type(region: _Region, national: str) -> bool:
     if region.general is None or not _matches(region.general, national):
         return False
-    return any(_matches(desc, national) for desc in region.types)
+    pattern = region.types.get(len(national))
+    return pattern is not None and pattern.fullmatch(national) is not None
 
 
 def _matches(desc: Desc, national: str) -> bool:
@@ -105,8 +109,19 @@ def _region(meta: Any, *, with_leading: bool) -> _Region | None:
     descs = [getattr(meta, name) for name in _TYPES]
     if not meta.same_mobile_and_fixed_line_pattern:
         descs.append(meta.mobile)
-    types = tuple(d for d in map(_desc, descs) if d is not None)
-    return _Region(leading, general, types)
+    types = [d for d in map(_desc, descs) if d is not None]
+    return _Region(leading, general, _by_length(types))
+
+
+def _by_length(types: list[Desc]) -> dict[int, re.Pattern[str]]:
+    """Length → alternation of the patterns of the descriptions a number that long may match.
+    National significant numbers have at most 17 digits."""
+    out = {}
+    for length in range(1, 18):
+        fits = [p.pattern for lengths, p in types if not lengths or length in lengths]
+        if fits:
+            out[length] = re.compile("|".join(f"(?:{p})" for p in fits))
+    return out
 
 
 def _desc(desc: Any) -> Desc | None:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import orjson
@@ -67,8 +67,7 @@ def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, str]:
     return queries
 
 
-@dataclass(frozen=True)
-class Pending:
+class Pending(NamedTuple):
     """A submission ready to be stored: the id is ours, so a spooled copy keeps it."""
 
     id: uuid.UUID
@@ -96,9 +95,8 @@ class Pending:
         )
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """What the database made of one submission."""
+class Accepted(NamedTuple):
+    """What the database made of one submission (a tuple: one is made per request)."""
 
     idem_key: str
     id: uuid.UUID
@@ -176,7 +174,7 @@ class Store:
         """Store submissions and their jobs in one transaction; repeats get the original id."""
         payload = orjson.dumps([p.to_json() for p in items]).decode()
         rows = await self._run(lambda c: c.fetch(self.q["ingest"], payload))
-        return [Accepted(r["idem_key"], r["submission_id"], r["duplicate"]) for r in rows]
+        return [Accepted(*r) for r in rows]  # (idem_key, submission_id, duplicate)
 
     async def find_submission(self, idem_key: str) -> uuid.UUID | None:
         found: uuid.UUID | None = await self._run(
