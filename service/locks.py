@@ -11,6 +11,7 @@ query).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import time
@@ -24,12 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class _Entry:
-    __slots__ = ("held_since", "lock", "users")
+    """A held key: whoever made the entry holds it; later comers queue a future each and are
+    handed the key in turn. No asyncio.Lock per key: almost every key (an idempotency key, a
+    new person's phone) is taken once and never waited for."""
+
+    __slots__ = ("held_since", "waiters")
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-        self.held_since = 0.0
+        self.held_since = time.monotonic()
+        self.waiters: collections.deque[asyncio.Future[None]] | None = None
 
 
 class KeyLocks:
@@ -46,35 +50,53 @@ class KeyLocks:
     def held(self) -> dict[str, float]:
         """Keys held now, with seconds held (for the admin lock list)."""
         now = time.monotonic()
-        return {k: now - e.held_since for k, e in self._entries.items() if e.lock.locked()}
+        return {k: now - e.held_since for k, e in self._entries.items()}
+
+    async def _take(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = _Entry()
+            return
+        self.waits += 1
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if entry.waiters is None:
+            entry.waiters = collections.deque()
+        entry.waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._give(key)  # handed to us just as we were cancelled: pass it on
+            raise  # (a cancelled turn stays queued; _give skips it)
+
+    def _give(self, key: str) -> None:
+        """Release `key`: to the first waiter still waiting, else drop the entry."""
+        entry = self._entries[key]
+        while entry.waiters:
+            turn = entry.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                entry.held_since = time.monotonic()
+                return
+        del self._entries[key]
 
 
 class _Holding:
     """`async with KeyLocks.hold(keys)`: a plain class, not an asynccontextmanager (a generator
     and its wrapper per request cost ~6 % of intake's CPU)."""
 
-    __slots__ = ("_acquired", "_joined", "_keys", "_locks")
+    __slots__ = ("_held", "_keys", "_locks")
 
     def __init__(self, locks: KeyLocks, ordered: list[str]) -> None:
         self._locks = locks
         self._keys = ordered
-        self._joined: list[_Entry] = []
-        self._acquired: list[_Entry] = []
+        self._held = 0  # how many of _keys, in order, are taken
 
     async def __aenter__(self) -> None:
-        entries = self._locks._entries
         try:
             for key in self._keys:
-                entry = entries.get(key)
-                if entry is None:
-                    entry = entries[key] = _Entry()
-                entry.users += 1
-                self._joined.append(entry)
-                if entry.lock.locked():
-                    self._locks.waits += 1
-                await entry.lock.acquire()
-                self._acquired.append(entry)
-                entry.held_since = time.monotonic()
+                await self._locks._take(key)
+                self._held += 1
         except BaseException:
             self._leave()
             raise
@@ -83,16 +105,9 @@ class _Holding:
         self._leave()
 
     def _leave(self) -> None:
-        entries = self._locks._entries
-        for entry in reversed(self._acquired):
-            entry.held_since = 0.0
-            entry.lock.release()
-        for key, entry in zip(self._keys, self._joined, strict=False):
-            entry.users -= 1
-            if entry.users == 0:
-                del entries[key]
-        self._acquired.clear()
-        self._joined.clear()
+        for key in reversed(self._keys[: self._held]):
+            self._locks._give(key)
+        self._held = 0
 
 
 # --- across processes ---------------------------------------------------------------------------

@@ -145,7 +145,10 @@ def _flat(form: str, data: Mapping[str, Any], region: str | None, limit: int) ->
 
 def _first_filled(data: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
     """The first of `keys` whose value is not blank (the general path skips blank fields)."""
-    return next((k for k in keys if data[k].strip()), None)
+    for key in keys:
+        if data[key].strip():
+            return key
+    return None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -107,6 +107,20 @@ async def test_key_locks_release_on_cancel() -> None:
     assert locks.held() == {}
 
 
+async def test_a_key_handed_to_a_waiter_cancelled_meanwhile_goes_to_the_next() -> None:
+    locks = KeyLocks()
+    holding = locks.hold(["k"])
+    await holding.__aenter__()
+    first, second = asyncio.create_task(_take(locks)), asyncio.create_task(_take(locks))
+    await asyncio.sleep(0.01)  # both queued behind the holder
+    await holding.__aexit__(None, None, None)  # k is handed to `first` …
+    first.cancel()  # … which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1)  # `first` passed k on
+    assert locks.held() == {} and locks.waits == 2
+
+
 async def _take(locks: KeyLocks) -> None:
     async with locks.hold(["k"]):
         pass
