@@ -1,11 +1,11 @@
 """Submission ids: UUIDv7 (RFC 9562 §5.7), time-ordered.
 
-A uuid4 primary key lands each new row on a random leaf of the index: under sustained intake the
-index outgrows memory, every insert reads and dirties a random page, and after each checkpoint
-the first change to each of those pages writes a full page image to the WAL (intake slowed by a
-fifth over a few minutes of bench/intake.py). A UUIDv7 starts with the millisecond it was made,
-so new ids go to the right-hand edge of the index, as a sequence would, while staying unique
-across processes without asking anyone. Python 3.14's `uuid.uuid7` is used where it exists.
+A uuid4 primary key lands each new row on a random leaf of the index: once the index outgrows
+memory every insert reads and dirties a random page, and after each checkpoint the first change
+to each such page writes a full page image to the WAL. A UUIDv7 starts with the millisecond it
+was made, so new ids go to the right-hand edge of the index, as a sequence would, while staying
+unique across processes without asking anyone. Python 3.14's `uuid.uuid7` is used where it
+exists.
 """
 
 from __future__ import annotations

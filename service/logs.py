@@ -113,10 +113,11 @@ class TextFormatter(_SecondFormatter):
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that writes what one turn of the event loop logged below WARNING in one
-    write when the turn ends (a write per request line was a twentieth of a request's CPU),
-    and WARNING and above at once, with whatever is pending before them. Outside a running loop
-    (start-up, other threads) every line is written at once. SIGKILL loses at most the lines of
-    the turn it interrupts; a normal exit flushes them (logging.shutdown)."""
+    write when the turn ends (under load a turn answers several requests: one write for their
+    access lines instead of one each), and WARNING and above at once, after whatever is pending.
+    Outside a running loop (start-up, other threads) every line is written at once. SIGKILL
+    loses at most the lines of the turn it interrupts; a normal exit flushes them
+    (logging.shutdown)."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -243,9 +244,10 @@ def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
 
 
 def log_direct(logger: logging.Logger, level: int, msg: str, extras: dict[str, Any]) -> None:
-    """`logger.log(level, msg, extra=extras)` for a record that needs no masking, at a tenth of
-    the cost when nothing but `setup`'s handler would see it: the line is formatted straight from
-    its parts (no LogRecord, no handler filters). Otherwise (a test's capture handler, a filter,
+    """`logger.log(level, msg, extra=extras)` for a record that needs no masking, at under half
+    the cost (4.6 µs against 11.1 µs for the access line, text format, in a loop) when nothing but
+    `setup`'s handler would see it: the line is formatted straight from its parts (no LogRecord,
+    no handler filters). Otherwise (a test's capture handler, a filter,
     another handler added) it is logged the ordinary way. The caller checks isEnabledFor."""
     handler = _only_handler(logger, level)
     if handler is None:
