@@ -141,6 +141,7 @@ async def durability(dsn: str) -> dict[str, str]:
             "wal_sync_method",
             "full_page_writes",
             "commit_delay",
+            "wal_init_zero",  # off on our embedded server (service.database.SERVER_SETTINGS)
         )
         return {n: str(await conn.fetchval(f"SHOW {n}")) for n in names}
     finally:
