@@ -13,15 +13,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import logging
 import time
 from collections.abc import Iterable
 
 import asyncpg
 
 from service.store import SQL_DIR, load_queries
-
-log = logging.getLogger(__name__)
 
 
 class _Entry:

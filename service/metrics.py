@@ -72,9 +72,6 @@ class Metrics:
         self.db = DbSnapshot()
         r.register(RuntimeCollector(self))
 
-    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http.observe(method, route, status, seconds)
-
     async def refresh_db(self, app: web.Application) -> None:
         """Read the database figures for this scrape (bounded: a scrape must not hang)."""
         self.db = await read_db(self.runtime, app.get(ADMIN_STORE), SCRAPE_DB_TIMEOUT_S)
@@ -186,7 +183,7 @@ def _record(
 ) -> None:
     m = request.app[METRICS]
     route = _route(request)
-    m.count_request(request.method, route, status, seconds)
+    m.http.observe(request.method, route, status, seconds)
     # set by the intake and webhook handlers (service.intake.reply): nothing to parse here
     rejected, submission_id = request.get(OUTCOME, (False, None))
     path = request.path
