@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from service.errors import RelayError
 from service.store import SQL_DIR, UNAVAILABLE, load_queries

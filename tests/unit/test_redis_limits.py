@@ -9,7 +9,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from service.cluster import Cluster, RedisLink
+from redis.asyncio.retry import Retry as AsyncRetry
+
+from service.cluster import Cluster, RedisLink, connect_redis
 from service.crm.simulator_common import max_in_window
 from service.limits import POLL_S, RateGate, SendLog
 from service.redis_keys import SharedKeys
@@ -235,3 +237,16 @@ async def test_two_processes_stay_within_the_limit_while_redis_dies_and_returns(
     # hand-over costs one window and a half (see ClusterBucket)
     for start, end in ((0.0, 1.5), (1.5, 4.5), (4.5, 8.0)):
         assert sum(start <= t < end for t in timeline) >= 5, (start, end, timeline)
+
+
+async def test_the_client_fails_fast_with_the_asyncio_retry(redis_server: RedisServer) -> None:
+    """No retries and the asyncio Retry class: a synchronous one is converted with a warning by
+    redis-py 8 (an error under this suite), and a retry would make a dead Redis cost a wait."""
+    client = connect_redis(redis_server.url)
+    try:
+        retry = client.connection_pool.connection_kwargs["retry"]
+        assert isinstance(retry, AsyncRetry)
+        assert retry._retries == 0
+        assert await client.ping()
+    finally:
+        await client.aclose()
