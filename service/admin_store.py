@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from service.store import SQL_DIR, load_queries, run_on
+from service.store import load_queries, run_on
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -53,7 +53,7 @@ class DeadFilter:
 
 def _queries() -> dict[str, str]:
     if not _QUERIES:
-        _QUERIES.update(load_queries(SQL_DIR / "admin.sql"))
+        _QUERIES.update(load_queries("admin.sql"))
     return _QUERIES
 
 

@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.errors import RelayError
-from service.store import SQL_DIR, UNAVAILABLE, load_queries
+from service.store import UNAVAILABLE, load_queries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +42,7 @@ REDIS_TIMEOUT_S = 0.5  # a Redis that does not answer within this is treated as 
 FORGET_AFTER_S = 86_400.0  # rows of processes dead this long are deleted
 KEY_PREFIX = "crm-relay:"  # every Redis key we write starts with this
 
-QUERIES = load_queries(SQL_DIR / "cluster.sql")
+QUERIES = load_queries("cluster.sql")
 
 
 class RedisUnavailable(RelayError):

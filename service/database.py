@@ -12,17 +12,18 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from service.errors import RelayError
-from service.store import SQL_DIR
+from service.store import SQL
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = SQL_DIR / "migrations"
+MIGRATIONS = SQL.joinpath("migrations")
 MIGRATION_LOCK = 72_811_977  # any constant; shared by every crm-relay process
 
 
@@ -116,8 +117,10 @@ async def create_pool(
     return pool
 
 
-def migration_files() -> list[Path]:
-    return sorted(MIGRATIONS_DIR.glob("*.sql"))
+def migration_files() -> list[Traversable]:
+    """The numbered migrations, in the order they apply."""
+    found = [f for f in MIGRATIONS.iterdir() if f.name.endswith(".sql")]
+    return sorted(found, key=lambda f: f.name)
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:

@@ -20,12 +20,12 @@ from aiohttp import web
 
 from service.database import listen_forever
 from service.errors import StoreUnavailable
-from service.store import SQL_DIR, load_queries, run_on
+from service.store import load_queries, run_on
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "crm_relay_delivery"
-QUERIES = load_queries(SQL_DIR / "admin.sql")
+QUERIES = load_queries("admin.sql")
 
 
 class DeliveryControl:

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from service.events import Event, LeadChange
-from service.store import SQL_DIR, load_queries, run_on
+from service.store import load_queries, run_on
 
 T = TypeVar("T")
 
@@ -149,7 +149,7 @@ class EventStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.q = load_queries(SQL_DIR / "events.sql")
+        self.q = load_queries("events.sql")
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         return await run_on(self.pool, fn)

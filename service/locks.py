@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from service.store import SQL_DIR, load_queries
+from service.store import load_queries
 
 
 class _Entry:
@@ -113,7 +113,7 @@ class _Holding:
 # pg_advisory_xact_lock(PERSON_LOCK_SPACE, person_lock_key(identity)) for each identity of the
 # batch for the length of its transaction (migration 010). Nothing to hold or release here.
 PERSON_LOCK_SPACE = 72_811_978
-QUERIES = load_queries(SQL_DIR / "cluster.sql")
+QUERIES = load_queries("cluster.sql")
 
 
 def person_lock_key(identity: str) -> int:

@@ -1,7 +1,8 @@
 """The repository: every SQL statement the service runs, behind typed methods.
 
-Queries live in `sql/queries.sql` as named queries; driver errors are translated here into
-`StoreUnavailable`, so callers never see asyncpg.
+Queries live in `sql/queries.sql` as named queries (the repository's `sql/` ships inside the
+package as `service.sql`, read with importlib.resources); driver errors are translated here
+into `StoreUnavailable`, so callers never see asyncpg.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cache
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
@@ -20,7 +23,7 @@ import orjson
 from service.errors import StoreUnavailable
 from service.model import Lead
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL: Traversable = files("service.sql")
 T = TypeVar("T")
 
 # Errors that mean "the database is not there right now", as opposed to a bug in our SQL.
@@ -52,12 +55,14 @@ async def run_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitabl
         raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
 
-def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, str]:
-    """Split a file of `-- name: x` sections into {name: sql}."""
+@cache
+def load_queries(filename: str = "queries.sql") -> dict[str, str]:
+    """Split `sql/<filename>`, a file of `-- name: x` sections, into {name: sql}; read once."""
     queries: dict[str, str] = {}
     name: str | None = None
     lines: list[str] = []
-    for line in [*path.read_text(encoding="utf-8").splitlines(), "-- name: <end>"]:
+    text = SQL.joinpath(filename).read_text(encoding="utf-8")
+    for line in [*text.splitlines(), "-- name: <end>"]:
         if line.startswith("-- name:"):
             if name:
                 queries[name] = "\n".join(lines).strip()

@@ -14,11 +14,11 @@ from typing import TypeVar
 import asyncpg
 
 from service.errors import StoreUnavailable
-from service.store import SQL_DIR, UNAVAILABLE, load_queries, run_on
+from service.store import UNAVAILABLE, load_queries, run_on
 
 T = TypeVar("T")
 
-QUERIES = load_queries(SQL_DIR / "contact_index.sql")
+QUERIES = load_queries("contact_index.sql")
 # pg_advisory_lock(space, key): this space is ours (locks.py and cluster.sql use their own)
 SYNC_LOCK_SPACE = 72_811_979
 # Writers that met another writer's rows in the wrong order (or a serialisation failure): the
