@@ -25,7 +25,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from service.database import EmbeddedPostgres, migrate
+from service.db.database import EmbeddedPostgres, migrate
 
 REPO = Path(__file__).resolve().parent.parent
 # +7 mobile prefixes, all valid by phonenumbers (KZ 7xx, then RU 9xx but 930): one per run keeps
@@ -141,7 +141,7 @@ async def durability(dsn: str) -> dict[str, str]:
             "wal_sync_method",
             "full_page_writes",
             "commit_delay",
-            "wal_init_zero",  # off on our embedded server (service.database.SERVER_SETTINGS)
+            "wal_init_zero",  # off on our embedded server (service.db.database.SERVER_SETTINGS)
         )
         return {n: str(await conn.fetchval(f"SHOW {n}")) for n in names}
     finally:

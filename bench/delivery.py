@@ -32,17 +32,21 @@ import asyncpg
 from aiohttp import web
 
 from service.app import Roles, create_app
-from service.crm.amocrm_api import AmoCrmApi, StaticToken
-from service.crm.amocrm_index import ContactIndex
-from service.database import EmbeddedPostgres, create_pool, migrate
-from service.limits import RateGate
+from service.crm.amocrm.api import AmoCrmApi, StaticToken
+from service.crm.amocrm.index import ContactIndex
+from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.delivery.limits import RateGate
 from service.settings import RetryPolicy, Settings
 
 
 async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str, dict[str, Any]]:
     """The simulator for `kind` at its real limit, and the settings that point at it."""
     if kind == "amocrm":
-        from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
+        from service.simulators.amocrm.server import (
+            AmoCrmSimulator,
+            SimulatorConfig,
+            start_simulator,
+        )
 
         sim: Any = AmoCrmSimulator(SimulatorConfig(rate_limit=rate))
         runner, url = await start_simulator(sim)
@@ -52,7 +56,7 @@ async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str
             "amocrm_access_token": sim.config.access_token,
         }
         return sim, runner, url, env
-    from service.crm.simulator_bitrix24 import (  # type: ignore[import-not-found,unused-ignore]
+    from service.simulators.bitrix24.server import (  # type: ignore[import-not-found,unused-ignore]
         BitrixSimulator,
         BitrixSimulatorConfig,
         start_bitrix_simulator,

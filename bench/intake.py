@@ -50,7 +50,7 @@ from bench.common import (
 )
 
 FORM_PATH = "/api/v1/forms/bench"
-POOL_SIZE = 10  # service.database.create_pool's max_size: the baseline gets the same
+POOL_SIZE = 10  # service.db.database.create_pool's max_size: the baseline gets the same
 BASELINE_TABLE = "baseline_leads"
 
 

@@ -39,7 +39,7 @@ from bench.common import (
     percentile,
     phone,
 )
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
 
 CREATE = "POST /api/v4/leads/complex"
 DELIVERY_TIMEOUT_S = 30.0

@@ -38,8 +38,8 @@ from bench.common import (
     machine_facts,
     run_load,
 )
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
-from service.crm.simulator_common import max_in_window
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
+from service.simulators.common import max_in_window
 
 FORM_PATH = "/api/v1/forms/scale"
 

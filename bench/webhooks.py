@@ -49,7 +49,7 @@ from bench.common import (
     percentile,
     postgres_cpu_seconds,
 )
-from service.events import sign
+from service.webhooks.events import sign
 
 SECRET = "bench-secret"
 B24_TOKEN = "bench-b24-token"

@@ -19,35 +19,38 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from service import admin, alerts, health, intake, metrics, webhooks
-from service.cluster import Cluster, connect_redis, process_name
-from service.crm.amocrm import AmoCrmAdapter
-from service.crm.amocrm_api import AmoCrmApi, StaticToken, TokenSource
+from service.cluster.processes import Cluster, connect_redis, process_name
+from service.crm.amocrm.adapter import AmoCrmAdapter
+from service.crm.amocrm.api import AmoCrmApi, StaticToken, TokenSource
 from service.crm.base import CrmAdapter
-from service.crm.bitrix24 import Bitrix24Adapter
-from service.crm.bitrix24_api import Bitrix24Api
-from service.database import EmbeddedPostgres, create_pool, migrate
-from service.delivery_control import DELIVERY_CONTROL, DeliveryControl
+from service.crm.bitrix24.adapter import Bitrix24Adapter
+from service.crm.bitrix24.api import Bitrix24Api
+from service.crm.oauth import Bitrix24OAuthTokens, OAuthTokens
+from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.db.event_store import EventStore
+from service.db.store import Store
+from service.delivery.cluster_bucket import cluster_gate
+from service.delivery.control import DELIVERY_CONTROL, DeliveryControl
+from service.delivery.limits import RateGate
+from service.delivery.worker import Worker
 from service.errors import StoreUnavailable
-from service.event_store import EventStore
-from service.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
-from service.health import RUNTIME, Runtime
-from service.ingest import Intake
-from service.keys import IdempotencyWindow
-from service.limits import RateGate
-from service.oauth import Bitrix24OAuthTokens, OAuthTokens
-from service.redis_keys import SharedKeys
-from service.redis_limits import cluster_gate
+from service.intake import forms as intake
+from service.intake.ingest import Intake
+from service.intake.keys import IdempotencyWindow
+from service.intake.shared_keys import SharedKeys
+from service.intake.spool import Spool
+from service.ops import alerts, health, metrics
+from service.ops.admin import api as admin
+from service.ops.health import RUNTIME, Runtime
 from service.settings import Settings
-from service.spool import Spool
-from service.store import Store
-from service.worker import Worker
+from service.webhooks import handlers as webhooks
+from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
 
 log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
 DSN = web.AppKey("dsn", str)
-PROCESS_NAME = web.AppKey("process_name", str)  # host:pid:random (service.cluster)
+PROCESS_NAME = web.AppKey("process_name", str)  # host:pid:random (service.cluster.processes)
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
@@ -190,7 +193,11 @@ async def _crm_endpoint(
     stack: contextlib.AsyncExitStack,
 ) -> tuple[str, TokenSource]:
     if settings.crm == "simulator":
-        from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
+        from service.simulators.amocrm.server import (
+            AmoCrmSimulator,
+            SimulatorConfig,
+            start_simulator,
+        )
 
         sim = AmoCrmSimulator(SimulatorConfig(rate_limit=7))
         runner, url = await start_simulator(sim)
@@ -299,7 +306,7 @@ def _apply_pause(worker: Worker, paused: bool) -> None:
 
 
 async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Processes and forwards stored webhook events (service/forwarder.py)."""
+    """Processes and forwards stored webhook events (service/webhooks/forwarder.py)."""
     settings = app[intake.SETTINGS]
     # a pool of its own: a backlog of events to forward must never keep the handlers waiting
     # for a connection (they answer only after their write)

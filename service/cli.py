@@ -14,11 +14,11 @@ from aiohttp import web
 
 from service import logs
 from service.app import Roles, create_app
-from service.database import EmbeddedPostgres, create_pool, migrate
+from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.db.event_store import EventStore
+from service.db.store import Store
 from service.errors import RelayError, SettingsError
-from service.event_store import EventStore
 from service.settings import Settings
-from service.store import Store
 
 
 def parser() -> argparse.ArgumentParser:
@@ -173,7 +173,7 @@ async def replay(store: Store, job_ids: list[int] | None, *, forwards: bool = Fa
 
 
 def fake_crm(args: argparse.Namespace) -> int:
-    from service.crm.simulator import SimulatorConfig, run_fake_crm
+    from service.simulators.amocrm.server import SimulatorConfig, run_fake_crm
 
     run_fake_crm(args.kind, args.host, args.port, SimulatorConfig(rate_limit=args.rate_limit))
     return 0

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from service.normalize import mask_email, mask_phone
+from service.intake.normalize import mask_email, mask_phone
 
 # the request being handled, set by the HTTP middleware; every record logged meanwhile carries it
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -25,7 +25,7 @@ _PHONE = re.compile(
 )
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 
-# The per-request line (service.metrics) is built from masked parts: the mask filter, ~40 % of
+# The per-request line (service.ops.metrics) is built from masked parts: the mask filter, ~40 % of
 # that line's cost, would find nothing in it.
 ACCESS_LOGGER = "service.access"
 PREMASKED = frozenset({ACCESS_LOGGER})

@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 
 from service.app import Roles, create_app
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
-from service.database import EmbeddedPostgres, migrate
+from service.db.database import EmbeddedPostgres, migrate
 from service.settings import RetryPolicy, Settings
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
 
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)

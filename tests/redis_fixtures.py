@@ -100,7 +100,7 @@ RedisFactory = Callable[[], Redis]
 @pytest.fixture
 async def redis_factory(redis_server: RedisServer) -> AsyncIterator[RedisFactory]:
     """New clients to this test's Redis; all closed afterwards."""
-    from service.cluster import connect_redis
+    from service.cluster.processes import connect_redis
 
     clients: list[Redis] = []
 

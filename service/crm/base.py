@@ -11,7 +11,7 @@ from service.errors import CrmError, CrmRetryable
 from service.model import Lead
 
 if TYPE_CHECKING:
-    from service.crm.contact_guard import ContactGuard
+    from service.delivery.contact_guard import ContactGuard
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ UNGATED = Ungated()
 
 class TokenSource(Protocol):
     """Where a CRM client gets its token, and a fresh one after the CRM refused it
-    (service/oauth.py; amoCRM's long-lived `StaticToken`)."""
+    (service/crm/oauth.py; amoCRM's long-lived `StaticToken`)."""
 
     async def access_token(self) -> str:
         """The token to use now (may read the database, or refresh a missing one)."""

@@ -17,8 +17,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from service.crm.simulator import AmoCrmSimulator
 from service.settings import RetryPolicy
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import ServiceFactory, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -21,8 +21,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
-from service.crm.simulator_bitrix24 import (
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.app import Roles
-from service.events import sign
+from service.webhooks.events import sign
 from tests.conftest import Service, ServiceFactory
 
 FUZZ_LONG = os.environ.get("FUZZ_LONG") == "1"

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from service.app import Roles, create_app
-from service.database import EmbeddedPostgres, migrate
+from service.db.database import EmbeddedPostgres, migrate
 from service.settings import Settings
 from tests.conftest import Service
 

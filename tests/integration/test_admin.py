@@ -14,11 +14,11 @@ import pytest
 
 from service import cli
 from service.app import CLUSTER, STORE, WORKER, Roles
-from service.crm.simulator import AmoCrmSimulator
-from service.locks import person_lock_key
+from service.db.store import Pending
+from service.intake.locks import person_lock_key
 from service.model import Lead
 from service.settings import RetryPolicy
-from service.store import Pending
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for
 
 TOKEN = "admin-s3cret"

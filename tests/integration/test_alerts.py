@@ -16,13 +16,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-from service.alerts import Observation, Throttle, Watcher
 from service.app import GATE, Roles
-from service.crm.simulator import AmoCrmSimulator
-from service.health import Runtime
-from service.intake import INTAKE
+from service.db.store import Store
+from service.intake.forms import INTAKE
+from service.ops.alerts import Observation, Throttle, Watcher
+from service.ops.health import Runtime
 from service.settings import RetryPolicy
-from service.store import Store
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for
 
 

@@ -15,12 +15,12 @@ import asyncpg
 import pytest
 
 from service.app import WORKER, Roles
-from service.crm.simulator_bitrix24 import (
+from service.db.store import Job, load_queries
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
-from service.store import Job, load_queries
 from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_delivery import (  # noqa: F401 - collected again, against Bitrix24
     all_delivered,
@@ -165,7 +165,7 @@ async def test_one_refused_batch_pauses_everyone_once(
     sim = simulator[0]
     limited = {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}
     sim.fail_next("POST", "*/batch.json", 503, body=limited)
-    with caplog.at_level(logging.WARNING, logger="service.limits"):
+    with caplog.at_level(logging.WARNING, logger="service.delivery.limits"):
         await queue_then_drain(service_factory, [person(i) for i in range(50)])
         await wait_for(lambda: all_delivered(db, 50))
     pauses = [r.seconds for r in caplog.records if getattr(r, "action", "") == "crm_pause"]

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from service.app import Roles
-from service.crm.simulator_bitrix24 import (
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,

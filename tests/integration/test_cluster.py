@@ -30,10 +30,10 @@ import aiohttp
 import asyncpg
 import orjson
 
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig
-from service.locks import PERSON_LOCK_SPACE, person_lock_key
+from service.db.store import Pending
+from service.intake.locks import PERSON_LOCK_SPACE, person_lock_key
 from service.model import Lead
-from service.store import Pending
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module

@@ -19,18 +19,18 @@ import asyncpg
 import pytest
 
 from service.app import Roles
-from service.crm.amocrm import AmoCrmAdapter
-from service.crm.amocrm_api import AmoCrmApi, StaticToken
-from service.crm.amocrm_index import ContactIndex, account_of
-from service.crm.amocrm_index_store import SYNC_LOCK_SPACE
+from service.crm.amocrm.adapter import AmoCrmAdapter
+from service.crm.amocrm.api import AmoCrmApi, StaticToken
+from service.crm.amocrm.index import ContactIndex, account_of
 from service.crm.base import Delivery, Link
-from service.crm.simulator import AmoCrmSimulator
-from service.crm.simulator_entities import field_values
-from service.database import create_pool
+from service.db.contact_index_store import SYNC_LOCK_SPACE
+from service.db.database import create_pool
+from service.delivery.limits import RateGate
 from service.errors import BadInput, CrmRetryable
-from service.limits import RateGate
+from service.intake.normalize import normalize_email, normalize_phone
 from service.model import Lead
-from service.normalize import normalize_email, normalize_phone
+from service.simulators.amocrm.entities import field_values
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import ServiceFactory, make_settings, wait_for
 from tests.integration.test_delivery import all_delivered, no_duplicates
 

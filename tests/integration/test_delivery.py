@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from service.crm.simulator import AmoCrmSimulator
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import ServiceFactory, wait_for
 
 

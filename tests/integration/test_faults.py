@@ -12,9 +12,9 @@ import pytest
 
 from service.app import WORKER, Roles
 from service.cli import main as cli_main
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig
+from service.db.store import Job
 from service.settings import FormRule, RetryPolicy
-from service.store import Job
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig
 from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_delivery import all_delivered, no_duplicates
 

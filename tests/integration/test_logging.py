@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from service import logs
-from service.crm.simulator import AmoCrmSimulator
 from service.settings import RetryPolicy
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import ServiceFactory, wait_for
 
 # as people type them; the scenario and the scan both use these

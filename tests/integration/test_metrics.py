@@ -13,9 +13,9 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import CLUSTER, FORWARDER, GATE, Roles
-from service.crm.simulator import AmoCrmSimulator
-from service.intake import INTAKE
+from service.intake.forms import INTAKE
 from service.settings import RetryPolicy
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for
 from tests.integration.test_webhooks import FORM, SECRET, amo_body, amo_status
 

@@ -7,7 +7,7 @@ import uuid
 
 import asyncpg
 
-from service.database import migrate, migration_files, pending_migrations
+from service.db.database import migrate, migration_files, pending_migrations
 from tests.conftest import dsn_for
 
 
@@ -33,7 +33,7 @@ async def test_concurrent_migrations_apply_each_file_once(pg_template: str) -> N
 
 
 async def test_embedded_server_runs_with_our_settings(db: asyncpg.Connection) -> None:
-    """service.database.SERVER_SETTINGS: new WAL segments are not zero-filled (a 30-40 ms stall
+    """service.db.database.SERVER_SETTINGS: new WAL segments are not zero-filled (a 30-40 ms stall
     of a COMMIT each under sustained intake); durability settings untouched."""
     assert await db.fetchval("SHOW wal_init_zero") == "off"
     for name in ("fsync", "synchronous_commit", "full_page_writes"):

@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 
 from service.app import WORKER
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig
 from tests.conftest import make_settings, wait_for
 from tests.integration.conftest import StartService, StoppablePostgres
 

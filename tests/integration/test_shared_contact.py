@@ -25,8 +25,8 @@ import asyncpg
 import pytest
 
 from service.app import WORKER, Roles
-from service.crm.contact_guard import ContactGuard
-from service.crm.simulator import AmoCrmSimulator
+from service.delivery.contact_guard import ContactGuard
+from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.chaos import crms
 from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_delivery import all_delivered, no_duplicates
@@ -244,7 +244,7 @@ async def test_phone_only_and_email_only_in_one_batch_make_one_lead(
     by_phone, by_email = await submit_both(service_factory)  # with the worker off...
     assert await db.fetchval("SELECT count(DISTINCT person_id) FROM submissions") == 2
 
-    with caplog.at_level(logging.INFO, logger="service.worker"):
+    with caplog.at_level(logging.INFO, logger="service.delivery.worker"):
         await service_factory(Roles(http=False))  # ...so that it meets both in one batch
         await wait_for(lambda: all_delivered(db, 2))
 
@@ -268,7 +268,7 @@ async def test_two_batches_at_once_make_one_lead(
     contact_id = await seed_manager_contact(sim, url)
     meeting = Meeting(2)
     await staged_workers(service_factory, meeting, processes)
-    with caplog.at_level(logging.INFO, logger="service.worker"):
+    with caplog.at_level(logging.INFO, logger="service.delivery.worker"):
         # a worker holding its people at the meeting has no room for the other one
         by_phone, by_email = await submit_both(service_factory)
         await wait_for(lambda: all_delivered(db, 2))
@@ -293,7 +293,7 @@ async def test_a_write_after_our_read_makes_us_read_again(
     contact_id = await seed_manager_contact(sim, url)
     relay = Relay()
     await staged_workers(service_factory, relay, 2)
-    with caplog.at_level(logging.INFO, logger="service.worker"):
+    with caplog.at_level(logging.INFO, logger="service.delivery.worker"):
         by_phone, by_email = await submit_both(service_factory)
         await wait_for(lambda: all_delivered(db, 2))
 

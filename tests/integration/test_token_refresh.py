@@ -21,14 +21,14 @@ import asyncpg
 import pytest
 
 from service.app import GATE, WORKER, Roles
-from service.crm.simulator import AmoCrmSimulator, SimulatorConfig, start_simulator
-from service.crm.simulator_bitrix24 import (
+from service.delivery.control import DELIVERY_CONTROL
+from service.delivery.limits import RateGate
+from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
-from service.delivery_control import DELIVERY_CONTROL
-from service.limits import RateGate
 from tests.conftest import Service, ServiceFactory, wait_for
 from tests.integration.test_delivery import all_delivered, no_duplicates
 

@@ -18,14 +18,14 @@ from aiohttp import web
 
 from service import cli
 from service.app import STORE
-from service.crm.simulator_bitrix24 import (
+from service.settings import GenericSource, RetryPolicy
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
-from service.events import qstash_token, sign
-from service.settings import GenericSource, RetryPolicy
-from service.webhooks import EVENTS
+from service.webhooks.events import qstash_token, sign
+from service.webhooks.handlers import EVENTS
 from tests.conftest import Service, ServiceFactory, wait_for
 
 SECRET = "amo-path-secret"

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
 
-from service.crm.amocrm_api import (
+from service.crm.amocrm.api import (
     MAX_BATCH,
     AmoContact,
     AmoCrmApi,

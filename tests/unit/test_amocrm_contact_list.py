@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from aioresponses import aioresponses
 
-from service.crm.amocrm_api import AmoContact, AmoCrmApi, ContactPage
-from service.crm.amocrm_index import account_of, advance
-from service.crm.amocrm_index_store import SyncState
+from service.crm.amocrm.api import AmoContact, AmoCrmApi, ContactPage
+from service.crm.amocrm.index import account_of, advance
+from service.db.contact_index_store import SyncState
 from service.errors import CrmRateLimited, CrmRetryable
 from tests.unit.test_amocrm_api import (  # noqa: F401  (fixtures, used by name)
     BASE,

@@ -12,17 +12,17 @@ import aiohttp
 import pytest
 
 from service.crm.base import Delivery, Link
-from service.crm.bitrix24 import Bitrix24Adapter
-from service.crm.bitrix24_api import Bitrix24Api
-from service.crm.simulator_bitrix24 import (
+from service.crm.bitrix24.adapter import Bitrix24Adapter
+from service.crm.bitrix24.api import Bitrix24Api
+from service.errors import CrmError, CrmPermanent, CrmRateLimited, CrmRetryable
+from service.model import Lead
+from service.settings import FormRule, Settings
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
-from service.crm.simulator_common import ScriptedAnswer
-from service.errors import CrmError, CrmPermanent, CrmRateLimited, CrmRetryable
-from service.model import Lead
-from service.settings import FormRule, Settings
+from service.simulators.common import ScriptedAnswer
 
 
 @dataclass

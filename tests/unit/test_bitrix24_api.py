@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aioresponses import aioresponses
 
-from service.crm.bitrix24_api import (
+from service.crm.bitrix24.api import (
     Bitrix24Api,
     BitrixContact,
     BitrixNotFound,
@@ -28,8 +28,6 @@ from service.crm.bitrix24_api import (
     findbycomm_commands,
     parse_deal,
 )
-from service.crm.simulator_bitrix24 import BitrixSimulator, start_bitrix_simulator
-from service.crm.simulator_bitrix24_batch import parse_command
 from service.errors import (
     CrmBlocked,
     CrmError,
@@ -38,6 +36,8 @@ from service.errors import (
     CrmRetryable,
     CrmUnauthorized,
 )
+from service.simulators.bitrix24.batch import parse_command
+from service.simulators.bitrix24.server import BitrixSimulator, start_bitrix_simulator
 
 SECRET = "s3cr3t-path-token"
 WEBHOOK = f"https://portal.bitrix24.kz/rest/7/{SECRET}/"

@@ -13,14 +13,14 @@ import aiohttp
 import asyncpg
 import pytest
 
-from service.crm.bitrix24_api import Bitrix24Api
-from service.crm.bitrix24_oauth import exchange_refresh_token
-from service.crm.simulator_bitrix24 import BitrixSimulator, start_bitrix_simulator
-from service.crm.simulator_bitrix24_oauth import BitrixOAuthConfig
+from service.crm.bitrix24.api import Bitrix24Api
+from service.crm.bitrix24.oauth import exchange_refresh_token
+from service.crm.oauth import Bitrix24OAuthTokens
+from service.db.store import Store
 from service.errors import CrmUnauthorized
-from service.oauth import Bitrix24OAuthTokens
 from service.settings import Settings
-from service.store import Store
+from service.simulators.bitrix24.oauth import BitrixOAuthConfig
+from service.simulators.bitrix24.server import BitrixSimulator, start_bitrix_simulator
 
 APP = BitrixOAuthConfig()
 

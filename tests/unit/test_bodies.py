@@ -9,8 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.bodies import _decode, _parse_json, _parse_utf8_json, parse_body, parse_nested_pairs
 from service.errors import BadInput
+from service.intake.bodies import (
+    _decode,
+    _parse_json,
+    _parse_utf8_json,
+    parse_body,
+    parse_nested_pairs,
+)
 
 FORM = "application/x-www-form-urlencoded"
 

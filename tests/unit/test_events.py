@@ -1,4 +1,4 @@
-"""Event keys, signatures and the echo rule (service/events.py), and the webhook settings."""
+"""Event keys, signatures and the echo rule (webhooks/events.py), and the webhook settings."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from service.bodies import parse_body
 from service.errors import SettingsError
-from service.events import (
+from service.intake.bodies import parse_body
+from service.settings import ForwardRule, GenericSource, Settings, load_config
+from service.webhooks.events import (
     LeadChange,
     OurWrite,
     amocrm_events,
@@ -28,7 +29,6 @@ from service.events import (
     verify_hmac,
     verify_qstash,
 )
-from service.settings import ForwardRule, GenericSource, Settings, load_config
 
 FORM = "application/x-www-form-urlencoded"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
-from service.metrics import MAX_ROUTE_CHILDREN, HttpRequests
+from service.ops.metrics import MAX_ROUTE_CHILDREN, HttpRequests
 
 SAMPLES = [
     ("POST", "/api/v1/forms/{form}", 200, 0.0123),

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from service.crm.simulator_common import max_in_window
+from service.delivery.limits import RateGate
 from service.errors import CrmBlocked
-from service.keys import IdempotencyWindow, submission_key
-from service.limits import RateGate
-from service.locks import KeyLocks
+from service.intake.keys import IdempotencyWindow, submission_key
+from service.intake.locks import KeyLocks
+from service.intake.spool import Spool
 from service.model import Lead
-from service.spool import Spool
+from service.simulators.common import max_in_window
 
 
 async def test_gate_never_puts_more_than_the_rate_into_any_second() -> None:

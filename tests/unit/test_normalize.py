@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.errors import BadInput, FieldError
-from service.model import Lead
-from service.normalize import (
+from service.intake.normalize import (
     _canonical,
     _flat,
     _general,
@@ -22,6 +21,7 @@ from service.normalize import (
     normalize_email,
     normalize_phone,
 )
+from service.model import Lead
 
 
 def errors_of(form: str, data: dict[str, Any], **kwargs: Any) -> list[FieldError]:
@@ -54,7 +54,7 @@ def test_phone_formats(value: str, region: str | None, expected: str) -> None:
     assert normalize_phone(value, region) == expected
 
 
-# The quick path for "+<digits>" (service.normalize._canonical) must agree with the full parse
+# The quick path for "+<digits>" (normalize._canonical) must agree with the full parse
 # wherever it answers: on every region's example numbers, and on anything hypothesis makes of a
 # "+", a country code and digits with phone-mask punctuation.
 
@@ -390,7 +390,7 @@ def test_normalize_returns_a_lead_or_raises_bad_input(
     assert lead == normalize(form, data, default_region=region, max_field_chars=20)
 
 
-# The flat-form path (service.normalize._flat) must give what the general path gives whenever
+# The flat-form path (service.intake.normalize._flat) must give what the general path gives whenever
 # it answers: forms of any alias in any case and spacing, blank and bad values, long names.
 
 _NAMES = st.sampled_from([

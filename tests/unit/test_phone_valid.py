@@ -1,4 +1,4 @@
-"""service.phone_valid.is_valid answers as phonenumbers.is_valid_number does, both ways."""
+"""service.intake.phone_valid.is_valid answers as phonenumbers.is_valid_number does, both ways."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers import PhoneNumber, PhoneNumberType
 
-from service.phone_valid import is_valid
+from service.intake.phone_valid import is_valid
 
 CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 

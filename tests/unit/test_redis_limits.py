@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio.retry import Retry as AsyncRetry
 
-from service.cluster import Cluster, RedisLink, connect_redis
-from service.crm.simulator_common import max_in_window
-from service.limits import POLL_S, RateGate, SendLog
-from service.redis_keys import SharedKeys
-from service.redis_limits import ClusterBucket, RedisRateLog
+from service.cluster.processes import Cluster, RedisLink, connect_redis
+from service.delivery.cluster_bucket import ClusterBucket, RedisRateLog
+from service.delivery.limits import POLL_S, RateGate, SendLog
+from service.intake.shared_keys import SharedKeys
+from service.simulators.common import max_in_window
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
     from tests.redis_fixtures import RedisFactory, RedisServer

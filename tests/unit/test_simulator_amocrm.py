@@ -10,13 +10,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.crm.simulator import (
+from service.simulators.amocrm.server import (
     AmoCrmSimulator,
     SimulatorConfig,
     run_fake_crm,
     start_simulator,
 )
-from service.crm.simulator_common import SlidingWindowLimit, max_in_window
+from service.simulators.common import SlidingWindowLimit, max_in_window
 
 AUTH = {"Authorization": "Bearer sim-access-token"}
 PHONE = "+7 916 123-45-67"

@@ -11,14 +11,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from service.crm.simulator_bitrix24 import (
+from service.simulators.bitrix24.batch import parse_command
+from service.simulators.bitrix24.limits import LeakyBucket
+from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
-from service.crm.simulator_bitrix24_batch import parse_command
-from service.crm.simulator_bitrix24_limits import LeakyBucket
-from service.crm.simulator_control import SimulatorBase
+from service.simulators.control import SimulatorBase
 
 PHONE = "+7 701 000-00-01"
 

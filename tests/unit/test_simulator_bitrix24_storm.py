@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.crm.simulator_common import Faults, Storm
-from service.crm.simulator_control import check_fault_value
+from service.simulators.common import Faults, Storm
+from service.simulators.control import check_fault_value
 from tests.unit import test_simulator_bitrix24 as portal
 from tests.unit.test_simulator_bitrix24 import StartBx, frozen
 

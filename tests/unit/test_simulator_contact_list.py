@@ -10,8 +10,8 @@ import random
 import time
 from typing import Any
 
-from service.crm.simulator_entities import Contact
-from service.crm.simulator_state import AmoStore, _matches
+from service.simulators.amocrm.entities import Contact
+from service.simulators.amocrm.state import AmoStore, _matches
 from tests.unit.test_simulator_amocrm import (  # noqa: F401  (fixtures, used by name)
     Amo,
     StartAmo,

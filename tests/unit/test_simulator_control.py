@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from service.crm.simulator_common import ScriptedAnswer, duplicates_report
-from service.crm.simulator_control import RANDOM_FAULT_FIELDS, fault_changes, json_items
+from service.simulators.common import ScriptedAnswer, duplicates_report
+from service.simulators.control import RANDOM_FAULT_FIELDS, fault_changes, json_items
 from tests.unit import test_simulator_amocrm as account
 from tests.unit import test_simulator_bitrix24 as portal
 from tests.unit.test_simulator_amocrm import Amo, StartAmo

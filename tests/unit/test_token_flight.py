@@ -1,5 +1,5 @@
 """The token discipline shared by both CRM clients (service/crm/http.py) and the gate's front of
-the line (service/limits.py), step by step with a gate whose turns the test hands out.
+the line (service/delivery/limits.py), step by step with a gate whose turns the test hands out.
 
 - the token is read when the slot is granted, not when the call starts queueing;
 - one refresh per process however many callers meet the refused token, and nobody holds a slot
@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.crm.http import Answer, Credentials, send_with_token
+from service.delivery.limits import RateGate
 from service.errors import CrmUnauthorized
-from service.limits import RateGate
 
 
 class HandedGate:

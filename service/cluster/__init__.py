@@ -1,0 +1,1 @@
+"""Several processes on one database (and maybe one Redis): who is alive, and their identity."""

@@ -1,0 +1,382 @@
+"""amoCRM find-or-create: one person = one contact and one open lead.
+
+Order of lookups: our link table (what we created before), then — for a person we have no link
+for — by `AMOCRM_DEDUP`:
+
+- `index` (default): the local contact index (`amocrm_index`), brought up to date with the
+  CRM's list endpoint once per batch; a hit is read back (`GET /contacts/{id}`) and re-checked,
+  a miss goes straight into the batch's `leads/complex`. Until the index is complete and caught
+  up, people are searched for as below.
+- `search`: a CRM search by phone, then by email (fuzzy: every hit is re-checked).
+- `trust`: no lookup; amoCRM's own duplicate control merges contacts.
+
+Two of our people can be one contact (a phone-only and an email-only submission of someone a
+manager entered with both): every delivery is resolved to its contact before anything is
+written, and only one delivery per contact writes, in the batch and across processes
+(`ContactClaims`); the others are `Deferred` to the next round, where they find its lead.
+
+Because a failed local commit leaves the link table empty, a retry after a crash between the
+CRM call and our commit finds the contact it created (the sync reads every contact changed since
+the last one seen; the search finds it too) and updates its open lead instead of creating another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from service.crm.amocrm.api import (
+    MAX_BATCH,
+    AmoContact,
+    AmoCrmApi,
+    AmoLead,
+    digits,
+)
+from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
+from service.crm.amocrm.index import ContactIndex, account_of, phone_identity
+from service.crm.base import Delivery, Link
+from service.delivery.contact_guard import ContactClaims, ContactGuard
+from service.errors import CrmError, CrmPermanent, CrmRetryable, StoreUnavailable
+from service.model import Lead
+from service.settings import FormRule, Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_LEADS_CHECKED = 5  # newest leads of a found contact examined for an open one
+MAX_CANDIDATES = 5  # indexed contacts of one person read back before treating them as new
+
+
+class AmoCrmAdapter:
+    """Delivers submissions to amoCRM through `AmoCrmApi` (which goes through the rate gate).
+
+    Per batch: people we know (link table) cost one GET each for their lead; new people cost
+    one list request for the whole batch (`index`), or one or two searches each (`search`), or
+    nothing (`trust`), and all the new contacts + leads of the batch go out in one
+    `leads/complex` call; notes and status changes go out as one array call each.
+    """
+
+    name = "amocrm"
+    max_batch = MAX_BATCH
+
+    def __init__(
+        self, api: AmoCrmApi, settings: Settings, pool: asyncpg.Pool | None = None
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self.region = settings.default_phone_region
+        self.index: ContactIndex | None = None
+        if settings.amocrm_dedup == "index":
+            if pool is None:
+                log.warning(
+                    "amoCRM contact index needs the database: searching instead",
+                    extra={"action": "contact_index_off"},
+                )
+            else:
+                self.index = ContactIndex(api, pool, default_region=self.region)
+
+    async def deliver_batch(
+        self, items: Sequence[Delivery], guard: ContactGuard | None = None
+    ) -> list[Link | CrmError]:
+        """Find every item's contact first, then let one delivery per contact write (the
+        others are `Deferred`: `ContactClaims`), then write."""
+        plan = Plan(items)
+        out: list[Link | CrmError | None] = [None] * len(items)
+        async with ContactClaims(guard, account_of(self.api.base_url)) as claims:
+            lookup = await self._lookup_for(items, plan, out)
+            todo = plan.pending(items, out)
+            found = await _each(todo, plan, out, lambda d: self._resolve(d, plan, lookup))
+            resolved = [(d, found[d.job_id].contact_id) for d in todo if d.job_id in found]
+            for job_id, why in (await claims.hold(resolved)).items():
+                out[plan.slot[job_id]] = why
+            ready = plan.pending(todo, out)
+            links = await _each(
+                ready, plan, out, lambda d: self._act(d, found[d.job_id], plan, claims)
+            )
+            for job_id, link in links.items():
+                out[plan.slot[job_id]] = link
+            await self._create_new(plan, out)
+            await self._flush(plan, out)
+        return [r if r is not None else CrmRetryable("not delivered") for r in out]
+
+    async def _lookup_for(
+        self, items: Sequence[Delivery], plan: Plan, out: list[Link | CrmError | None]
+    ) -> str:
+        """How this batch finds the people we have no link for: "trust", "search" or "index"
+        (the index only when a refresh just now found it complete and caught up; their
+        candidates go into `plan.indexed`). A failed list request fails only those people;
+        known people go on."""
+        mode: str = self.settings.amocrm_dedup
+        if mode != "index":
+            return mode
+        unknown = [d for d in items if not _known(d)]
+        if self.index is None or not unknown:
+            return "search"
+        searches = sum(bool(d.lead.phone) + bool(d.lead.email) for d in unknown)
+        try:
+            if not await self.index.refresh(budget=searches):
+                return "search"
+            found = await self.index.candidates([d.lead for d in unknown])
+            plan.indexed = {d.job_id: ids for d, ids in zip(unknown, found, strict=True)}
+            return "index"
+        except StoreUnavailable as exc:
+            log.warning(
+                "contact index unavailable: searching instead",
+                extra={"action": "contact_index_down", "error": str(exc)},
+            )
+            return "search"
+        except CrmError as exc:
+            for d in items:
+                if not _known(d):
+                    out[plan.slot[d.job_id]] = exc
+            return "search"
+
+    async def _resolve(self, item: Delivery, plan: Plan, lookup: str) -> _Found:
+        """Whom the delivery goes to, before anything is written."""
+        if _known(item):
+            return _Found(item.link.contact_id)
+        if lookup == "index":
+            contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id])
+            return _Found() if contact is None else _Found(contact.id, contact, indexed=True)
+        contact = None if lookup == "trust" else await self.find_contact(item.lead)
+        if contact is None:
+            return _Found()
+        await self._remember(contact)
+        return _Found(contact.id, contact)
+
+    async def _act(
+        self, item: Delivery, found: _Found, plan: Plan, claims: ContactClaims
+    ) -> Link | None:
+        """Write what the item needs; its link now, or None if it waits for the batch's
+        complex create (a new person)."""
+        rule = self.settings.form_rule(item.lead.form)
+        if found.contact_id is None:
+            plan.new.append(item)
+            return None
+        if found.contact is None:
+            return await self._linked(item, plan, rule, claims)
+        if found.indexed:
+            return await self._from_index(found.contact, item, plan, rule, claims)
+        return await self._existing(found.contact, item, plan, rule, claims)
+
+    async def _linked(
+        self, item: Delivery, plan: Plan, rule: FormRule, claims: ContactClaims
+    ) -> Link | None:
+        """A person we delivered before: their open lead gets the note. Their lead closed (or
+        deleted), the contact's open lead gets it (another of our people may have opened one),
+        else a new lead; their contact deleted in the CRM, they are new."""
+        link = item.link
+        assert link.contact_id is not None and link.lead_id is not None
+        known = await self.api.get_lead(link.lead_id)
+        if known is not None and known.is_open:
+            plan.touch(item, known, rule)
+            return link
+        contact = await self.api.get_contact(link.contact_id)
+        if contact is None:
+            plan.new.append(item)
+            return None
+        return await self._existing(contact, item, plan, rule, claims)
+
+    async def _from_index(
+        self,
+        contact: AmoContact,
+        item: Delivery,
+        plan: Plan,
+        rule: FormRule,
+        claims: ContactClaims,
+    ) -> Link | None:
+        """An index hit is written to like a search hit; a contact deleted in the CRM since
+        we read it (400/404 on linking or updating it) leaves the index and the person is new
+        (one deleted before, 404 on reading it, was left out by `_indexed_contact`)."""
+        try:
+            return await self._existing(contact, item, plan, rule, claims)
+        except CrmPermanent as exc:
+            if exc.status not in (400, 404) or await self.api.get_contact(contact.id) is not None:
+                raise
+        assert self.index is not None
+        await self.index.forget_contact(contact.id)
+        plan.new.append(item)
+        return None
+
+    async def _indexed_contact(self, lead: Lead, candidates: list[int]) -> AmoContact | None:
+        """The first indexed contact that still exists and still holds the phone or email."""
+        assert self.index is not None
+        for contact_id in candidates[:MAX_CANDIDATES]:
+            contact = await self.api.get_contact(contact_id)
+            if contact is None:
+                await self.index.forget_contact(contact_id)
+            elif not self._matches(contact, lead):
+                await self.index.forget_stale(contact, lead)
+            else:
+                return contact
+        return None
+
+    async def _existing(
+        self,
+        contact: AmoContact,
+        item: Delivery,
+        plan: Plan,
+        rule: FormRule,
+        claims: ContactClaims,
+    ) -> Link:
+        """The person is this contact: their open lead gets the note, else a new lead."""
+        await self._complete_contact(contact, item.lead, claims)
+        open_lead = await self._open_lead(contact, rule)
+        if open_lead is not None:
+            plan.touch(item, open_lead, rule)
+            return Link(contact.id, open_lead.id)
+        claims.wrote(contact.id)
+        return Link(contact.id, await self._new_lead(contact.id, item.lead, rule, item))
+
+    async def _create_new(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
+        """One `leads/complex` call for every new person of the batch; the new contacts go
+        into the index at once."""
+        if not plan.new:
+            return
+        bodies = [complex_body(d.lead, self.settings.form_rule(d.lead.form), d) for d in plan.new]
+        slots = [plan.slot[d.job_id] for d in plan.new]
+        try:
+            created = await self.api.create_complex(bodies)
+        except CrmError as exc:
+            for slot in slots:
+                out[slot] = exc
+            return
+        pairs: list[tuple[str, int]] = []
+        for slot, res, item in zip(slots, created, plan.new, strict=True):
+            out[slot] = Link(res.contact_id, res.lead_id)
+            if res.contact_id is not None:
+                pairs += [(i, res.contact_id) for i in (item.lead.phone, item.lead.email) if i]
+        await self._remember(pairs)
+
+    async def _flush(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
+        """Status changes and notes for existing leads, one array call each. A failure fails
+        only the items that still needed it (their lead exists; the retry will update it)."""
+        for call, bodies in (
+            (self.api.update_leads, plan.patches),
+            (self.api.add_notes, plan.notes),
+        ):
+            if not bodies:
+                continue
+            try:
+                await call([body for _, body in bodies])
+            except CrmError as exc:
+                for slot in {s for s, _ in bodies}:
+                    out[slot] = exc
+
+    async def find_contact(self, lead: Lead) -> AmoContact | None:
+        """The oldest contact whose phone or email really matches (the search is fuzzy)."""
+        for query in (lead.phone, lead.email):
+            if not query:
+                continue
+            found = [c for c in await self.api.search_contacts(query) if self._matches(c, lead)]
+            if found:
+                return min(found, key=lambda c: c.id)
+        return None
+
+    def _matches(self, contact: AmoContact, lead: Lead) -> bool:
+        """The contact holds the lead's phone (written any way intake would read it) or email."""
+        if lead.phone and self._has_phone(contact.phones, lead.phone):
+            return True
+        return bool(lead.email) and lead.email in {e.lower() for e in contact.emails}
+
+    def _has_phone(self, phones: Sequence[str], phone: str) -> bool:
+        wanted = digits(phone)
+        return any(digits(p) == wanted or phone_identity(p, self.region) == phone for p in phones)
+
+    async def _remember(self, found: AmoContact | list[tuple[str, int]]) -> None:
+        """Put what the CRM just showed or made into the index (when there is one). Losing
+        this write costs nothing but requests: the next sync reads those contacts anyway."""
+        if self.index is None:
+            return
+        try:
+            if isinstance(found, AmoContact):
+                await self.index.remember_contact(found)
+            else:
+                await self.index.remember(found)
+        except StoreUnavailable as exc:
+            log.warning(
+                "contact index write lost",
+                extra={"action": "contact_index_down", "error": str(exc)},
+            )
+
+    async def _open_lead(self, contact: AmoContact, rule: FormRule) -> AmoLead | None:
+        for lead_id in sorted(contact.lead_ids, reverse=True)[:MAX_LEADS_CHECKED]:
+            found = await self.api.get_lead(lead_id)
+            if found is None or not found.is_open:
+                continue
+            if rule.pipeline_id is None or found.pipeline_id == rule.pipeline_id:
+                return found
+        return None
+
+    async def _complete_contact(
+        self, contact: AmoContact, lead: Lead, claims: ContactClaims
+    ) -> None:
+        """Add the phone or email the contact lacks, so the next search finds it either way.
+
+        PATCH replaces all values of a field, so the existing values are sent along."""
+        phones = list(contact.phones)
+        emails = list(contact.emails)
+        if lead.phone and not self._has_phone(phones, lead.phone):
+            phones.append(lead.phone)
+        if lead.email and lead.email not in {e.lower() for e in emails}:
+            emails.append(lead.email)
+        if (len(phones), len(emails)) == (len(contact.phones), len(contact.emails)):
+            return
+        fields = [
+            {"field_code": code, "values": [{"value": v, "enum_code": "WORK"} for v in values]}
+            for code, values in (("PHONE", phones), ("EMAIL", emails))
+            if values
+        ]
+        claims.wrote(contact.id)
+        await self.api.update_contacts([{"id": contact.id, "custom_fields_values": fields}])
+        await self._remember([(i, contact.id) for i in (lead.phone, lead.email) if i])
+
+    async def _new_lead(self, contact_id: int, lead: Lead, rule: FormRule, item: Delivery) -> int:
+        ids = await self.api.create_leads([linked_lead_body(contact_id, lead, rule, item)])
+        return ids[0]
+
+
+@dataclass(frozen=True)
+class _Found:
+    """Whom a delivery goes to: an existing contact (read from the CRM, or only its id, from
+    our link), or nobody yet (a new person)."""
+
+    contact_id: int | None = None
+    contact: AmoContact | None = None
+    indexed: bool = False  # found through the index: a contact deleted meanwhile is handled
+
+
+async def _each(
+    items: Sequence[Delivery],
+    plan: Plan,
+    out: list[Link | CrmError | None],
+    step: Callable[[Delivery], Awaitable[T]],
+) -> dict[int, T]:
+    """`step` for every item at once: job id → its answer; an item whose step failed gets
+    its error in `out` instead."""
+    results = await asyncio.gather(*(step(d) for d in items), return_exceptions=True)
+    done: dict[int, T] = {}
+    for item, result in zip(items, results, strict=True):
+        if isinstance(result, BaseException):
+            out[plan.slot[item.job_id]] = _as_error(result)
+        else:
+            done[item.job_id] = result
+    return done
+
+
+def _as_error(exc: BaseException) -> CrmError:
+    if isinstance(exc, CrmError):
+        return exc
+    if not isinstance(exc, Exception):
+        raise exc
+    return CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")
+
+
+def _known(item: Delivery) -> bool:
+    """We hold the person's contact and lead from an earlier delivery."""
+    return bool(item.link.contact_id and item.link.lead_id)

@@ -1,0 +1,96 @@
+"""Pausing delivery for the whole cluster: one row, a NOTIFY, every worker follows.
+
+An operator who pauses delivery (admin API, dashboard) means every process. Kept in one process's
+memory, a pause left the other processes sending and was forgotten by a restart. The state lives
+in `delivery_control` (sql/migrations/009_delivery_control.sql); a change is announced on a NOTIFY
+channel, and each process that runs a worker applies it at once, re-reading the row at start and
+after every reconnect of its LISTEN connection (so a missed notification cannot leave it wrong).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from service.db.database import listen_forever
+from service.db.store import load_queries, run_on
+from service.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "crm_relay_delivery"
+QUERIES = load_queries("admin.sql")
+
+
+class DeliveryControl:
+    """The cluster's pause switch; `follow` registers what applies it in this process."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.paused = False
+        self.changed_at: dt.datetime | None = None
+        self.changed_by = ""
+        self._followers: list[Callable[[bool], None]] = []
+        self._reads: set[asyncio.Task[Any]] = set()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "paused": self.paused,
+            "changed_at": self.changed_at.isoformat() if self.changed_at else None,
+            "changed_by": self.changed_by,
+            "scope": "cluster",
+        }
+
+    async def read(self) -> bool:
+        """The switch as stored; applied to this process's followers."""
+        row = await run_on(self.pool, lambda c: c.fetchrow(QUERIES["delivery_control_get"]))
+        self._apply(row)
+        return self.paused
+
+    async def set(self, paused: bool, by: str) -> None:
+        """Flip the switch for every process (this one at once, the others on the NOTIFY)."""
+        row = await run_on(
+            self.pool, lambda c: c.fetchrow(QUERIES["delivery_control_set"], paused, by)
+        )
+        self._apply(row)
+
+    def follow(self, apply: Callable[[bool], None]) -> None:
+        self._followers.append(apply)
+        apply(self.paused)
+
+    async def run(self) -> None:
+        """Follow changes made by any process, until cancelled."""
+        await listen_forever(self.dsn, CHANNEL, self._changed)
+
+    def _changed(self, *_notification: object) -> None:
+        task = asyncio.ensure_future(self._reread())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    async def _reread(self) -> None:
+        try:
+            await self.read()
+        except StoreUnavailable as exc:  # the LISTEN reconnect reads it again
+            log.warning(
+                "delivery switch unreadable",
+                extra={"action": "delivery_control_error", "error": str(exc)},
+            )
+
+    def _apply(self, row: asyncpg.Record | None) -> None:
+        if row is None:
+            return
+        was, self.paused = self.paused, bool(row["paused"])
+        self.changed_at, self.changed_by = row["changed_at"], row["changed_by"]
+        if was != self.paused:
+            for apply in self._followers:
+                apply(self.paused)
+
+
+DELIVERY_CONTROL = web.AppKey("delivery_control", DeliveryControl)

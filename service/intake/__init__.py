@@ -1,0 +1,3 @@
+"""Forms in: bodies, normalising, the idempotency window, per-key locks, the group commit and the
+spool.
+"""

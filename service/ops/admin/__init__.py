@@ -1,0 +1,1 @@
+"""The admin API and dashboard under `/admin` (bearer `ADMIN_TOKEN`)."""

@@ -1,0 +1,1 @@
+"""The amoCRM API v4 simulator."""

@@ -1,0 +1,1 @@
+"""The Bitrix24 REST simulator."""

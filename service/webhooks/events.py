@@ -1,0 +1,356 @@
+"""CRM and generic webhook events: what one delivery contains, its keys, its signatures.
+
+Pure functions, no I/O: the handlers (`service/webhooks/handlers.py`) and the forwarder
+(`service/webhooks/forwarder.py`) call them.
+
+Event keys make a re-delivery a duplicate and a later change a new event:
+- amoCRM: `<entity>.<action>:<id>:<updated_at or last_modified>` (`:<status_id>` added for status
+  changes, because `updated_at` has one-second resolution and two moves within a second are two
+  events); an item without an id is keyed by the hash of its content.
+- Bitrix24: `<event>:<data[FIELDS][ID]>:<ts>`.
+- generic: the configured body field, else `Idempotency-Key`, `Upstash-Message-Id`,
+  `X-Request-Id`, else the SHA-256 of the raw body.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import orjson
+
+MAX_KEY = 200
+# Headers whose values identify a message across re-deliveries, in the order they are trusted.
+KEY_HEADERS = (("Idempotency-Key", "idem"), ("Upstash-Message-Id", "msg"), ("X-Request-Id", "req"))
+# Headers worth keeping with a delivery (never the signatures or credentials).
+KEPT_HEADERS = (*(h for h, _ in KEY_HEADERS), "Upstash-Retried", "User-Agent", "X-Forwarded-For")
+QSTASH_LEEWAY_S = 30.0
+# amoCRM sends these top-level sections next to the entity sections; they are context, not events.
+AMO_CONTEXT = frozenset({"account"})
+# amoCRM lead actions whose item is the lead itself (notes carry the note, deletes no status)
+AMO_LEAD_ACTIONS = frozenset({"add", "status", "update", "restore"})
+JWT_HEADER = b'{"alg":"HS256","typ":"JWT"}'
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change the sender told us about, ready to be stored."""
+
+    key: str
+    kind: str
+    entity_id: str | None
+    payload: dict[str, Any]
+
+
+def body_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _canonical_hash(value: Any) -> str:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None or isinstance(value, dict | list):
+        return None
+    text = str(value).strip()
+    return text[:MAX_KEY] or None
+
+
+# --- amoCRM -------------------------------------------------------------------------------------
+
+
+def amocrm_events(body: Mapping[str, Any]) -> list[Event]:
+    """One event per entity change (`leads[status][0]`, `leads[status][1]`, `contacts[add][0]`…).
+
+    A body with nothing we recognise is still one event (keyed by its content), so nothing a CRM
+    sent is dropped."""
+    account = body.get("account") if isinstance(body.get("account"), dict) else None
+    events = []
+    for entity, actions in body.items():
+        if entity in AMO_CONTEXT or not isinstance(actions, dict):
+            continue
+        for action, items in actions.items():
+            for item in _items(items):
+                events.append(_amo_event(str(entity), str(action), item, account))
+    if not events:
+        events.append(Event(f"body:{_canonical_hash(body)}", "unknown", None, {"data": dict(body)}))
+    return events
+
+
+def _items(items: Any) -> Iterable[dict[str, Any]]:
+    if isinstance(items, list):
+        return (i for i in items if isinstance(i, dict))
+    if isinstance(items, dict):  # `leads[status][5][id]` without 0..4 stays a dict of dicts
+        return (i for i in items.values() if isinstance(i, dict))
+    return ()
+
+
+def _amo_event(
+    entity: str, action: str, item: dict[str, Any], account: dict[str, Any] | None
+) -> Event:
+    kind = f"{entity}.{action}"[:100]
+    entity_id = _scalar(item.get("id")) or _scalar(item.get("uid"))
+    changed = _scalar(item.get("updated_at")) or _scalar(item.get("last_modified"))
+    if entity_id is None or changed is None:
+        key = f"{kind}:{entity_id or '-'}:{_canonical_hash(item)}"
+    else:
+        key = f"{kind}:{entity_id}:{changed}"
+        if action == "status":
+            key += f":{_scalar(item.get('status_id')) or '-'}"
+    payload: dict[str, Any] = {"data": item}
+    if account is not None:
+        payload["account"] = account
+    return Event(key, kind, entity_id, payload)
+
+
+# --- Bitrix24 -----------------------------------------------------------------------------------
+
+
+def bitrix24_token(body: Mapping[str, Any]) -> str | None:
+    auth = body.get("auth")
+    return _scalar(auth.get("application_token")) if isinstance(auth, dict) else None
+
+
+def bitrix24_event(body: Mapping[str, Any]) -> Event:
+    """The one event of a Bitrix24 delivery; the application token is not kept (it is a secret)."""
+    name = (_scalar(body.get("event")) or "unknown").lower()
+    data = body.get("data")
+    fields = data.get("FIELDS") if isinstance(data, dict) else None
+    entity_id = _scalar(fields.get("ID")) if isinstance(fields, dict) else None
+    ts = _scalar(body.get("ts"))
+    clean = dict(body)
+    if isinstance(clean.get("auth"), dict):
+        clean["auth"] = {k: v for k, v in clean["auth"].items() if k != "application_token"}
+    if entity_id is None or ts is None:
+        key = f"{name}:{entity_id or '-'}:{_canonical_hash(clean)}"
+    else:
+        key = f"{name}:{entity_id}:{ts}"
+    return Event(key, name, entity_id, {"data": clean})
+
+
+# --- generic senders ----------------------------------------------------------------------------
+
+
+def generic_event(
+    headers: Mapping[str, str], body: Mapping[str, Any] | None, raw: bytes, key_field: str | None
+) -> Event:
+    """The event of an at-least-once sender; `body` is None when the body did not parse."""
+    key = None
+    if key_field and body is not None:
+        found = _scalar(dig(body, key_field))
+        key = f"field:{found}" if found else None
+    for header, prefix in KEY_HEADERS:
+        if key is None and (value := _scalar(headers.get(header))):
+            key = f"{prefix}:{value}"
+    if key is None:
+        key = f"sha256:{body_hash(raw)}"
+    kind = "message"
+    if body is not None:
+        kind = (_scalar(body.get("type")) or _scalar(body.get("event")) or "message")[:100]
+    payload: dict[str, Any] = {"data": dict(body) if body is not None else None}
+    if body is None:
+        payload["raw_base64"] = base64.b64encode(raw).decode("ascii")
+    return Event(key, kind, None, payload)
+
+
+def dig(body: Mapping[str, Any], path: str) -> Any:
+    """`order.id` → body["order"]["id"]; None when any step is missing."""
+    value: Any = body
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {h: headers[h][:500] for h in KEPT_HEADERS if h in headers}
+
+
+# --- signatures ---------------------------------------------------------------------------------
+
+
+def sign(secret: str, body: bytes) -> str:
+    """`sha256=<hex HMAC-SHA256 of body>`: the X-Relay-Signature value."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify_hmac(secret: str, raw: bytes, header: str | None) -> bool:
+    """Constant-time check of `sha256=<hex>` (or a bare hex digest) against the raw body."""
+    if not header:
+        return False
+    given = header.strip()
+    given = given[7:] if given.lower().startswith("sha256=") else given
+    expected = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), given.lower().encode("ascii", "replace"))
+
+
+def same_secret(expected: str | None, given: str | None) -> bool:
+    """Constant-time comparison; an unset expected value matches nothing."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def verify_qstash(
+    token: str | None,
+    raw: bytes,
+    keys: Sequence[str | None],
+    *,
+    path: str | None,
+    now: float,
+    leeway_s: float = QSTASH_LEEWAY_S,
+) -> bool:
+    """Check an `Upstash-Signature` JWT: HS256 with the current or the next signing key,
+    `iss` = Upstash, `nbf`/`exp` (± leeway for clock skew), `body` = base64url SHA-256 of the
+    raw body, and the path of `sub` equal to `path` (hosts differ behind proxies)."""
+    claims = _jwt_claims(token, [k for k in keys if k])
+    if claims is None or claims.get("iss") != "Upstash":
+        return False
+    nbf, exp = claims.get("nbf"), claims.get("exp")
+    if not isinstance(nbf, int | float) or not isinstance(exp, int | float):
+        return False
+    if not nbf - leeway_s <= now <= exp + leeway_s:
+        return False
+    digest = base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).rstrip(b"=").decode()
+    if not hmac.compare_digest(str(claims.get("body", "")).rstrip("="), digest):
+        return False
+    return path is None or urlparse(str(claims.get("sub", ""))).path == path
+
+
+def _jwt_claims(token: str | None, keys: list[str]) -> dict[str, Any] | None:
+    """The claims of an HS256 JWT signed with any of `keys`, else None (never raises)."""
+    if not token or not keys or not token.isascii() or token.count(".") != 2:
+        return None
+    head, body, sig = token.split(".")
+    try:
+        given = _b64url(sig)
+        header = json.loads(_b64url(head))
+        claims = json.loads(_b64url(body))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        return None
+    signed = f"{head}.{body}".encode("ascii")
+    ok = [
+        hmac.compare_digest(hmac.new(k.encode(), signed, hashlib.sha256).digest(), given)
+        for k in keys
+    ]
+    return claims if any(ok) and isinstance(claims, dict) else None
+
+
+def qstash_token(key: str, raw: bytes, url: str, now: float, ttl_s: float = 300.0) -> str:
+    """A token as QStash makes it (tests and the benchmark sign with this)."""
+
+    def enc(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    claims = {
+        "iss": "Upstash",
+        "sub": url,
+        "exp": int(now + ttl_s),
+        "nbf": int(now),
+        "iat": int(now),
+        "jti": f"jwt_{body_hash(raw)[:16]}",
+        "body": base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).decode(),
+    }
+    signing = f"{enc(JWT_HEADER)}.{enc(orjson.dumps(claims))}"
+    sig = hmac.new(key.encode(), signing.encode(), hashlib.sha256).digest()
+    return f"{signing}.{enc(sig)}"
+
+
+# --- our own echoes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeadChange:
+    """What a CRM event says about one lead (amoCRM lead / Bitrix24 deal)."""
+
+    crm: str
+    lead_id: int
+    action: str  # amoCRM: add | status | update | …; Bitrix24: the event name
+    pipeline_id: str | None
+    status_id: str | None
+    changed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class OurWrite:
+    """One delivery of ours to that lead: when, and which status we set (None: left as is)."""
+
+    delivered_at: dt.datetime
+    status_id: str | None
+
+
+def lead_change(
+    source: str, kind: str, payload: Mapping[str, Any], received_at: dt.datetime
+) -> LeadChange | None:
+    """The lead change an event describes, or None for events about anything else."""
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        return None
+    entity, _, action = kind.partition(".")
+    if source == "amocrm" and entity == "leads" and action in AMO_LEAD_ACTIONS:
+        lead_id = _int(data.get("id"))
+        changed = _int(data.get("updated_at")) or _int(data.get("last_modified"))
+        pipeline, status = _scalar(data.get("pipeline_id")), _scalar(data.get("status_id"))
+    elif source == "bitrix24" and kind.startswith("oncrmdeal"):
+        lead_id = _int(dig(data, "data.FIELDS.ID"))
+        changed = _int(data.get("ts"))
+        fetched = payload.get("entity")
+        entity_data: Mapping[str, Any] = fetched if isinstance(fetched, dict) else {}
+        pipeline = _scalar(entity_data.get("CATEGORY_ID"))
+        status = _scalar(entity_data.get("STAGE_ID"))
+        action = kind
+    else:
+        return None
+    if lead_id is None:
+        return None
+    when = dt.datetime.fromtimestamp(changed, dt.UTC) if changed else received_at
+    return LeadChange(source, lead_id, action, pipeline, status, when)
+
+
+def _int(value: Any) -> int | None:
+    text = _scalar(value)
+    if text is None or not text.isdigit() or len(text) > 18:
+        return None
+    return int(text)
+
+
+def is_echo(change: LeadChange, writes: Iterable[OurWrite], window_s: float) -> bool:
+    """Is this change the CRM telling us about our own write?
+
+    Only writes within `window_s` of the change count. An `add` of a lead we delivered is ours
+    (a lead is added once). amoCRM: a `status` change is ours when it lands on the status we
+    set; an `update` is ours when it shows the status we set (or we set none). Bitrix24 deal
+    events carry no stage unless the deal was fetched: any deal event near our write is ours,
+    unless the fetched stage differs from the one we set."""
+    for w in writes:
+        if abs((w.delivered_at - change.changed_at).total_seconds()) > window_s:
+            continue
+        if change.action == "add":
+            return True  # a lead is added once: with our lead id on it, the add was ours
+        if change.crm == "bitrix24":
+            if change.status_id is None or w.status_id is None or w.status_id == change.status_id:
+                return True
+        elif change.action == "status":
+            if w.status_id is not None and w.status_id == change.status_id:
+                return True
+        elif w.status_id is None or w.status_id == change.status_id:
+            return True
+    return False

@@ -1,0 +1,384 @@
+"""The forwarding worker: processes stored webhook events and relays them downstream.
+
+Two kinds of outbox job (`forward_jobs`), claimed with FOR UPDATE SKIP LOCKED under a lease that a
+heartbeat keeps alive, woken by LISTEN `relay_events`:
+- `process` (one per event): recognise our own echo, update `crm_lead_state`, fetch the Bitrix24
+  deal when a fetcher is configured, and create one `forward` job per destination — all in one
+  transaction with the job's completion, so an event is processed once.
+- `forward` (one per event and destination): POST the event as JSON with
+  `X-Relay-Signature: sha256=<hex HMAC-SHA256 of the body with WEBHOOK_SECRET>` and
+  `X-Relay-Event-Id` (the same on every retry: receivers dedupe by it); 2xx → done; 408/425/429/5xx,
+  timeouts and connection errors → retry with `settings.retry` backoff and jitter; other answers
+  or exhausted attempts → dead (replayable). Each destination has its own aiolimiter bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiolimiter import AsyncLimiter
+
+from service.crm.bitrix24.api import Bitrix24Api, BitrixNotFound
+from service.db.database import listen_forever
+from service.db.event_store import EventStore, ForwardJob, Processed
+from service.errors import (
+    CrmBlocked,
+    CrmError,
+    CrmPermanent,
+    CrmRateLimited,
+    CrmUnauthorized,
+    StoreUnavailable,
+)
+from service.settings import Settings
+from service.webhooks.events import LeadChange, OurWrite, is_echo, lead_change, sign
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "relay_events"
+IDLE_WAIT_S = 5.0
+REAP_EVERY_S = 2.0
+# A delivery in flight may be about to record the very lead an event is about: an event younger
+# than this is looked at again (not counted as an attempt) until those deliveries have committed.
+ECHO_SETTLE_S = 5.0
+ECHO_RECHECK_S = 1.0
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+# Shutdown waits this long for forwards in flight; one cut short is retried after its lease
+# (at least once: receivers dedupe by X-Relay-Event-Id).
+STOP_WAIT_S = 3.0
+
+DealFetcher = Callable[[int], Awaitable[dict[str, Any] | None]]
+
+
+def bitrix24_deal_fetcher(api: Bitrix24Api) -> DealFetcher:
+    """`crm.deal.get` through the shared CRM gate; None for a deal Bitrix24 does not know."""
+
+    async def fetch(deal_id: int) -> dict[str, Any] | None:
+        try:
+            deal = await api.call("crm.deal.get", {"id": deal_id})
+        except BitrixNotFound:
+            return None
+        return deal if isinstance(deal, dict) else None
+
+    return fetch
+
+
+class ForwardFailed(Exception):
+    """A destination did not take the event; `retryable` says whether to try again."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+        self.retryable = retryable
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+def envelope(job: ForwardJob) -> bytes:
+    """What receivers get: byte-identical on every retry, so the signature is too."""
+    body = {
+        "id": str(job.event_id),
+        "source": job.source,
+        "kind": job.event_kind,
+        "key": job.event_key,
+        "entity_id": job.entity_id,
+        "received_at": job.received_at.isoformat(),
+        **job.payload,
+    }
+    return orjson.dumps(body)
+
+
+class Forwarder:
+    """One processing/forwarding loop; `run()` until cancelled or `stop()`ped."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        settings: Settings,
+        dsn: str,
+        *,
+        fetch_deal: DealFetcher | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.dsn = dsn
+        self.fetch_deal = fetch_deal
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:fwd-{uuid.uuid4().hex[:6]}"
+        self.running = False
+        self.in_flight: dict[int, ForwardJob] = {}
+        self.counts: dict[str, int] = {"processed": 0, "echo": 0, "forwarded": 0, "failed": 0}
+        self._limiters: dict[str, AsyncLimiter] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def destinations(self, source: str) -> list[str]:
+        """WEBHOOK_FORWARD_URL for every source, then the `[forward.<source>]` rules."""
+        urls = [self.settings.webhook_forward_url] if self.settings.webhook_forward_url else []
+        urls += [r.url for r in self.settings.forward_rules.get(source, ())]
+        return list(dict.fromkeys(urls))
+
+    def _limiter(self, url: str) -> AsyncLimiter:
+        if url not in self._limiters:
+            rates = [
+                r.rate
+                for rules in self.settings.forward_rules.values()
+                for r in rules
+                if r.url == url and r.rate
+            ]
+            rate = min(rates, default=self.settings.webhook_forward_rate)
+            self._limiters[url] = AsyncLimiter(max(rate, 1.0), max(1.0, 1.0 / rate))
+        return self._limiters[url]
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and handle jobs until stopped; survive database outages."""
+        self.running = True
+        timeout = aiohttp.ClientTimeout(total=self.settings.forward_timeout_s)
+        helpers: list[asyncio.Task[None]] = []
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                self._session = session
+                helpers = [asyncio.create_task(self._listen()), asyncio.create_task(self._beat())]
+                await self._loop()
+                await self._drain_tasks(min(self.settings.forward_timeout_s, STOP_WAIT_S))
+        finally:
+            self.running = False
+            for t in helpers:
+                t.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        last_reap = 0.0
+        while not self._stopping:
+            try:
+                if time.monotonic() - last_reap > REAP_EVERY_S:
+                    await self.store.reap_expired()
+                    last_reap = time.monotonic()
+                if not await self._claim():
+                    await self._sleep(await self._idle_wait())
+            except StoreUnavailable as exc:
+                log.warning(
+                    "forwarder: database unavailable",
+                    extra={"action": "forwarder_db_down", "error": str(exc)},
+                )
+                await self._sleep(1.0)
+
+    async def _claim(self) -> bool:
+        free = self.settings.worker_concurrency - len(self.in_flight)
+        if free <= 0:
+            return False
+        jobs = await self.store.claim(
+            self.owner, min(free, self.settings.worker_batch), self.settings.lease_s
+        )
+        for job in jobs:
+            self.in_flight[job.id] = job
+            task = asyncio.create_task(self._handle(job), name=f"forward-{job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return bool(jobs)
+
+    async def _idle_wait(self) -> float:
+        if self.in_flight:
+            return IDLE_WAIT_S  # a job finishing wakes us
+        due_in = await self.store.next_due_in()
+        return IDLE_WAIT_S if due_in is None else min(IDLE_WAIT_S, max(due_in, 0.01))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _handle(self, job: ForwardJob) -> None:
+        try:
+            if job.kind == "process":
+                await self._process(job)
+            else:
+                await self._forward(job)
+        except StoreUnavailable as exc:
+            # our lease will lapse and the job will be retaken: nothing is lost
+            log.warning(
+                "forwarder: cannot record outcome",
+                extra={"action": "forwarder_db_down", "job_id": job.id, "error": str(exc)},
+            )
+        except (ForwardFailed, CrmError) as exc:
+            await self._failed(job, exc)
+        except Exception as exc:  # a bug must not kill the loop or lose the job
+            log.exception("forwarder: unexpected error", extra={"action": "forward_error"})
+            await self._failed(job, ForwardFailed(f"unexpected {exc!r}", retryable=True))
+        finally:
+            self.in_flight.pop(job.id, None)
+            # claim in batches, not one query per finished job: wake when half the slots are free
+            if len(self.in_flight) <= self.settings.worker_concurrency // 2:
+                self.wake()
+
+    # --- process ------------------------------------------------------------------------
+
+    async def _process(self, job: ForwardJob) -> None:
+        payload = await self._enriched(job)
+        change = lead_change(job.source, job.event_kind, payload or job.payload, job.received_at)
+        if change is not None:
+            if await self._is_echo(change):
+                await self._finish(job, Processed("echo", payload))
+                return
+            if await self._settling(job):
+                return
+        outcome = "applied" if change is not None else "forwarded-only"
+        await self._finish(
+            job, Processed(outcome, payload, change, tuple(self.destinations(job.source)))
+        )
+
+    async def _finish(self, job: ForwardJob, result: Processed) -> None:
+        if await self.store.processed(job, self.owner, result):
+            self.counts["echo" if result.outcome == "echo" else "processed"] += 1
+            extra = {"event_id": str(job.event_id), "outcome": result.outcome}
+            log.info("event processed", extra={"action": "event_processed", **extra})
+
+    async def _enriched(self, job: ForwardJob) -> dict[str, Any] | None:
+        """Bitrix24 deal events carry only an id: fetch the deal (through the CRM limiter)."""
+        if self.fetch_deal is None or job.source != "bitrix24" or "entity" in job.payload:
+            return None
+        if not job.event_kind.startswith("oncrmdeal") or job.event_kind == "oncrmdealdelete":
+            return None
+        if job.entity_id is None or not job.entity_id.isdigit():
+            return None
+        try:
+            deal = await self.fetch_deal(int(job.entity_id))
+        except CrmError as exc:
+            last = job.attempts + 1 >= self.settings.retry.max_attempts
+            if not last and not isinstance(exc, CrmPermanent):
+                raise  # retried with backoff (or after the CRM's pause) by _failed
+            # the event itself must not be lost to a failed lookup: forward it id-only
+            return {**job.payload, "entity": None, "entity_error": f"{exc}"[:500]}
+        return {**job.payload, "entity": deal}
+
+    async def _is_echo(self, change: LeadChange) -> bool:
+        window = self.settings.echo_window_s
+        found = await self.store.our_writes(change.lead_id, change.changed_at, window)
+        writes = [OurWrite(at, self._status_we_set(change.crm, form)) for form, at in found]
+        return is_echo(change, writes, window)
+
+    def _status_we_set(self, crm: str, form: str) -> str | None:
+        if crm != "amocrm":
+            return None  # a Bitrix24 deal event shows no stage to compare with
+        status = self.settings.form_rule(form).status_id
+        return None if status is None else str(status)
+
+    async def _settling(self, job: ForwardJob) -> bool:
+        """Put a young event back for a moment while deliveries are in flight (see above)."""
+        age = (dt.datetime.now(dt.UTC) - job.received_at).total_seconds()
+        if age >= ECHO_SETTLE_S or not await self.store.deliveries_in_flight():
+            return False
+        await self.store.retry(
+            job,
+            self.owner,
+            counted=False,
+            delay_s=ECHO_RECHECK_S,
+            error="waiting for deliveries in flight (echo check)",
+        )
+        return True
+
+    # --- forward ------------------------------------------------------------------------
+
+    async def _forward(self, job: ForwardJob) -> None:
+        assert self._session is not None  # set by run()
+        body = envelope(job)
+        headers = {
+            "Content-Type": "application/json",
+            "X-Relay-Event-Id": str(job.event_id),
+            "X-Relay-Source": job.source,
+        }
+        if self.settings.webhook_secret:
+            headers["X-Relay-Signature"] = sign(self.settings.webhook_secret, body)
+        async with self._limiter(job.destination):
+            try:
+                async with self._session.post(job.destination, data=body, headers=headers) as r:
+                    status, retry_after = r.status, r.headers.get("Retry-After")
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ForwardFailed(f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
+        if not 200 <= status < 300:
+            raise ForwardFailed(
+                f"HTTP {status}",
+                retryable=status >= 500 or status in RETRYABLE_STATUS,
+                retry_after=_seconds(retry_after),
+            )
+        if await self.store.forwarded(job, self.owner):
+            self.counts["forwarded"] += 1
+
+    async def _failed(self, job: ForwardJob, exc: ForwardFailed | CrmError) -> None:
+        """The one place where a failure becomes behaviour: retry with backoff, or dead."""
+        self.counts["failed"] += 1
+        error = f"{exc.__class__.__name__}: {exc}"
+        retryable = (
+            exc.retryable if isinstance(exc, ForwardFailed) else not isinstance(exc, CrmPermanent)
+        )
+        extra = {"job_id": job.id, "event_id": str(job.event_id), "error": error}
+        with contextlib.suppress(StoreUnavailable):
+            if isinstance(exc, CrmRateLimited | CrmBlocked | CrmUnauthorized):
+                # the CRM holds everyone back (the worker pauses the shared gate or opens its
+                # circuit): wait for it without spending an attempt
+                await self.store.retry(
+                    job, self.owner, counted=False, delay_s=self._crm_wait(exc), error=error
+                )
+                return
+            if not retryable or job.attempts + 1 >= self.settings.retry.max_attempts:
+                await self.store.dead(job, self.owner, error)
+                log.error("forward job dead", extra={"action": "forward_dead", **extra})
+                return
+            delay = self.settings.retry.delay(job.attempts + 1, random.random())
+            if isinstance(exc, ForwardFailed) and exc.retry_after is not None:
+                delay = min(max(delay, exc.retry_after), self.settings.retry.max_s)
+            await self.store.retry(job, self.owner, counted=True, delay_s=delay, error=error)
+            log.warning(
+                "forward retry", extra={"action": "forward_retry", "delay_s": delay, **extra}
+            )
+
+    def _crm_wait(self, exc: CrmError) -> float:
+        if isinstance(exc, CrmRateLimited):
+            return exc.retry_after or self.settings.pause_max_s
+        return self.settings.circuit_cooldown_s
+
+    # --- leases and wake-ups -------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            if self.in_flight:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.heartbeat(
+                        self.owner, list(self.in_flight), self.settings.lease_s
+                    )
+
+    async def _listen(self) -> None:
+        await listen_forever(self.dsn, CHANNEL, self.wake)
+
+    async def _drain_tasks(self, timeout_s: float) -> None:
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop claiming; jobs in flight finish (bounded by the forward timeout)."""
+        self._stopping = True
+        self.wake()
+
+
+def _seconds(header: str | None) -> float | None:
+    try:
+        return max(0.0, float(header)) if header else None
+    except ValueError:
+        return None  # an HTTP date: our own backoff is good enough

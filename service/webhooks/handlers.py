@@ -1,0 +1,385 @@
+"""CRM and generic webhooks in: verify, store first, answer after.
+
+`POST /webhooks/amocrm/{secret}`, `POST /webhooks/bitrix24`, `POST /webhooks/generic/{source}`.
+A request passes the same path as a form submission: the in-memory idempotency window → per-key
+locks → group commit (the delivery, its events and their process jobs in one transaction, unique
+(source, event key)) → 200; when the database is unreachable or slower than `db_write_timeout_s`
+the delivery goes to the fsync'd spool (entry type "event") and the sender still gets 200.
+
+What is answered what:
+- amoCRM: a wrong secret → 404; anything else within the size limit → 200 (a non-2xx makes amoCRM
+  retry and, after 100 in two hours, disable the hook); a body we cannot read is kept raw in
+  `rejected`.
+- Bitrix24: `auth[application_token]` ≠ `BITRIX24_APP_TOKEN` (or unreadable) → 401, nothing stored.
+- generic: a failed signature check → 401, nothing stored; any body is an event (unparsed bodies
+  are forwarded base64-encoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from service.db.event_store import EventStore, PendingDelivery, Stored
+from service.errors import BadInput, StoreUnavailable
+from service.ids import new_id
+from service.intake.bodies import parse_body
+from service.intake.forms import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
+from service.intake.keys import IdempotencyWindow
+from service.intake.locks import KeyLocks
+from service.intake.spool import Spool
+from service.settings import GenericSource, Settings
+from service.webhooks.events import (
+    Event,
+    amocrm_events,
+    bitrix24_event,
+    bitrix24_token,
+    generic_event,
+    kept_headers,
+    same_secret,
+    verify_hmac,
+    verify_qstash,
+)
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_MAX_FIELDS = 100_000  # amoCRM sends up to hundreds of leads, dozens of fields each
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+HMAC_HEADERS = ("X-Relay-Signature", "X-Hub-Signature-256")
+# amoCRM waits at most 2 s for an answer and we promise p99 < 1 s: a database slower than this
+# sends the delivery to the spool instead (stored once either way: the keys dedupe the copies)
+WEBHOOK_WRITE_TIMEOUT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What became of one delivery: one entry per event (the original's id for a repeat)."""
+
+    stored: list[Stored]
+    spooled: bool = False
+
+    @property
+    def duplicate(self) -> bool:
+        return bool(self.stored) and all(s.duplicate for s in self.stored)
+
+    def to_json(self) -> dict[str, Any]:
+        ids = [str(s.event_id) for s in self.stored if s.event_id is not None]
+        if not ids and any(s.event_key is None for s in self.stored):
+            # the database would not take it as events (say, a NUL in a string): kept raw
+            message = "kept for inspection: cannot be stored as events"
+            return {"ok": False, "kept": True, "errors": [{"field": "body", "message": message}]}
+        body: dict[str, Any] = {
+            "ok": True,
+            "id": ids[0] if ids else None,
+            "duplicate": self.duplicate,
+            "events": len(ids),
+        }
+        if self.spooled:
+            body["spooled"] = True
+        return body
+
+
+class EventWriter:
+    """Group commit for deliveries: whatever is waiting goes in one transaction."""
+
+    def __init__(self, store: EventStore, max_batch: int = 200) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: list[tuple[PendingDelivery, asyncio.Future[list[Stored]]]] = []
+        self._wake = asyncio.Event()
+
+    async def write(self, item: PendingDelivery, timeout_s: float) -> list[Stored]:
+        fut: asyncio.Future[list[Stored]] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        self._wake.set()
+        try:
+            # shield: giving up waiting must not pull the item out of a transaction in flight
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            # not begun yet: take it back, the spool carries it alone (a slow database is not
+            # given the same work twice)
+            self._queue = [(i, f) for i, f in self._queue if i is not item]
+            raise
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                try:
+                    results = await self.store_all([item for item, _ in batch])
+                except Exception as exc:
+                    error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(error)
+                            fut.exception()  # the waiter may have timed out: mark it retrieved
+                    continue
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+
+    async def store_all(self, items: list[PendingDelivery], retries: int = 3) -> list[list[Stored]]:
+        """Store `items`; raises StoreUnavailable (outage) and nothing else from the database."""
+        try:
+            return await self.store.ingest(items)
+        except asyncpg.exceptions.TransactionRollbackError:
+            # a deadlock against another process's batch: transient, write it again (bounded)
+            if retries > 0:
+                return await self.store_all(items, retries - 1)
+            raise StoreUnavailable("repeated transaction rollbacks") from None
+        except asyncpg.PostgresError as exc:
+            # not an outage but one item Postgres will not store (say, a NUL in a JSON string):
+            # write them one by one, and keep that one raw in `rejected` instead
+            if len(items) > 1:
+                return [(await self.store_all([one]))[0] for one in items]
+            if items[0].rejected is not None:
+                raise StoreUnavailable(f"cannot keep a rejected body: {exc}") from exc
+            why = f"cannot be stored as events: {exc.__class__.__name__}"
+            return await self.store_all([items[0].as_rejected(why)])
+
+
+class SpoolBatch:
+    """Appends every delivery waiting for the spool as one entry: one fsync for all of them,
+    so the spool keeps up with the load the database could not take."""
+
+    def __init__(self, spool: Spool, max_items: int = 200) -> None:
+        self.spool = spool
+        self.max_items = max_items
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._lock = asyncio.Lock()
+
+    async def append(self, delivery: dict[str, Any]) -> None:
+        """Return once `delivery` is fsynced; raises what the spool raised."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((delivery, fut))
+        while not fut.done():
+            async with self._lock:  # whoever holds it writes everything waiting by then
+                if fut.done():
+                    break
+                batch = self._waiting[: self.max_items]
+                self._waiting = self._waiting[self.max_items :]
+                try:
+                    await self.spool.append({"type": "event", "deliveries": [d for d, _ in batch]})
+                except asyncio.CancelledError:
+                    # the others' deliveries go to whoever writes next (a copy that reached the
+                    # file anyway is deduplicated by its keys when the spool is drained)
+                    self._waiting[:0] = [(d, f) for d, f in batch if f is not fut]
+                    raise
+                except Exception as exc:
+                    for _, f in batch:
+                        f.set_exception(exc)
+                else:
+                    for _, f in batch:
+                        f.set_result(None)
+        await fut
+
+
+class EventIntake:
+    """Window → locks → group commit → spool fallback, for webhook deliveries."""
+
+    def __init__(self, store: EventStore, spool: Spool, settings: Settings) -> None:
+        self.store = store
+        self.spool = spool
+        self.window = IdempotencyWindow(
+            settings.idempotency_window_s, settings.idempotency_window_size
+        )
+        self.locks = KeyLocks()
+        self.writer = EventWriter(store)
+        self.spooler = SpoolBatch(spool)
+        self.write_timeout_s = min(settings.db_write_timeout_s, WEBHOOK_WRITE_TIMEOUT_S)
+        self._db_down_until = 0.0
+        self.counts: dict[str, int] = {
+            "events": 0,
+            "duplicate": 0,
+            "spooled": 0,
+            "rejected": 0,
+            "unauthorized": 0,
+        }
+
+    async def accept(self, delivery: PendingDelivery) -> Receipt:
+        """Store the delivery's new events (repeats get their original ids) and say so."""
+        keys = [f"{delivery.source}\x1f{e.key}" for _, e in delivery.events]
+        if keys and all(self.window.get(k) is not None for k in keys):
+            return self._count(Receipt(self._from_window(delivery, keys)))
+        async with self.locks.hold(keys):
+            known = {k: sid for k in keys if (sid := self.window.get(k)) is not None}
+            fresh = tuple(ev for ev, k in zip(delivery.events, keys, strict=True) if k not in known)
+            if keys and not fresh:
+                return self._count(Receipt(self._from_window(delivery, keys)))
+            receipt = await self._store(replace(delivery, events=fresh))
+            for s in receipt.stored:
+                if s.event_key is not None and s.event_id is not None:
+                    self.window.put(f"{delivery.source}\x1f{s.event_key}", s.event_id)
+            repeats = [Stored(k.split("\x1f", 1)[1], sid, True) for k, sid in known.items()]
+            return self._count(replace(receipt, stored=repeats + receipt.stored))
+
+    def _from_window(self, delivery: PendingDelivery, keys: list[str]) -> list[Stored]:
+        pairs = zip(delivery.events, keys, strict=True)
+        return [Stored(e.key, self.window.get(k), True) for (_, e), k in pairs]
+
+    async def _store(self, delivery: PendingDelivery) -> Receipt:
+        if time.monotonic() >= self._db_down_until:
+            try:
+                return Receipt(await self.writer.write(delivery, self.write_timeout_s))
+            except (StoreUnavailable, TimeoutError) as exc:
+                # skip the database for a moment instead of making every sender wait for it
+                self._db_down_until = time.monotonic() + 1.0
+                log.warning(
+                    "database unavailable, spooling webhook",
+                    extra={"action": "spool", "source": delivery.source, "error": str(exc)},
+                )
+        await self.spooler.append(delivery.to_json())
+        stored = [Stored(e.key, eid, False) for eid, e in delivery.events]
+        return Receipt(stored or [Stored(None, None, False)], spooled=True)
+
+    def _count(self, receipt: Receipt) -> Receipt:
+        for s in receipt.stored:
+            kind = "rejected" if s.event_key is None else "duplicate" if s.duplicate else "events"
+            self.counts[kind] += 1
+        self.counts["spooled"] += receipt.spooled
+        return receipt
+
+    async def drain_spooled(self, entries: list[dict[str, Any]]) -> None:
+        """Spool handler: store spooled deliveries (repeats are dropped by their keys)."""
+        items = [PendingDelivery.from_json(d) for e in entries for d in e.get("deliveries", [e])]
+        for i in range(0, len(items), self.writer.max_batch):
+            await self.writer.store_all(items[i : i + self.writer.max_batch])
+        self._db_down_until = 0.0
+
+
+EVENTS = web.AppKey("events", EventIntake)
+
+
+def _delivery(
+    request: web.Request,
+    source: str,
+    raw: bytes,
+    events: list[Event],
+    rejected: list[dict[str, str]] | None = None,
+) -> PendingDelivery:
+    return PendingDelivery(
+        id=new_id(),
+        source=source,
+        content_type=request.headers.get("Content-Type"),
+        raw=raw,
+        received_at=dt.datetime.now(dt.UTC),
+        events=tuple((new_id(), e) for e in events),
+        headers=kept_headers(request.headers),
+        rejected=rejected,
+    )
+
+
+def _refused(status: int, message: str) -> web.Response:
+    return answer({"ok": False, "errors": [{"field": "auth", "message": message}]}, status)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """Like `read_limited`, but an undecodable body reads as empty: a CRM must still get its
+    200 (amoCRM) or a clear 401 (no token to check), never a 500."""
+    try:
+        return await read_limited(request, limit)
+    except UnreadableBody:
+        return b""
+
+
+async def amocrm_hook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    intake = request.app[EVENTS]
+    if not same_secret(settings.webhook_secret, request.match_info["secret"]):
+        raise web.HTTPNotFound()
+    raw = await read_body(request, settings.webhook_max_body_bytes)
+    if raw is None:
+        return too_large(settings.webhook_max_body_bytes)
+    try:
+        body = parse_body(request.headers.get("Content-Type"), raw, max_fields=WEBHOOK_MAX_FIELDS)
+    except BadInput as exc:
+        errors = [e.__dict__ for e in exc.errors]
+        await intake.accept(_delivery(request, "amocrm", raw, [], errors))
+        # still 200: amoCRM disables a hook that keeps answering otherwise; the body is kept
+        return reply(request, {"ok": False, "errors": errors, "kept": True})
+    receipt = await intake.accept(_delivery(request, "amocrm", raw, amocrm_events(body)))
+    return reply(request, receipt.to_json())
+
+
+async def bitrix24_hook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    intake = request.app[EVENTS]
+    raw = await read_body(request, settings.webhook_max_body_bytes)
+    if raw is None:
+        return too_large(settings.webhook_max_body_bytes)
+    try:
+        body = parse_body(request.headers.get("Content-Type"), raw, max_fields=WEBHOOK_MAX_FIELDS)
+    except BadInput:
+        body = {}
+    if not same_secret(settings.bitrix24_app_token, bitrix24_token(body)):
+        intake.counts["unauthorized"] += 1
+        return _refused(401, "auth[application_token] does not match BITRIX24_APP_TOKEN")
+    receipt = await intake.accept(_delivery(request, "bitrix24", raw, [bitrix24_event(body)]))
+    return reply(request, receipt.to_json())
+
+
+async def generic_hook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    intake = request.app[EVENTS]
+    name = request.match_info["source"]
+    if not SOURCE_NAME.fullmatch(name):
+        raise web.HTTPNotFound()
+    raw = await read_body(request, settings.webhook_max_body_bytes)
+    if raw is None:
+        return too_large(settings.webhook_max_body_bytes)
+    rule = settings.generic_sources.get(name, GenericSource())
+    if not verified(settings, rule, request, raw):
+        intake.counts["unauthorized"] += 1
+        return _refused(401, "signature missing or invalid")
+    try:
+        body: dict[str, Any] | None = parse_body(request.headers.get("Content-Type"), raw)
+    except BadInput:
+        body = None  # an opaque payload is still a message: it is forwarded as it came
+    event = generic_event(request.headers, body, raw, rule.key_field)
+    receipt = await intake.accept(_delivery(request, f"generic/{name}", raw, [event]))
+    return reply(request, receipt.to_json())
+
+
+def verified(settings: Settings, rule: GenericSource, request: web.Request, raw: bytes) -> bool:
+    """Check the sender as `rule.verify` says; "any" requires a valid QStash JWT or HMAC as soon
+    as either key is configured, and lets everything in while none is (a dev setup)."""
+    keys = (settings.qstash_current_signing_key, settings.qstash_next_signing_key)
+
+    def qstash_ok() -> bool:
+        token = request.headers.get("Upstash-Signature")
+        path = request.rel_url.raw_path
+        return verify_qstash(token, raw, keys, path=path, now=time.time())
+
+    def hmac_ok() -> bool:
+        header = next((v for h in HMAC_HEADERS if (v := request.headers.get(h))), None)
+        return bool(settings.webhook_secret) and verify_hmac(
+            settings.webhook_secret or "", raw, header
+        )
+
+    if rule.verify == "none":
+        return True
+    if rule.verify == "qstash":
+        return qstash_ok()
+    if rule.verify == "hmac":
+        return hmac_ok()
+    if not any(keys) and not settings.webhook_secret:
+        return True
+    return qstash_ok() or hmac_ok()
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/webhooks/amocrm/{secret}", amocrm_hook),
+        web.post("/webhooks/bitrix24", bitrix24_hook),
+        web.post("/webhooks/generic/{source}", generic_hook),
+    ]
