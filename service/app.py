@@ -22,10 +22,10 @@ from aiohttp import web
 from service.cluster.processes import Cluster, connect_redis, process_name
 from service.crm.amocrm.adapter import AmoCrmAdapter
 from service.crm.amocrm.api import AmoCrmApi, StaticToken, TokenSource
-from service.crm.base import CrmAdapter
 from service.crm.bitrix24.adapter import Bitrix24Adapter
 from service.crm.bitrix24.api import Bitrix24Api
 from service.crm.oauth import Bitrix24OAuthTokens, OAuthTokens
+from service.crm.protocol import CrmAdapter
 from service.db.database import EmbeddedPostgres, create_pool, migrate
 from service.db.event_store import EventStore
 from service.db.store import Store
@@ -41,7 +41,7 @@ from service.intake.shared_keys import SharedKeys
 from service.intake.spool import Spool
 from service.ops import alerts, health, metrics
 from service.ops.admin import api as admin
-from service.ops.health import RUNTIME, Runtime
+from service.ops.runtime import RUNTIME, Runtime
 from service.settings import Settings
 from service.webhooks import handlers as webhooks
 from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
@@ -177,7 +177,7 @@ async def _bitrix24_api(
     incoming webhook."""
     timeout = settings.crm_timeout_s
     if settings.bitrix24_portal_url:
-        tokens = Bitrix24OAuthTokens(app[STORE], session, settings, gate)
+        tokens = Bitrix24OAuthTokens(app[STORE], session, settings, gate.front())
         await tokens.seed()
         portal = settings.bitrix24_portal_url
         return Bitrix24Api(session, portal, gate, timeout_s=timeout, tokens=tokens)
@@ -212,7 +212,7 @@ async def _crm_endpoint(
     assert settings.amocrm_base_url is not None  # checked by Settings
     if settings.amocrm_access_token:
         return settings.amocrm_base_url, StaticToken(settings.amocrm_access_token)
-    tokens = OAuthTokens(app[STORE], session, settings, gate)
+    tokens = OAuthTokens(app[STORE], session, settings, gate.front())
     await tokens.seed()
     return settings.amocrm_base_url, tokens
 

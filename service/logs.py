@@ -12,8 +12,6 @@ from typing import Any, TextIO
 
 import orjson
 
-from service.intake.normalize import mask_email, mask_phone
-
 # the request being handled, set by the HTTP middleware; every record logged meanwhile carries it
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -282,3 +280,18 @@ def _only_handler(logger: logging.Logger, level: int) -> LineHandler | None:
     ):
         return None
     return handler
+
+
+def mask_phone(e164: str) -> str:
+    """`+77011232233` → `+7******2233`: enough to recognise in a log, not enough to call."""
+    if len(e164) <= 6:
+        return "*" * len(e164)
+    return e164[:2] + "*" * (len(e164) - 6) + e164[-4:]
+
+
+def mask_email(email: str) -> str:
+    """`ivan@example.com` → `i***@example.com`."""
+    local, at, domain = email.partition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"

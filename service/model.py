@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,3 +60,25 @@ class Lead:
             utm=dict(data.get("utm") or {}),
             fields=dict(data.get("fields") or {}),
         )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change the sender told us about, ready to be stored."""
+
+    key: str
+    kind: str
+    entity_id: str | None
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LeadChange:
+    """What a CRM event says about one lead (amoCRM lead / Bitrix24 deal)."""
+
+    crm: str
+    lead_id: int
+    action: str  # amoCRM: add | status | update | …; Bitrix24: the event name
+    pipeline_id: str | None
+    status_id: str | None
+    changed_at: dt.datetime

@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.db.store import UNAVAILABLE, load_queries
+from service.db.store import UNAVAILABLE, load_queries, read_on
 from service.errors import RelayError
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class Cluster:
 
 
 async def list_processes(pool: asyncpg.Pool, stale_s: float = STALE_S) -> list[dict[str, Any]]:
-    """Every process that beat in the last day, live or not (for the admin API)."""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(QUERIES["list"], stale_s)
+    """Every process that beat in the last day, live or not (for the admin API); any database
+    failure is StoreUnavailable."""
+    rows = await read_on(pool, lambda conn: conn.fetch(QUERIES["list"], stale_s))
     return [dict(r) for r in rows]

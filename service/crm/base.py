@@ -1,17 +1,14 @@
-"""What the worker needs from any CRM: deliver a batch of submissions, one per person."""
+"""What every CRM adapter and the worker share: a delivery, its link, and who waits for whom."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-from service.errors import CrmError, CrmRetryable
+from service.errors import CrmRetryable
 from service.model import Lead
-
-if TYPE_CHECKING:
-    from service.delivery.contact_guard import ContactGuard
 
 
 @dataclass(frozen=True)
@@ -44,30 +41,6 @@ class Deferred(CrmRetryable):
     def __init__(self, message: str | None = None, *, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         super().__init__(message)
-
-
-class CrmAdapter(Protocol):
-    """Find-or-create for many people at once, in as few CRM requests as the API allows.
-
-    The worker never puts two deliveries of one person into one batch; two *people* may still
-    turn out to be one CRM contact (a phone-only and an email-only submission of someone a
-    manager entered with both): the adapter lets one delivery per contact write, in this batch
-    (`one_per_contact`) and across processes (`guard`), and answers `Deferred` for the others.
-
-    The answer has one entry per delivery, in order: the person's new link, or the CrmError that
-    failed that delivery alone (a sub-error inside a batch). Raising a CrmError fails the whole
-    batch.
-    """
-
-    name: str
-    max_batch: int
-
-    async def deliver_batch(
-        self, items: Sequence[Delivery], guard: ContactGuard | None = None
-    ) -> list[Link | CrmError]:
-        """Put every item into the CRM, starting from what we know (`item.link`); with `guard`,
-        writes to an existing contact are exclusive across processes too."""
-        ...
 
 
 def one_per_contact(

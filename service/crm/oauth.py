@@ -11,7 +11,6 @@ from service.crm.amocrm.api import exchange_refresh_token
 from service.crm.bitrix24 import oauth as bitrix24_oauth
 from service.crm.http import Gate
 from service.db.store import Store, StoredTokens
-from service.delivery.limits import RateGate
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,10 +35,10 @@ class OAuthTokens:
         self.store = store
         self.session = session
         self.settings = settings
-        self.gate = gate
         # amoCRM's token endpoint is on the API host, inside its limit: the exchange takes a
-        # slot, but the gate's next one, not one behind the calls that wait for its token.
-        self.token_gate: Gate = gate.front() if isinstance(gate, RateGate) else gate
+        # slot, but the gate's next one, not one behind the calls that wait for its token (the
+        # app hands over `RateGate.front()`)
+        self.token_gate = gate
 
     def configured_refresh_token(self) -> str | None:
         return self.settings.amocrm_refresh_token

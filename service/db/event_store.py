@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from service.db.store import load_queries, run_on
-from service.webhooks.events import Event, LeadChange
+from service.model import Event, LeadChange
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
@@ -24,6 +24,7 @@ from service.errors import StoreUnavailable
 from service.model import Lead
 
 SQL: Traversable = files("service.sql")
+Pool: TypeAlias = asyncpg.Pool  # for modules above the repositories, which never import asyncpg
 T = TypeVar("T")
 
 # Errors that mean "the database is not there right now", as opposed to a bug in our SQL.
@@ -53,6 +54,15 @@ async def run_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitabl
             return await fn(conn)
     except UNAVAILABLE as exc:
         raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+
+async def read_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """`run_on` for reads whose only answer to any failure is "not now" (probes, metrics, the
+    admin API): a statement the server refuses becomes StoreUnavailable too."""
+    try:
+        return await run_on(pool, fn)
+    except asyncpg.PostgresError as exc:
+        raise StoreUnavailable(f"database error: {exc.__class__.__name__}") from exc
 
 
 @cache

@@ -16,10 +16,11 @@ import time
 import uuid
 from collections.abc import Callable
 
-from service.crm.base import CrmAdapter, Deferred, Delivery, Link
+from service.crm.base import Deferred, Delivery, Link
+from service.crm.contact_guard import ContactGuard
+from service.crm.protocol import CrmAdapter
 from service.db.database import listen_forever
 from service.db.store import Job, Store
-from service.delivery.contact_guard import ContactGuard
 from service.delivery.limits import RateGate
 from service.errors import (
     CrmBlocked,

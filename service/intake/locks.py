@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from service.db.store import load_queries
+from service.db.store import load_queries, read_on
 
 
 class _Entry:
@@ -124,7 +124,8 @@ def person_lock_key(identity: str) -> int:
 
 
 async def person_locks_held(pool: asyncpg.Pool) -> list[dict[str, object]]:
-    """Person locks held or awaited anywhere in the cluster: holder process, key, granted."""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(QUERIES["person_locks_held"], PERSON_LOCK_SPACE)
+    """Person locks held or awaited anywhere in the cluster: holder process, key, granted; any
+    database failure is StoreUnavailable."""
+    query = QUERIES["person_locks_held"]
+    rows = await read_on(pool, lambda conn: conn.fetch(query, PERSON_LOCK_SPACE))
     return [dict(r) for r in rows]

@@ -469,18 +469,3 @@ def _remaining(data: Mapping[str, Any], consumed: set[Path]) -> dict[str, Any]:
             continue
         out[key] = value
     return out
-
-
-def mask_phone(e164: str) -> str:
-    """`+77011232233` → `+7******2233`: enough to recognise in a log, not enough to call."""
-    if len(e164) <= 6:
-        return "*" * len(e164)
-    return e164[:2] + "*" * (len(e164) - 6) + e164[-4:]
-
-
-def mask_email(email: str) -> str:
-    """`ivan@example.com` → `i***@example.com`."""
-    local, at, domain = email.partition("@")
-    if not at:
-        return "***"
-    return f"{local[:1]}***@{domain}"

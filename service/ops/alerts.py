@@ -34,7 +34,7 @@ from aiohttp import web
 from service.db.admin_store import ADMIN_STORE, AdminStore
 from service.errors import StoreUnavailable
 from service.intake.forms import SETTINGS
-from service.ops.health import RUNTIME, Runtime
+from service.ops.runtime import RUNTIME, Runtime
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,8 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
-import asyncpg
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,12 +23,9 @@ from prometheus_client.core import (
 from service import __version__
 from service.cluster.processes import list_processes
 from service.db.admin_store import AdminStore
-from service.db.store import UNAVAILABLE, QueueCounts
+from service.db.store import QueueCounts
 from service.errors import StoreUnavailable
-
-if TYPE_CHECKING:
-    from service.ops.health import Runtime
-    from service.ops.metrics import Metrics
+from service.ops.runtime import Runtime
 
 ATTEMPT_BUCKETS = (1, 2, 3, 5, 8, 12, 20)
 CLUSTER_MODES = ("redis", "local-share", "single")
@@ -65,7 +61,7 @@ async def read_db(runtime: Runtime, admin: AdminStore | None, timeout_s: float) 
             processes = await list_processes(store.pool)
             snap.live_processes = sum(1 for p in processes if p["live"])
         snap.up = True
-    except (StoreUnavailable, TimeoutError, *UNAVAILABLE, asyncpg.PostgresError):
+    except (StoreUnavailable, TimeoutError):
         snap.up = False
     return snap
 
@@ -86,10 +82,18 @@ def _by_label(family: Family, values: dict[str, int]) -> Family:
     return family
 
 
+class Scraped(Protocol):
+    """What the collector reads from the app's metrics (`ops.metrics.Metrics`) at scrape time."""
+
+    runtime: Runtime
+    rejected: int
+    db: DbSnapshot
+
+
 class RuntimeCollector:
     """Reads the running parts' own counters and gauges at scrape time."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Scraped) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:

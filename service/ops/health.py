@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from aiohttp import web
 
 from service import __version__
@@ -16,42 +15,18 @@ from service.cluster.processes import Cluster, RedisLink, RedisUnavailable, list
 from service.db.admin_store import ADMIN_STORE, AdminStore
 from service.db.database import pending_migrations
 from service.db.event_store import EventStore
-from service.db.store import UNAVAILABLE, Store
 from service.delivery.limits import RateGate
 from service.delivery.worker import Worker
 from service.errors import StoreUnavailable
 from service.intake.forms import SETTINGS, answer
-from service.intake.ingest import Intake
 from service.ops.metrics import METRICS
+from service.ops.runtime import RUNTIME, Runtime
 from service.webhooks.forwarder import Forwarder
 
 if TYPE_CHECKING:  # webhooks imports intake, as we do; only the type is needed here
     from service.webhooks.handlers import EventIntake
 
 
-@dataclass
-class Runtime:
-    """What the probes look at; filled in by the app's cleanup contexts as parts start."""
-
-    started: float = field(default_factory=time.time)
-    store: Store | None = None
-    intake: Intake | None = None
-    gate: RateGate | None = None
-    worker: Worker | None = None
-    worker_expected: bool = True
-    events: EventIntake | None = None
-    event_store: EventStore | None = None
-    forwarder: Forwarder | None = None
-    forwarder_expected: bool = True
-    cluster: Cluster | None = None
-    shutting_down: bool = False
-    crm: str = ""
-    # more named checks for /health, e.g. "redis" when REDIS_URL is set; {"ok": False, ...}
-    # from one makes /health answer 503
-    probes: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
-
-
-RUNTIME = web.AppKey("runtime", Runtime)
 PROBE_TIMEOUT_S = 1.0
 
 
@@ -224,7 +199,7 @@ async def _cluster(cluster: Cluster | None) -> dict[str, Any] | None:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             rows = await list_processes(cluster.members.pool)
         state["processes"] = [r for r in rows if r["live"]]
-    except (*UNAVAILABLE, asyncpg.PostgresError, TimeoutError):
+    except (StoreUnavailable, TimeoutError):
         state["processes"] = None
     return state
 

@@ -35,7 +35,7 @@ from service.intake.forms import OUTCOME
 from service.ops.collector import DbSnapshot, RuntimeCollector, read_db
 
 if TYPE_CHECKING:
-    from service.ops.health import Runtime
+    from service.ops.runtime import Runtime
 
 log = logging.getLogger(__name__)
 # one line per request, built from masked parts only (logs.PREMASKED: the mask filter skips it)

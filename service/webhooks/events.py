@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 
 import orjson
 
+from service.model import Event, LeadChange
+
 MAX_KEY = 200
 # Headers whose values identify a message across re-deliveries, in the order they are trusted.
 KEY_HEADERS = (("Idempotency-Key", "idem"), ("Upstash-Message-Id", "msg"), ("X-Request-Id", "req"))
@@ -37,16 +39,6 @@ AMO_CONTEXT = frozenset({"account"})
 # amoCRM lead actions whose item is the lead itself (notes carry the note, deletes no status)
 AMO_LEAD_ACTIONS = frozenset({"add", "status", "update", "restore"})
 JWT_HEADER = b'{"alg":"HS256","typ":"JWT"}'
-
-
-@dataclass(frozen=True)
-class Event:
-    """One change the sender told us about, ready to be stored."""
-
-    key: str
-    kind: str
-    entity_id: str | None
-    payload: dict[str, Any]
 
 
 def body_hash(raw: bytes) -> str:
@@ -275,18 +267,6 @@ def qstash_token(key: str, raw: bytes, url: str, now: float, ttl_s: float = 300.
 
 
 # --- our own echoes -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LeadChange:
-    """What a CRM event says about one lead (amoCRM lead / Bitrix24 deal)."""
-
-    crm: str
-    lead_id: int
-    action: str  # amoCRM: add | status | update | …; Bitrix24: the event name
-    pipeline_id: str | None
-    status_id: str | None
-    changed_at: dt.datetime
 
 
 @dataclass(frozen=True)

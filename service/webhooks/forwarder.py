@@ -40,8 +40,9 @@ from service.errors import (
     CrmUnauthorized,
     StoreUnavailable,
 )
+from service.model import LeadChange
 from service.settings import Settings
-from service.webhooks.events import LeadChange, OurWrite, is_echo, lead_change, sign
+from service.webhooks.events import OurWrite, is_echo, lead_change, sign
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from service.intake.forms import SETTINGS, UnreadableBody, answer, read_limited,
 from service.intake.keys import IdempotencyWindow
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
+from service.model import Event
 from service.settings import GenericSource, Settings
 from service.webhooks.events import (
-    Event,
     amocrm_events,
     bitrix24_event,
     bitrix24_token,

@@ -20,7 +20,7 @@ from service.app import GATE, Roles
 from service.db.store import Store
 from service.intake.forms import INTAKE
 from service.ops.alerts import Observation, Throttle, Watcher
-from service.ops.health import Runtime
+from service.ops.runtime import Runtime
 from service.settings import RetryPolicy
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for

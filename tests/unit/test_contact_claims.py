@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from service.crm.base import Deferred, Delivery, Link, one_per_contact
-from service.delivery.contact_guard import ContactClaims
+from service.crm.contact_guard import ContactClaims
 from service.errors import CrmRetryable
 from service.model import Lead
 

@@ -13,9 +13,9 @@ import pytest
 
 from service.errors import SettingsError
 from service.intake.bodies import parse_body
+from service.model import LeadChange
 from service.settings import ForwardRule, GenericSource, Settings, load_config
 from service.webhooks.events import (
-    LeadChange,
     OurWrite,
     amocrm_events,
     bitrix24_event,

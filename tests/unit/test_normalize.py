@@ -15,12 +15,11 @@ from service.intake.normalize import (
     _flat,
     _general,
     _parsed_e164,
-    mask_email,
-    mask_phone,
     normalize,
     normalize_email,
     normalize_phone,
 )
+from service.logs import mask_email, mask_phone
 from service.model import Lead
 
 

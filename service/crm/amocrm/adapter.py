@@ -40,7 +40,7 @@ from service.crm.amocrm.api import (
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
 from service.crm.amocrm.index import ContactIndex, account_of, phone_identity
 from service.crm.base import Delivery, Link
-from service.delivery.contact_guard import ContactClaims, ContactGuard
+from service.crm.contact_guard import ContactClaims, ContactGuard
 from service.errors import CrmError, CrmPermanent, CrmRetryable, StoreUnavailable
 from service.model import Lead
 from service.settings import FormRule, Settings

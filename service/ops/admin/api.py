@@ -7,27 +7,23 @@ comes from the app: the admin repository, the runtime parts (worker, intake) and
 
 from __future__ import annotations
 
-import datetime as dt
-import hmac
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-import asyncpg
-import orjson
 from aiohttp import web
 
 from service import __version__
 from service.cluster.processes import list_processes
 from service.db.admin_store import ADMIN_STORE, AdminStore, DeadFilter, SubmissionQuery
-from service.db.store import UNAVAILABLE
 from service.delivery.control import DELIVERY_CONTROL
-from service.errors import BadInput, FieldError, StoreUnavailable
+from service.errors import BadInput, FieldError
 from service.intake.forms import SETTINGS, answer
 from service.intake.normalize import normalize_email, normalize_phone
+from service.ops.admin import webhooks as admin_webhooks
 from service.ops.admin.dashboard import dashboard
 from service.ops.admin.locks import (
     LOCK_SOURCES,
@@ -38,111 +34,22 @@ from service.ops.admin.locks import (
     ProcessLocks,
 )
 from service.ops.admin.openapi import spec
-from service.ops.health import RUNTIME
+from service.ops.admin.params import (
+    BadQuery,
+    choice_param,
+    guarded,
+    job_id_param,
+    json_body,
+    limit_param,
+    text_param,
+    time_param,
+)
+from service.ops.runtime import RUNTIME
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JOB_STATES = ("pending", "running", "done", "dead")
 SUBMISSION_STATES = ("pending", "delivered", "dead")
-MAX_LIMIT = 500
-
-
-class BadQuery(Exception):
-    """A query parameter or body field the admin API cannot use; answered 400."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-def guarded(handler: Handler) -> Handler:
-    """Bearer-token check (constant time), then the handler; 400/503 for bad input/no database."""
-
-    async def check(request: web.Request) -> web.StreamResponse:
-        expected = request.app[SETTINGS].admin_token or ""
-        sent = request.headers.get("Authorization", "")
-        scheme, _, token = sent.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), expected.encode()
-        )
-        if not expected or not ok:
-            return web.Response(
-                body=orjson.dumps({"ok": False, "error": "unauthorized"}),
-                status=401,
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="crm-relay admin"'},
-            )
-        try:
-            return await handler(request)
-        except BadQuery as exc:
-            error = {"field": exc.field, "message": exc.message}
-            return answer({"ok": False, "errors": [error]}, status=400)
-        except StoreUnavailable as exc:
-            return answer({"ok": False, "error": str(exc)}, status=503)
-
-    return check
-
-
-# --- reading parameters ---------------------------------------------------------------------
-
-
-def _text(params: Any, name: str) -> str | None:
-    value = params.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadQuery(name, "must be text")
-    return value.strip() or None
-
-
-def _limit(request: web.Request, default: int = 50) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise BadQuery("limit", f"an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
-
-
-def _time(params: Any, name: str) -> dt.datetime | None:
-    """ISO 8601 date or date-time; no zone means UTC."""
-    raw = _text(params, name)
-    if raw is None:
-        return None
-    try:
-        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadQuery(name, "an ISO 8601 date or date-time, e.g. 2024-05-01T10:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
-def _choice(params: Any, name: str, options: tuple[str, ...]) -> str | None:
-    value = _text(params, name)
-    if value is not None and value not in options:
-        raise BadQuery(name, f"one of {', '.join(options)}")
-    return value
-
-
-def _job_id(request: web.Request, name: str = "job_id") -> int:
-    raw = request.match_info[name]
-    if not raw.isdigit():
-        raise BadQuery(name, "an integer")
-    return int(raw)
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadQuery("body", "must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise BadQuery("body", "must be a JSON object")
-    return data
 
 
 def _identities(request: web.Request) -> list[str] | None:
@@ -150,9 +57,9 @@ def _identities(request: web.Request) -> list[str] | None:
     region = request.app[SETTINGS].default_phone_region
     found = []
     try:
-        if phone := _text(request.query, "phone"):
+        if phone := text_param(request.query, "phone"):
             found.append(f"phone:{normalize_phone(phone, region)}")
-        if email := _text(request.query, "email"):
+        if email := text_param(request.query, "email"):
             found.append(f"email:{normalize_email(email)}")
     except BadInput as exc:
         error: FieldError = exc.errors[0]
@@ -162,10 +69,10 @@ def _identities(request: web.Request) -> list[str] | None:
 
 def _dead_filter(params: Any) -> DeadFilter:
     return DeadFilter(
-        form=_text(params, "form"),
-        error=_text(params, "error"),
-        since=_time(params, "since"),
-        until=_time(params, "until"),
+        form=text_param(params, "form"),
+        error=text_param(params, "error"),
+        since=time_param(params, "since"),
+        until=time_param(params, "until"),
     )
 
 
@@ -180,30 +87,30 @@ async def submissions(request: web.Request) -> web.Response:
     q = request.query
     query = SubmissionQuery(
         identities=_identities(request),
-        form=_text(q, "form"),
-        since=_time(q, "since"),
-        until=_time(q, "until"),
-        state=_choice(q, "state", SUBMISSION_STATES),
-        limit=_limit(request),
+        form=text_param(q, "form"),
+        since=time_param(q, "since"),
+        until=time_param(q, "until"),
+        state=choice_param(q, "state", SUBMISSION_STATES),
+        limit=limit_param(request),
     )
     items = await _store(request).find_submissions(query)
     return answer({"ok": True, "submissions": items})
 
 
 async def jobs(request: web.Request) -> web.Response:
-    state = _choice(request.query, "state", JOB_STATES)
-    items = await _store(request).jobs(state, _limit(request))
+    state = choice_param(request.query, "state", JOB_STATES)
+    items = await _store(request).jobs(state, limit_param(request))
     return answer({"ok": True, "jobs": items})
 
 
 async def dead_letters(request: web.Request) -> web.Response:
     f = _dead_filter(request.query)
-    items = await _store(request).dead_letters(f, _limit(request))
+    items = await _store(request).dead_letters(f, limit_param(request))
     return answer({"ok": True, "dead_letters": items})
 
 
 async def replay_one(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
+    job_id = job_id_param(request)
     if not await _store(request).replay_one(job_id):
         return answer({"ok": False, "error": f"job {job_id} is not a dead letter"}, status=404)
     log.info("dead letter replayed", extra={"action": "admin_replay", "job_id": job_id})
@@ -211,7 +118,7 @@ async def replay_one(request: web.Request) -> web.Response:
 
 
 async def replay_many(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     f = _dead_filter(body)
     if f.is_empty() and body.get("all") is not True:
         raise BadQuery("body", 'give form, error, since or until, or {"all": true}')
@@ -224,8 +131,8 @@ async def replay_many(request: web.Request) -> web.Response:
 
 
 async def discard(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
-    note = _text(await _body(request), "note") or ""
+    job_id = job_id_param(request)
+    note = text_param(await json_body(request), "note") or ""
     if not await _store(request).discard(job_id, note):
         return answer(
             {"ok": False, "error": f"job {job_id} is not an undiscarded dead letter"}, status=404
@@ -324,10 +231,7 @@ async def processes(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if rt.store is None or rt.cluster is None:
         return answer({"ok": False, "error": "cluster not running"}, status=503)
-    try:
-        rows = await list_processes(rt.store.pool)
-    except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+    rows = await list_processes(rt.store.pool)  # StoreUnavailable: guarded answers 503
     return answer({"ok": True, "cluster": rt.cluster.state(), "processes": rows})
 
 
@@ -357,9 +261,6 @@ def routes(enabled: bool) -> list[web.RouteDef]:
     """Every admin route, or none when no ADMIN_TOKEN is configured."""
     if not enabled:
         return []
-    # imported here: admin_webhooks builds on this module's guard and parameter readers
-    from service.ops.admin import webhooks as admin_webhooks
-
     api = "/admin/api"
     return [
         *admin_webhooks.routes(api),

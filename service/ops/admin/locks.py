@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import asyncpg
 from aiohttp import web
 
 from service.db.admin_store import AdminStore, json_ready
-from service.db.store import UNAVAILABLE
-from service.errors import StoreUnavailable
+from service.db.store import Pool
 from service.intake.locks import KeyLocks, person_locks_held
 from service.logs import mask_text
 
@@ -86,14 +84,11 @@ class ClusterPersonLocks:
 
     name = "person-locks"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
     async def held(self) -> list[dict[str, Any]]:
-        try:
-            rows = await person_locks_held(self.pool)
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        rows = await person_locks_held(self.pool)  # StoreUnavailable: guarded answers 503
         return [{"scope": "cluster", **json_ready(row), "key": str(row["key"])} for row in rows]
 
     async def release(self, key: str) -> bool:

@@ -1,8 +1,8 @@
 """The admin API's webhook side: dead forward jobs (list, replay) and where our leads stand.
 
-Routes are mounted by `admin.api.routes` under the same bearer guard. Forward jobs are the
-outbox of stored webhook events (`webhooks.forwarder`); a dead one is replayed with a fresh
-attempt budget, like a dead delivery job.
+Routes are mounted by `admin.api.routes` under the same bearer guard (`admin.params`). Forward
+jobs are the outbox of stored webhook events (`webhooks.forwarder`); a dead one is replayed
+with a fresh attempt budget, like a dead delivery job.
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ from service.db.admin_store import json_ready
 from service.db.event_store import EventStore
 from service.errors import StoreUnavailable
 from service.intake.forms import SETTINGS, answer
-from service.ops.admin.api import BadQuery, _body, _choice, _job_id, _limit, guarded
-from service.ops.health import RUNTIME
+from service.ops.admin.params import (
+    BadQuery,
+    choice_param,
+    guarded,
+    job_id_param,
+    json_body,
+    limit_param,
+)
+from service.ops.runtime import RUNTIME
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +56,19 @@ def _is_id(value: Any) -> bool:
 
 
 async def forward_dead_letters(request: web.Request) -> web.Response:
-    items = await _events(request).dead_jobs(_limit(request))
+    items = await _events(request).dead_jobs(limit_param(request))
     return answer({"ok": True, "forward_dead_letters": [json_ready(i) for i in items]})
 
 
 async def replay_forwards(request: web.Request) -> web.Response:
-    ids = _ids(await _body(request))
+    ids = _ids(await json_body(request))
     n = await _events(request).replay(ids)
     log.info("dead forward jobs replayed", extra={"action": "admin_replay_forwards", "jobs": n})
     return answer({"ok": True, "replayed": n})
 
 
 async def replay_forward(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
+    job_id = job_id_param(request)
     if not await _events(request).replay([job_id]):
         return answer({"ok": False, "error": f"forward job {job_id} is not dead"}, status=404)
     log.info(
@@ -75,8 +82,8 @@ async def lead_states(request: web.Request) -> web.Response:
     configured = request.app[SETTINGS].crm
     # the simulator is an amoCRM: its lead records are amoCRM's
     default = "bitrix24" if configured == "bitrix24" else "amocrm"
-    crm = _choice(request.query, "crm", LEAD_STATE_CRMS) or default
-    states = await _events(request).submitted_lead_states(crm, _limit(request))
+    crm = choice_param(request.query, "crm", LEAD_STATE_CRMS) or default
+    states = await _events(request).submitted_lead_states(crm, limit_param(request))
     return answer({"ok": True, "crm": crm, "lead_states": [json_ready(asdict(s)) for s in states]})
 
 

@@ -18,7 +18,7 @@ from service.simulators.amocrm.state import AmoStore, ValidationFailed
 from service.simulators.common import json_answer, problem
 
 if TYPE_CHECKING:
-    from service.simulators.amocrm.server import SimulatorConfig
+    from service.simulators.amocrm.config import SimulatorConfig
 
 __all__ = ["AmoApi", "Tokens", "validation_problem"]
 
