@@ -140,7 +140,6 @@ class Settings:
     default_pipeline_id: int | None = None
     default_status_id: int | None = None
     forms: Mapping[str, FormRule] = field(default_factory=dict)
-    config_path: Path | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -369,7 +368,6 @@ def load_config(s: Settings, path: Path) -> Settings:
     return replace(
         s,
         forms=forms,
-        config_path=path,
         forward_rules=_forward_rules(data.get("forward", {})),
         generic_sources=_generic_sources(data.get("generic", {})),
         default_pipeline_id=_int(amo.get("pipeline_id"), "amocrm.pipeline_id")

@@ -103,10 +103,6 @@ SELECT s.form, s.delivered_at FROM submissions s
 -- A delivery in flight may be about to record the lead an incoming event is about.
 SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'running');
 
--- name: lead_state_get
-SELECT crm, lead_id, pipeline_id, status_id, updated_at FROM crm_lead_state
- WHERE crm = $1 AND lead_id = $2;
-
 -- name: submitted_lead_states
 -- For the operator: where each lead we delivered stands in the CRM, newest change first.
 SELECT s.id AS submission_id, s.form, s.crm_lead_id AS lead_id, l.pipeline_id, l.status_id,

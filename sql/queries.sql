@@ -3,9 +3,6 @@
 -- name: ingest
 SELECT idem_key, submission_id, duplicate FROM relay_ingest($1::jsonb);
 
--- name: find_submission
-SELECT id FROM submissions WHERE idem_key = $1;
-
 -- name: reap_expired
 -- A worker that died (or lost its database) let its leases run out: its jobs are due again.
 UPDATE jobs

@@ -112,17 +112,6 @@ class ForwardJob:
 
 
 @dataclass(frozen=True)
-class LeadState:
-    """Where one CRM lead stands, as the CRM last told us."""
-
-    crm: str
-    lead_id: int
-    pipeline_id: str | None
-    status_id: str | None
-    updated_at: dt.datetime
-
-
-@dataclass(frozen=True)
 class SubmittedLeadState:
     """A submission of ours and where its CRM lead stands now (for the operator)."""
 
@@ -288,10 +277,6 @@ class EventStore:
     async def deliveries_in_flight(self) -> bool:
         found: bool = await self._run(lambda c: c.fetchval(self.q["deliveries_in_flight"]))
         return found
-
-    async def lead_state(self, crm: str, lead_id: int) -> LeadState | None:
-        row = await self._run(lambda c: c.fetchrow(self.q["lead_state_get"], crm, lead_id))
-        return None if row is None else LeadState(**dict(row))
 
     async def submitted_lead_states(self, crm: str, limit: int = 100) -> list[SubmittedLeadState]:
         """Where each lead we delivered stands in the CRM, newest change first."""

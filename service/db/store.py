@@ -191,12 +191,6 @@ class Store:
         rows = await self._run(lambda c: c.fetch(self.q["ingest"], payload))
         return [Accepted(*r) for r in rows]  # (idem_key, submission_id, duplicate)
 
-    async def find_submission(self, idem_key: str) -> uuid.UUID | None:
-        found: uuid.UUID | None = await self._run(
-            lambda c: c.fetchval(self.q["find_submission"], idem_key)
-        )
-        return found
-
     async def save_rejected(
         self, endpoint: str, content_type: str | None, body: bytes, errors: list[dict[str, str]]
     ) -> uuid.UUID:

@@ -140,7 +140,6 @@ class CircuitState:
 
     open_until: float = 0.0
     reason: str = ""
-    opened_at: float = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -182,7 +181,7 @@ class RateGate:
         now = time.monotonic()
         if not self.circuit.is_open:
             log.error("crm circuit opened", extra={"action": "circuit_open", "reason": reason})
-            self.circuit = CircuitState(now + cooldown_s, reason, now)
+            self.circuit = CircuitState(now + cooldown_s, reason)
         else:
             self.circuit.open_until = now + cooldown_s
 

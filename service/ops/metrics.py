@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 ACCESS_LOG = logging.getLogger(logs.ACCESS_LOGGER)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-INTAKE_PREFIXES = ("/api/v1/forms/", "/webhooks/")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 SCRAPE_DB_TIMEOUT_S = 1.0
 MAX_ROUTE_CHILDREN = 1_000  # (method, route, status) label sets; routes are templates: few

@@ -18,7 +18,6 @@ from service.crm.amocrm.api import TokenPair
 from service.crm.http import UNGATED, Gate, send_json
 from service.errors import CrmRetryable, CrmUnauthorized
 
-DEFAULT_OAUTH_URL = "https://oauth.bitrix.info/oauth/token/"
 _DEFAULT_TOKEN_LIFETIME_S = 3600.0  # what Bitrix24 documents for `expires_in`
 _MESSAGE_LIMIT = 300
 
