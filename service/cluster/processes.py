@@ -23,14 +23,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.db.store import UNAVAILABLE, load_queries, read_on
-from service.errors import RelayError
+from service.db.cluster_store import ProcessRows
+from service.db.store import Pool
+from service.errors import RelayError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +42,6 @@ REDIS_TIMEOUT_S = 0.5  # a Redis that does not answer within this is treated as 
 FORGET_AFTER_S = 86_400.0  # rows of processes dead this long are deleted
 KEY_PREFIX = "crm-relay:"  # every Redis key we write starts with this
 
-QUERIES = load_queries("cluster.sql")
 
 
 class RedisUnavailable(RelayError):
@@ -141,7 +140,7 @@ class Membership:
     is below `capacity % n`: the shares add up to the limit exactly. Shares are only safe while
     everyone agrees on `n`, hence the rules below (see `share`)."""
 
-    pool: asyncpg.Pool
+    rows: ProcessRows
     name: str
     sends: bool
     beat_s: float = BEAT_S
@@ -156,9 +155,7 @@ class Membership:
     async def beat(self, mode: str) -> None:
         """Upsert our row, then count the live senders (two statements, two snapshots: of two
         processes joining at once, the later one always sees the earlier)."""
-        async with self.pool.acquire() as conn:
-            self.row_id = await conn.fetchval(QUERIES["beat"], self.name, self.sends, mode)
-            ids = [r["id"] for r in await conn.fetch(QUERIES["live_senders"], self.stale_s)]
+        self.row_id, ids = await self.rows.beat(self.name, self.sends, mode, self.stale_s)
         if not self.fresh():  # others may not count us (yet, or any more): we (re)join
             self.joined_at = time.monotonic()
         self.last_ok = time.monotonic()
@@ -186,19 +183,18 @@ class Membership:
 
     async def leave(self, after_s: float) -> None:
         """Go stale in `after_s` (not now: our last calls still count in the others' window)."""
-        async with self.pool.acquire() as conn:
-            await conn.execute(QUERIES["leave"], self.name, max(0.0, self.stale_s - after_s))
+        await self.rows.leave(self.name, max(0.0, self.stale_s - after_s))
 
 
 class Cluster:
     """This process's view of the cluster: the Redis link, the heartbeats, the mode."""
 
     def __init__(
-        self, pool: asyncpg.Pool, redis: Redis | None, *, sends: bool, name: str | None = None
+        self, pool: Pool, redis: Redis | None, *, sends: bool, name: str | None = None
     ) -> None:
         self.name = name or process_name()
         self.redis = RedisLink(redis)
-        self.members = Membership(pool, self.name, sends)
+        self.members = Membership(ProcessRows(pool), self.name, sends)
 
     @property
     def mode(self) -> str:
@@ -236,7 +232,7 @@ class Cluster:
                 if beats % 100 == 0:
                     await self._forget_dead()
                 beats += 1
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except (StoreUnavailable, TimeoutError) as exc:
                 log.warning(
                     "heartbeat failed", extra={"action": "heartbeat_failed", "error": repr(exc)}
                 )
@@ -249,11 +245,10 @@ class Cluster:
                 last_mode = self.mode
 
     async def _forget_dead(self) -> None:
-        async with self.members.pool.acquire() as conn:
-            await conn.execute(QUERIES["forget"], FORGET_AFTER_S)
+        await self.members.rows.forget(FORGET_AFTER_S)
 
     async def close(self, leave_after_s: float) -> None:
-        with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
+        with contextlib.suppress(StoreUnavailable):
             await self.members.leave(leave_after_s)
         if self.redis.client is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -279,8 +274,7 @@ class Cluster:
         }
 
 
-async def list_processes(pool: asyncpg.Pool, stale_s: float = STALE_S) -> list[dict[str, Any]]:
+async def list_processes(pool: Pool, stale_s: float = STALE_S) -> list[dict[str, Any]]:
     """Every process that beat in the last day, live or not (for the admin API); any database
     failure is StoreUnavailable."""
-    rows = await read_on(pool, lambda conn: conn.fetch(QUERIES["list"], stale_s))
-    return [dict(r) for r in rows]
+    return await ProcessRows(pool).listing(stale_s)

@@ -161,3 +161,29 @@ class AdminStore:
 
 
 ADMIN_STORE = web.AppKey("admin_store", AdminStore)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """The cluster's delivery switch as stored (`delivery_control`, one row)."""
+
+    paused: bool
+    changed_at: dt.datetime | None
+    changed_by: str
+
+
+def _switch(row: asyncpg.Record | None) -> Switch | None:
+    if row is None:
+        return None
+    return Switch(bool(row["paused"]), row["changed_at"], row["changed_by"])
+
+
+async def read_switch(pool: asyncpg.Pool) -> Switch | None:
+    """The delivery switch; StoreUnavailable when the database is not there."""
+    return _switch(await run_on(pool, lambda c: c.fetchrow(_queries()["delivery_control_get"])))
+
+
+async def set_switch(pool: asyncpg.Pool, paused: bool, by: str) -> Switch | None:
+    """Flip the delivery switch; the statement NOTIFYs every process that follows it."""
+    query = _queries()["delivery_control_set"]
+    return _switch(await run_on(pool, lambda c: c.fetchrow(query, paused, by)))

@@ -15,23 +15,22 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
+from service.db.admin_store import Switch, read_switch, set_switch
 from service.db.database import listen_forever
-from service.db.store import load_queries, run_on
+from service.db.store import Pool
 from service.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "crm_relay_delivery"
-QUERIES = load_queries("admin.sql")
 
 
 class DeliveryControl:
     """The cluster's pause switch; `follow` registers what applies it in this process."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+    def __init__(self, pool: Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
         self.paused = False
@@ -50,16 +49,12 @@ class DeliveryControl:
 
     async def read(self) -> bool:
         """The switch as stored; applied to this process's followers."""
-        row = await run_on(self.pool, lambda c: c.fetchrow(QUERIES["delivery_control_get"]))
-        self._apply(row)
+        self._apply(await read_switch(self.pool))
         return self.paused
 
     async def set(self, paused: bool, by: str) -> None:
         """Flip the switch for every process (this one at once, the others on the NOTIFY)."""
-        row = await run_on(
-            self.pool, lambda c: c.fetchrow(QUERIES["delivery_control_set"], paused, by)
-        )
-        self._apply(row)
+        self._apply(await set_switch(self.pool, paused, by))
 
     def follow(self, apply: Callable[[bool], None]) -> None:
         self._followers.append(apply)
@@ -83,11 +78,11 @@ class DeliveryControl:
                 extra={"action": "delivery_control_error", "error": str(exc)},
             )
 
-    def _apply(self, row: asyncpg.Record | None) -> None:
-        if row is None:
+    def _apply(self, switch: Switch | None) -> None:
+        if switch is None:
             return
-        was, self.paused = self.paused, bool(row["paused"])
-        self.changed_at, self.changed_by = row["changed_at"], row["changed_by"]
+        was, self.paused = self.paused, switch.paused
+        self.changed_at, self.changed_by = switch.changed_at, switch.changed_by
         if was != self.paused:
             for apply in self._followers:
                 apply(self.paused)

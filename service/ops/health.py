@@ -197,7 +197,7 @@ async def _cluster(cluster: Cluster | None) -> dict[str, Any] | None:
     state = cluster.state()
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
-            rows = await list_processes(cluster.members.pool)
+            rows = await list_processes(cluster.members.rows.pool)
         state["processes"] = [r for r in rows if r["live"]]
     except (StoreUnavailable, TimeoutError):
         state["processes"] = None

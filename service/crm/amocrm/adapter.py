@@ -28,8 +28,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import asyncpg
-
 from service.crm.amocrm.api import (
     MAX_BATCH,
     AmoContact,
@@ -41,6 +39,7 @@ from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
 from service.crm.amocrm.index import ContactIndex, account_of, phone_identity
 from service.crm.base import Delivery, Link
 from service.crm.contact_guard import ContactClaims, ContactGuard
+from service.db.store import Pool
 from service.errors import CrmError, CrmPermanent, CrmRetryable, StoreUnavailable
 from service.model import Lead
 from service.settings import FormRule, Settings
@@ -65,7 +64,7 @@ class AmoCrmAdapter:
     max_batch = MAX_BATCH
 
     def __init__(
-        self, api: AmoCrmApi, settings: Settings, pool: asyncpg.Pool | None = None
+        self, api: AmoCrmApi, settings: Settings, pool: Pool | None = None
     ) -> None:
         self.api = api
         self.settings = settings

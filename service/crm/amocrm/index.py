@@ -31,10 +31,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from urllib.parse import urlparse
 
-import asyncpg
-
 from service.crm.amocrm.api import LIST_LIMIT, AmoContact, AmoCrmApi, ContactPage
 from service.db.contact_index_store import ContactIndexStore, SyncState
+from service.db.store import Pool
 from service.errors import BadInput
 from service.intake.normalize import normalize_email, normalize_phone
 from service.model import Lead
@@ -51,7 +50,7 @@ class ContactIndex:
     def __init__(
         self,
         api: AmoCrmApi,
-        pool: asyncpg.Pool,
+        pool: Pool,
         *,
         default_region: str | None = None,
         pages_per_round: int = PAGES_PER_ROUND,
