@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from service.crm.base import Delivery, Link
-from service.crm.contact_guard import ContactGuard
+from service.db.contact_locks import ContactGuard
 from service.errors import CrmError
 
 

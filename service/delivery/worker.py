@@ -17,8 +17,8 @@ import uuid
 from collections.abc import Callable
 
 from service.crm.base import Deferred, Delivery, Link
-from service.crm.contact_guard import ContactGuard
 from service.crm.protocol import CrmAdapter
+from service.db.contact_locks import ContactGuard
 from service.db.database import listen_forever
 from service.db.store import Job, Store
 from service.delivery.limits import RateGate

@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 
 from service.app import WORKER, Roles
-from service.crm.contact_guard import ContactGuard
+from service.db.contact_locks import ContactGuard
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.chaos import crms
 from tests.conftest import ServiceFactory, wait_for

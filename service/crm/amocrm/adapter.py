@@ -38,7 +38,8 @@ from service.crm.amocrm.api import (
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
 from service.crm.amocrm.index import ContactIndex, account_of, phone_identity
 from service.crm.base import Delivery, Link
-from service.crm.contact_guard import ContactClaims, ContactGuard
+from service.crm.contact_guard import ContactClaims
+from service.db.contact_locks import ContactGuard
 from service.db.store import Pool
 from service.errors import CrmError, CrmPermanent, CrmRetryable, StoreUnavailable
 from service.model import Lead

@@ -47,7 +47,8 @@ from service.crm.bitrix24.fields import (
     stage_for,
     submission_text,
 )
-from service.crm.contact_guard import ContactClaims, ContactGuard
+from service.crm.contact_guard import ContactClaims
+from service.db.contact_locks import ContactGuard
 from service.errors import CrmError, CrmRetryable
 from service.model import Lead
 from service.settings import FormRule, Settings
