@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from service.db.store import load_queries, run_on
+from service.db.store import Connection, load_queries, run_on
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -75,7 +75,7 @@ def json_ready(values: Mapping[str, Any]) -> Row:
 
 
 def _row(record: asyncpg.Record) -> Row:
-    out = json_ready(record)
+    out = json_ready(dict(record.items()))
     if isinstance(out.get("lead"), str):
         out["lead"] = orjson.loads(out["lead"])
     return out
@@ -88,7 +88,7 @@ class AdminStore:
         self.pool = pool
         self.q = _queries()
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         return await run_on(self.pool, fn)
 
     async def _rows(self, name: str, *args: Any) -> list[Row]:
@@ -128,7 +128,7 @@ class AdminStore:
         return await self._replay(None, f, undiscard=False)
 
     async def _replay(self, job_id: int | None, f: DeadFilter, *, undiscard: bool) -> list[int]:
-        async def run(c: asyncpg.Connection) -> list[int]:
+        async def run(c: Connection) -> list[int]:
             async with c.transaction():
                 if undiscard:
                     await c.execute(self.q["undiscard"], job_id)

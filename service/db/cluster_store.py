@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from service.db.store import load_queries, read_on
+from service.db.store import Connection, load_queries, read_on
 
 QUERIES = load_queries("cluster.sql")
 
@@ -28,7 +28,7 @@ class ProcessRows:
         two snapshots: of two processes joining at once, the later one always sees the
         earlier). Returns (our row id, the live senders' ids)."""
 
-        async def both(conn: asyncpg.Connection) -> tuple[int, list[int]]:
+        async def both(conn: Connection) -> tuple[int, list[int]]:
             row_id: int = await conn.fetchval(QUERIES["beat"], name, sends, mode)
             ids = [r["id"] for r in await conn.fetch(QUERIES["live_senders"], stale_s)]
             return row_id, ids

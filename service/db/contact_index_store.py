@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from service.db.store import UNAVAILABLE, load_queries, run_on
+from service.db.store import UNAVAILABLE, Connection, load_queries, run_on
 from service.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -48,7 +48,7 @@ class ContactIndexStore:
         self.pool = pool
         self.account = account
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         try:
             return await run_on(self.pool, fn)
         except _BUSY as exc:
@@ -104,7 +104,7 @@ class ContactIndexStore:
 class SyncSession:
     """What the holder of the sync lock may do: read the state, store one page at a time."""
 
-    def __init__(self, conn: asyncpg.Connection, account: str) -> None:
+    def __init__(self, conn: Connection, account: str) -> None:
         self._conn = conn
         self._account = account
 
@@ -140,7 +140,7 @@ class SyncSession:
             )
 
 
-async def _lock(conn: asyncpg.Connection, account: str, wait_s: float) -> bool:
+async def _lock(conn: Connection, account: str, wait_s: float) -> bool:
     try:
         async with conn.transaction():  # the lock outlives it: a session lock
             await conn.execute(QUERIES["sync_lock_wait"], f"{max(1, round(wait_s * 1000))}ms")
@@ -150,8 +150,9 @@ async def _lock(conn: asyncpg.Connection, account: str, wait_s: float) -> bool:
     return True
 
 
-async def _state(conn: asyncpg.Connection, account: str) -> SyncState:
+async def _state(conn: Connection, account: str) -> SyncState:
     row = await conn.fetchrow(QUERIES["sync_state"], account)
+    assert row is not None, "sync_state always answers one row"
     return SyncState(row["max_updated_at"], row["page"], row["full_scan_done"], row["caught_up"])
 
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from service.db.store import UNAVAILABLE, load_queries
+from service.db.store import FAILURES, load_queries
 from service.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class ContactGuard:
                 self._session += 1
                 try:
                     await asyncio.wait_for(conn.close(), 2)
-                except (*UNAVAILABLE, asyncpg.PostgresError):
+                except FAILURES:
                     conn.terminate()
 
     async def write_no(self) -> int:
@@ -128,7 +128,7 @@ class ContactGuard:
                 raise StoreUnavailable("contact locks closed: the worker is stopping")
             try:
                 return await fn(await self._connection())
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except FAILURES as exc:
                 self._drop()
                 raise StoreUnavailable(f"contact locks unavailable: {exc!r}") from exc
             except BaseException:

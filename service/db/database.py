@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from service.db.store import SQL
+from service.db.store import SQL, Connection
 from service.errors import RelayError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def migration_files() -> list[Traversable]:
     return sorted(found, key=lambda f: f.name)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Connection) -> list[str]:
     """Apply every migration not applied yet; return the names applied now."""
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -146,7 +146,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied_now
 
 
-async def pending_migrations(conn: asyncpg.Connection) -> list[str]:
+async def pending_migrations(conn: Connection) -> list[str]:
     """Names of migrations not yet applied (readiness needs this to be empty)."""
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     done = set()

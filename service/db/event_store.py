@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from service.db.store import load_queries, run_on
+from service.db.store import Connection, load_queries, run_on
 from service.model import Event, LeadChange
 
 T = TypeVar("T")
@@ -140,11 +140,11 @@ class EventStore:
         self.pool = pool
         self.q = load_queries("events.sql")
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         return await run_on(self.pool, fn)
 
-    async def _in_transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        async def tx(conn: asyncpg.Connection) -> T:
+    async def _in_transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        async def tx(conn: Connection) -> T:
             async with conn.transaction():
                 return await fn(conn)
 
@@ -200,7 +200,7 @@ class EventStore:
     async def processed(self, job: ForwardJob, owner: str, result: Processed) -> bool:
         """Finish a process job: its outcome, the lead record and the forward jobs, atomically."""
 
-        async def finish(c: asyncpg.Connection) -> bool:
+        async def finish(c: Connection) -> bool:
             if await c.fetchval(self.q["forward_done"], job.id, owner) is None:
                 return False  # our lease was lost; whoever holds it now finishes the job
             payload = None if result.payload is None else orjson.dumps(result.payload).decode()
@@ -237,7 +237,7 @@ class EventStore:
     async def replay(self, job_ids: list[int] | None = None) -> int:
         """Make dead forward jobs (all, or the given ids) due again with a fresh budget."""
 
-        async def revive(c: asyncpg.Connection) -> int:
+        async def revive(c: Connection) -> int:
             n: int = await c.fetchval(self.q["forward_replay"], job_ids)
             if n:
                 await c.execute(self.q["notify_events"], "replay")

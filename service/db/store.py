@@ -19,12 +19,15 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from service.errors import StoreUnavailable
 from service.model import Lead
 
 SQL: Traversable = files("service.sql")
 Pool: TypeAlias = asyncpg.Pool  # for modules above the repositories, which never import asyncpg
+# a connection of our own or one lent by the pool: every repository method takes either
+Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
 T = TypeVar("T")
 
 # Errors that mean "the database is not there right now", as opposed to a bug in our SQL.
@@ -39,6 +42,8 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
 )
+# ... and those, or a statement the server refused: for paths whose only answer is "not now"
+FAILURES: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
 
 
 def no_nul(text: str) -> str:
@@ -46,7 +51,7 @@ def no_nul(text: str) -> str:
     return text.replace("\x00", "\\0")
 
 
-async def run_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+async def run_on(pool: asyncpg.Pool, fn: Callable[[Connection], Awaitable[T]]) -> T:
     """Run `fn` on a pooled connection; an unreachable database becomes StoreUnavailable.
     Every repository (store, admin, events) goes through this one boundary."""
     try:
@@ -56,7 +61,7 @@ async def run_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitabl
         raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
 
 
-async def read_on(pool: asyncpg.Pool, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+async def read_on(pool: asyncpg.Pool, fn: Callable[[Connection], Awaitable[T]]) -> T:
     """`run_on` for reads whose only answer to any failure is "not now" (probes, metrics, the
     admin API): a statement the server refuses becomes StoreUnavailable too."""
     try:
@@ -169,11 +174,11 @@ class Store:
         self.pool = pool
         self.q = load_queries()
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         return await run_on(self.pool, fn)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+    async def transaction(self) -> AsyncIterator[Connection]:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 yield conn
@@ -235,7 +240,7 @@ class Store:
     async def heartbeat(
         self, owner: str, people: list[int], jobs: list[int], lease_s: float
     ) -> None:
-        async def beat(c: asyncpg.Connection) -> None:
+        async def beat(c: Connection) -> None:
             await c.execute(self.q["heartbeat_people"], owner, people, lease_s)
             await c.execute(self.q["heartbeat_jobs"], owner, jobs, lease_s)
 
@@ -281,9 +286,10 @@ class Store:
         return None if wait is None else max(0.0, wait.total_seconds())
 
     async def queue_counts(self) -> QueueCounts:
-        async def read(c: asyncpg.Connection) -> QueueCounts:
+        async def read(c: Connection) -> QueueCounts:
             by_state = {r["state"]: r["n"] for r in await c.fetch(self.q["queue_counts"])}
             due = await c.fetchrow(self.q["queue_due"])
+            assert due is not None, "an aggregate always answers one row"
             oldest = due["oldest"]
             age = (dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else None
             return QueueCounts(**by_state, due=due["n"], oldest_due_age_s=age)
