@@ -239,8 +239,8 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         "event": events.drain_spooled,
     }
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(background(service.writer.run(), "group-commit"))
-        await stack.enter_async_context(background(events.writer.run(), "event-commit"))
+        await stack.enter_async_context(background(service.commit.run(), "group-commit"))
+        await stack.enter_async_context(background(events.commit.run(), "event-commit"))
         await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))
         yield
     spool.close()
