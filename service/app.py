@@ -37,6 +37,7 @@ from service.errors import StoreUnavailable
 from service.intake import forms as intake
 from service.intake.ingest import Intake
 from service.intake.keys import IdempotencyWindow
+from service.intake.locks import KeyLocks
 from service.intake.shared_keys import SharedKeys
 from service.intake.spool import Spool
 from service.ops import alerts, health, metrics
@@ -221,17 +222,22 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[intake.SETTINGS]
     store = app[STORE]
     spool = Spool(settings.spool_dir)
+    # one window and one set of key locks per process, for forms and webhooks alike
     window = IdempotencyWindow(settings.idempotency_window_s, settings.idempotency_window_size)
+    locks = KeyLocks()
     cluster = app[CLUSTER]
     service = Intake(
         store,
         spool,
         window=window,
+        locks=locks,
         write_timeout_s=settings.db_write_timeout_s,
         shared_keys=SharedKeys(cluster.redis, settings.idempotency_window_s),
     )
     app[intake.INTAKE] = app[RUNTIME].intake = service
-    events = app[webhooks.EVENTS] = webhooks.EventIntake(EventStore(store.pool), spool, settings)
+    events = app[webhooks.EVENTS] = webhooks.EventIntake(
+        EventStore(store.pool), spool, settings, window=window, locks=locks
+    )
     app[RUNTIME].events, app[RUNTIME].event_store = events, events.store
     handlers = {
         "submission": service.drain_spooled,

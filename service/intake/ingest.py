@@ -44,7 +44,11 @@ def _refuse(pending: Pending, exc: Exception) -> Pending:
 
 
 class Intake:
-    """Form submissions: idempotency window → per-key locks → group commit (or spool)."""
+    """Form submissions: idempotency window → per-key locks → group commit (or spool).
+
+    `window` and `locks` are the process's own, shared with webhook intake (service.app); the
+    keys taken here (`submission_key`, "idem:…", the person's identities) never meet theirs
+    (service.intake.keys)."""
 
     def __init__(
         self,
@@ -52,14 +56,14 @@ class Intake:
         spool: Spool,
         *,
         window: IdempotencyWindow,
-        locks: KeyLocks | None = None,
+        locks: KeyLocks,
         write_timeout_s: float = 2.0,
         shared_keys: SharedKeys | None = None,
     ) -> None:
         self.store = store
         self.spool = spool
         self.window = window
-        self.locks = locks or KeyLocks()
+        self.locks = locks
         # across processes (cluster.processes): Redis keys; the person lock is the database's own,
         # taken inside the ingest transaction (intake.locks)
         self.shared_keys = shared_keys or NoSharedKeys()

@@ -32,7 +32,7 @@ from service.ids import new_id
 from service.intake.bodies import parse_body
 from service.intake.forms import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.intake.group_commit import GroupCommit
-from service.intake.keys import IdempotencyWindow
+from service.intake.keys import IdempotencyWindow, event_key
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
 from service.settings import GenericSource, Settings
@@ -100,15 +100,24 @@ def _keep_raw(delivery: PendingDelivery, exc: Exception) -> PendingDelivery:
 
 
 class EventIntake:
-    """Window → locks → group commit → spool fallback, for webhook deliveries."""
+    """Window → locks → group commit → spool fallback, for webhook deliveries.
 
-    def __init__(self, store: EventStore, spool: Spool, settings: Settings) -> None:
+    `window` and `locks` are the process's own, shared with form intake (service.app); events
+    are keyed by `event_key`, which no form's key can equal (service.intake.keys)."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        spool: Spool,
+        settings: Settings,
+        *,
+        window: IdempotencyWindow,
+        locks: KeyLocks,
+    ) -> None:
         self.store = store
         self.spool = spool
-        self.window = IdempotencyWindow(
-            settings.idempotency_window_s, settings.idempotency_window_size
-        )
-        self.locks = KeyLocks()
+        self.window = window
+        self.locks = locks
         self.commit: GroupCommit[PendingDelivery, list[Stored]] = GroupCommit(
             store.ingest,
             spool=spool,
@@ -128,7 +137,7 @@ class EventIntake:
 
     async def accept(self, delivery: PendingDelivery) -> Receipt:
         """Store the delivery's new events (repeats get their original ids) and say so."""
-        keys = [f"{delivery.source}\x1f{e.key}" for _, e in delivery.events]
+        keys = [event_key(delivery.source, e.key) for _, e in delivery.events]
         if keys and all(self.window.get(k) is not None for k in keys):
             return self._count(Receipt(self._from_window(delivery, keys)))
         async with self.locks.hold(keys):
@@ -143,7 +152,7 @@ class EventIntake:
             receipt = await self._store(replace(delivery, events=fresh))
             for s in receipt.stored:
                 if s.event_key is not None and s.event_id is not None:
-                    self.window.put(f"{delivery.source}\x1f{s.event_key}", s.event_id)
+                    self.window.put(event_key(delivery.source, s.event_key), s.event_id)
             return self._count(replace(receipt, stored=[*known.values(), *receipt.stored]))
 
     def _from_window(self, delivery: PendingDelivery, keys: list[str]) -> list[Stored]:
