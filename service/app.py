@@ -85,6 +85,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1024)
     app[intake.SETTINGS] = settings
+    intake.quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
     app[RUNTIME] = Runtime(
         worker_expected=roles.worker, forwarder_expected=roles.worker, crm=settings.crm
