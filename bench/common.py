@@ -25,7 +25,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from service.db.database import EmbeddedPostgres, migrate
+from service.db.database import EmbeddedPostgres, migrate, prepare_environment
 
 REPO = Path(__file__).resolve().parent.parent
 # +7 mobile prefixes, all valid by phonenumbers (KZ 7xx, then RU 9xx but 930): one per run keeps
@@ -100,6 +100,7 @@ def embedded_postgres() -> Iterator[Postgres]:
     """One embedded PostgreSQL server in a temporary directory."""
     # short path: the server's Unix socket lives in it (108-byte limit on socket paths)
     root = Path(tempfile.mkdtemp(prefix="crb-", dir="/tmp"))
+    prepare_environment(os.environ)  # as main() does before an embedded server starts
     server = EmbeddedPostgres(root)
     try:
         yield Postgres(server.start(), server.pgdata)

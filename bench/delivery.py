@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -34,7 +35,7 @@ from aiohttp import web
 from service.app import Roles, create_app
 from service.crm.amocrm.api import AmoCrmApi, StaticToken
 from service.crm.amocrm.index import ContactIndex
-from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
 from service.delivery.limits import RateGate
 from service.settings import RetryPolicy, Settings
 
@@ -175,6 +176,7 @@ def summarise(sim: Any, args: argparse.Namespace, limit: float, wall: float) -> 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="crb-", dir="/tmp"))
+    prepare_environment(os.environ)  # as the service's main() does before the server starts
     pg = EmbeddedPostgres(root)
     dsn = await asyncio.to_thread(pg.start)
     runners: list[web.AppRunner] = []

@@ -37,6 +37,7 @@ from service.errors import StoreUnavailable
 from service.intake import forms as intake
 from service.intake.ingest import Intake
 from service.intake.keys import IdempotencyWindow
+from service.intake.locks import KeyLocks
 from service.intake.shared_keys import SharedKeys
 from service.intake.spool import Spool
 from service.ops import alerts, health, metrics
@@ -84,6 +85,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1024)
     app[intake.SETTINGS] = settings
+    intake.quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
     app[RUNTIME] = Runtime(
         worker_expected=roles.worker, forwarder_expected=roles.worker, crm=settings.crm
@@ -221,17 +223,22 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[intake.SETTINGS]
     store = app[STORE]
     spool = Spool(settings.spool_dir)
+    # one window and one set of key locks per process, for forms and webhooks alike
     window = IdempotencyWindow(settings.idempotency_window_s, settings.idempotency_window_size)
+    locks = KeyLocks()
     cluster = app[CLUSTER]
     service = Intake(
         store,
         spool,
         window=window,
+        locks=locks,
         write_timeout_s=settings.db_write_timeout_s,
         shared_keys=SharedKeys(cluster.redis, settings.idempotency_window_s),
     )
     app[intake.INTAKE] = app[RUNTIME].intake = service
-    events = app[webhooks.EVENTS] = webhooks.EventIntake(EventStore(store.pool), spool, settings)
+    events = app[webhooks.EVENTS] = webhooks.EventIntake(
+        EventStore(store.pool), spool, settings, window=window, locks=locks
+    )
     app[RUNTIME].events, app[RUNTIME].event_store = events, events.store
     handlers = {
         "submission": service.drain_spooled,
@@ -239,8 +246,8 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         "event": events.drain_spooled,
     }
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(background(service.writer.run(), "group-commit"))
-        await stack.enter_async_context(background(events.writer.run(), "event-commit"))
+        await stack.enter_async_context(background(service.commit.run(), "group-commit"))
+        await stack.enter_async_context(background(events.commit.run(), "event-commit"))
         await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))
         yield
     spool.close()

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from service import logs
 from service.app import Roles, create_app
-from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
 from service.db.event_store import EventStore
 from service.db.store import Store
 from service.errors import RelayError, SettingsError
@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"crm-relay: bad setting {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format)
+    if settings.database_url is None:
+        prepare_environment(os.environ)  # before the embedded server is first imported
     try:
         if args.command == "serve":
             return serve(settings, Roles(http=not args.worker_only, worker=not args.no_worker))

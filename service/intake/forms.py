@@ -55,7 +55,13 @@ class _ClientProtocolErrors(logging.Filter):
 
 
 CLIENT_PROTOCOL_ERRORS = _ClientProtocolErrors()
-logging.getLogger("aiohttp.server").addFilter(CLIENT_PROTOCOL_ERRORS)
+
+
+def quiet_client_protocol_errors() -> None:
+    """Put `CLIENT_PROTOCOL_ERRORS` on aiohttp's server logger. Called by create_app, not done
+    at import: importing a module must not change logging for the whole process. Calling it
+    again changes nothing (a logger keeps one of each filter)."""
+    logging.getLogger("aiohttp.server").addFilter(CLIENT_PROTOCOL_ERRORS)
 
 
 class UnreadableBody(BadInput):

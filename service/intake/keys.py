@@ -1,4 +1,12 @@
-"""Idempotency keys and the in-memory window that answers repeats without the database."""
+"""Idempotency keys and the in-memory window that answers repeats without the database.
+
+One window and one `KeyLocks` serve the whole process, forms and webhooks alike (service.app),
+so every key says whose it is by how it begins, and the two uses never meet:
+- forms: `submission_key` ("h:…" or "c:…"; it is also the key stored with the submission and in
+  Redis, so it keeps its form), the lock "idem:" + that key, and the person's identities
+  ("phone:…", "email:…", Lead.identities);
+- webhooks: `event_key` ("e:<source>\x1f<event key>") for the window and the lock alike.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +35,20 @@ def submission_key(form: str, lead: Lead, header_key: str | None) -> str:
     return f"c:{form}:{hashlib.sha256(body).hexdigest()}"
 
 
-class IdempotencyWindow:
-    """Recently accepted keys → submission id, for `ttl_s` seconds, at most `size` entries.
+def event_key(source: str, key: str) -> str:
+    """A webhook event's key in the window and the locks: its source's event key, scoped to the
+    source (as the database's unique (source, event key) is) and marked as an event's ("e:")."""
+    return f"e:{source}\x1f{key}"  # no source name holds \x1f (webhooks.handlers.SOURCE_NAME)
 
-    Only a fast path: the database's unique constraint is the truth behind it.
+
+class IdempotencyWindow:
+    """Recently accepted keys → submission or event id, for `ttl_s` seconds, at most `size`
+    entries.
+
+    One per process, shared by form and webhook intake: `size` bounds both together (the entries
+    of either evict the oldest of both), so the memory it takes stays what it was for one. Only a
+    fast path: the database's unique constraints are the truth behind it, so an evicted key costs
+    a database round trip, never a duplicate.
     """
 
     def __init__(self, ttl_s: float, size: int) -> None:

@@ -2,9 +2,10 @@
 
 `POST /webhooks/amocrm/{secret}`, `POST /webhooks/bitrix24`, `POST /webhooks/generic/{source}`.
 A request passes the same path as a form submission: the in-memory idempotency window → per-key
-locks → group commit (the delivery, its events and their process jobs in one transaction, unique
-(source, event key)) → 200; when the database is unreachable or slower than `db_write_timeout_s`
-the delivery goes to the fsync'd spool (entry type "event") and the sender still gets 200.
+locks → group commit (service.intake.group_commit: the delivery, its events and their process
+jobs in one transaction, unique (source, event key)) → 200; when the database is unreachable or
+slower than `db_write_timeout_s` (at most `WEBHOOK_WRITE_TIMEOUT_S`) the delivery goes to the
+fsync'd spool (entry type "event") and the sender still gets 200.
 
 What is answered what:
 - amoCRM: a wrong secret → 404; anything else within the size limit → 200 (a non-2xx makes amoCRM
@@ -17,15 +18,12 @@ What is answered what:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import logging
 import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from service.db.event_store import EventStore, PendingDelivery, Stored
@@ -33,7 +31,8 @@ from service.errors import BadInput, StoreUnavailable
 from service.ids import new_id
 from service.intake.bodies import parse_body
 from service.intake.forms import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
-from service.intake.keys import IdempotencyWindow
+from service.intake.group_commit import GroupCommit
+from service.intake.keys import IdempotencyWindow, event_key
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
 from service.model import Event
@@ -49,14 +48,15 @@ from service.webhooks.events import (
     verify_qstash,
 )
 
-log = logging.getLogger(__name__)
-
 WEBHOOK_MAX_FIELDS = 100_000  # amoCRM sends up to hundreds of leads, dozens of fields each
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 HMAC_HEADERS = ("X-Relay-Signature", "X-Hub-Signature-256")
 # amoCRM waits at most 2 s for an answer and we promise p99 < 1 s: a database slower than this
 # sends the delivery to the spool instead (stored once either way: the keys dedupe the copies)
 WEBHOOK_WRITE_TIMEOUT_S = 0.5
+# deliveries per transaction: each carries its raw body (up to webhook_max_body_bytes) and
+# possibly hundreds of events, so fewer to a transaction than form submissions
+MAX_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -87,117 +87,46 @@ class Receipt:
         return body
 
 
-class EventWriter:
-    """Group commit for deliveries: whatever is waiting goes in one transaction."""
-
-    def __init__(self, store: EventStore, max_batch: int = 200) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self._queue: list[tuple[PendingDelivery, asyncio.Future[list[Stored]]]] = []
-        self._wake = asyncio.Event()
-
-    async def write(self, item: PendingDelivery, timeout_s: float) -> list[Stored]:
-        fut: asyncio.Future[list[Stored]] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
-        self._wake.set()
-        try:
-            # shield: giving up waiting must not pull the item out of a transaction in flight
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except TimeoutError:
-            # not begun yet: take it back, the spool carries it alone (a slow database is not
-            # given the same work twice)
-            self._queue = [(i, f) for i, f in self._queue if i is not item]
-            raise
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                try:
-                    results = await self.store_all([item for item, _ in batch])
-                except Exception as exc:
-                    error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(error)
-                            fut.exception()  # the waiter may have timed out: mark it retrieved
-                    continue
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-
-    async def store_all(self, items: list[PendingDelivery], retries: int = 3) -> list[list[Stored]]:
-        """Store `items`; raises StoreUnavailable (outage) and nothing else from the database."""
-        try:
-            return await self.store.ingest(items)
-        except asyncpg.exceptions.TransactionRollbackError:
-            # a deadlock against another process's batch: transient, write it again (bounded)
-            if retries > 0:
-                return await self.store_all(items, retries - 1)
-            raise StoreUnavailable("repeated transaction rollbacks") from None
-        except asyncpg.PostgresError as exc:
-            # not an outage but one item Postgres will not store (say, a NUL in a JSON string):
-            # write them one by one, and keep that one raw in `rejected` instead
-            if len(items) > 1:
-                return [(await self.store_all([one]))[0] for one in items]
-            if items[0].rejected is not None:
-                raise StoreUnavailable(f"cannot keep a rejected body: {exc}") from exc
-            why = f"cannot be stored as events: {exc.__class__.__name__}"
-            return await self.store_all([items[0].as_rejected(why)])
+def _spool_entry(delivery: PendingDelivery) -> dict[str, Any]:
+    return {"type": "event", **delivery.to_json()}
 
 
-class SpoolBatch:
-    """Appends every delivery waiting for the spool as one entry: one fsync for all of them,
-    so the spool keeps up with the load the database could not take."""
-
-    def __init__(self, spool: Spool, max_items: int = 200) -> None:
-        self.spool = spool
-        self.max_items = max_items
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._lock = asyncio.Lock()
-
-    async def append(self, delivery: dict[str, Any]) -> None:
-        """Return once `delivery` is fsynced; raises what the spool raised."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((delivery, fut))
-        while not fut.done():
-            async with self._lock:  # whoever holds it writes everything waiting by then
-                if fut.done():
-                    break
-                batch = self._waiting[: self.max_items]
-                self._waiting = self._waiting[self.max_items :]
-                try:
-                    await self.spool.append({"type": "event", "deliveries": [d for d, _ in batch]})
-                except asyncio.CancelledError:
-                    # the others' deliveries go to whoever writes next (a copy that reached the
-                    # file anyway is deduplicated by its keys when the spool is drained)
-                    self._waiting[:0] = [(d, f) for d, f in batch if f is not fut]
-                    raise
-                except Exception as exc:
-                    for _, f in batch:
-                        f.set_exception(exc)
-                else:
-                    for _, f in batch:
-                        f.set_result(None)
-        await fut
+def _keep_raw(delivery: PendingDelivery, exc: Exception) -> PendingDelivery:
+    """A delivery whose events the database will not store (say, a NUL in a JSON string) is kept
+    raw in `rejected` instead; one it will not even keep raw is spooled, as in an outage."""
+    if delivery.rejected is not None:
+        raise StoreUnavailable(f"cannot keep a rejected body: {exc}") from exc
+    return delivery.as_rejected(f"cannot be stored as events: {exc.__class__.__name__}")
 
 
 class EventIntake:
-    """Window → locks → group commit → spool fallback, for webhook deliveries."""
+    """Window → locks → group commit → spool fallback, for webhook deliveries.
 
-    def __init__(self, store: EventStore, spool: Spool, settings: Settings) -> None:
+    `window` and `locks` are the process's own, shared with form intake (service.app); events
+    are keyed by `event_key`, which no form's key can equal (service.intake.keys)."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        spool: Spool,
+        settings: Settings,
+        *,
+        window: IdempotencyWindow,
+        locks: KeyLocks,
+    ) -> None:
         self.store = store
         self.spool = spool
-        self.window = IdempotencyWindow(
-            settings.idempotency_window_s, settings.idempotency_window_size
+        self.window = window
+        self.locks = locks
+        self.commit: GroupCommit[PendingDelivery, list[Stored]] = GroupCommit(
+            store.ingest,
+            spool=spool,
+            spool_entry=_spool_entry,
+            unstorable=_keep_raw,
+            timeout_s=min(settings.db_write_timeout_s, WEBHOOK_WRITE_TIMEOUT_S),
+            max_batch=MAX_BATCH,
+            kind="event",
         )
-        self.locks = KeyLocks()
-        self.writer = EventWriter(store)
-        self.spooler = SpoolBatch(spool)
-        self.write_timeout_s = min(settings.db_write_timeout_s, WEBHOOK_WRITE_TIMEOUT_S)
-        self._db_down_until = 0.0
         self.counts: dict[str, int] = {
             "events": 0,
             "duplicate": 0,
@@ -208,39 +137,34 @@ class EventIntake:
 
     async def accept(self, delivery: PendingDelivery) -> Receipt:
         """Store the delivery's new events (repeats get their original ids) and say so."""
-        keys = [f"{delivery.source}\x1f{e.key}" for _, e in delivery.events]
+        keys = [event_key(delivery.source, e.key) for _, e in delivery.events]
         if keys and all(self.window.get(k) is not None for k in keys):
             return self._count(Receipt(self._from_window(delivery, keys)))
         async with self.locks.hold(keys):
-            known = {k: sid for k in keys if (sid := self.window.get(k)) is not None}
+            known = {
+                k: Stored(e.key, sid, True)
+                for (_, e), k in zip(delivery.events, keys, strict=True)
+                if (sid := self.window.get(k)) is not None
+            }
             fresh = tuple(ev for ev, k in zip(delivery.events, keys, strict=True) if k not in known)
             if keys and not fresh:
                 return self._count(Receipt(self._from_window(delivery, keys)))
             receipt = await self._store(replace(delivery, events=fresh))
             for s in receipt.stored:
                 if s.event_key is not None and s.event_id is not None:
-                    self.window.put(f"{delivery.source}\x1f{s.event_key}", s.event_id)
-            repeats = [Stored(k.split("\x1f", 1)[1], sid, True) for k, sid in known.items()]
-            return self._count(replace(receipt, stored=repeats + receipt.stored))
+                    self.window.put(event_key(delivery.source, s.event_key), s.event_id)
+            return self._count(replace(receipt, stored=[*known.values(), *receipt.stored]))
 
     def _from_window(self, delivery: PendingDelivery, keys: list[str]) -> list[Stored]:
         pairs = zip(delivery.events, keys, strict=True)
         return [Stored(e.key, self.window.get(k), True) for (_, e), k in pairs]
 
     async def _store(self, delivery: PendingDelivery) -> Receipt:
-        if time.monotonic() >= self._db_down_until:
-            try:
-                return Receipt(await self.writer.write(delivery, self.write_timeout_s))
-            except (StoreUnavailable, TimeoutError) as exc:
-                # skip the database for a moment instead of making every sender wait for it
-                self._db_down_until = time.monotonic() + 1.0
-                log.warning(
-                    "database unavailable, spooling webhook",
-                    extra={"action": "spool", "source": delivery.source, "error": str(exc)},
-                )
-        await self.spooler.append(delivery.to_json())
-        stored = [Stored(e.key, eid, False) for eid, e in delivery.events]
-        return Receipt(stored or [Stored(None, None, False)], spooled=True)
+        stored = await self.commit.write(delivery)
+        if stored is not None:
+            return Receipt(stored)
+        spooled = [Stored(e.key, eid, False) for eid, e in delivery.events]
+        return Receipt(spooled or [Stored(None, None, False)], spooled=True)
 
     def _count(self, receipt: Receipt) -> Receipt:
         for s in receipt.stored:
@@ -250,11 +174,10 @@ class EventIntake:
         return receipt
 
     async def drain_spooled(self, entries: list[dict[str, Any]]) -> None:
-        """Spool handler: store spooled deliveries (repeats are dropped by their keys)."""
+        """Spool handler: store spooled deliveries (repeats are dropped by their keys); an entry
+        is one delivery, or a list of them (`deliveries`, as earlier versions wrote)."""
         items = [PendingDelivery.from_json(d) for e in entries for d in e.get("deliveries", [e])]
-        for i in range(0, len(items), self.writer.max_batch):
-            await self.writer.store_all(items[i : i + self.writer.max_batch])
-        self._db_down_until = 0.0
+        await self.commit.store_all(items)
 
 
 EVENTS = web.AppKey("events", EventIntake)

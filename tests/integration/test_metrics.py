@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +59,9 @@ async def test_metrics_after_a_scenario(
     assert (await svc.submit("course", lead))[1]["duplicate"] is True  # idempotency window
     assert (await svc.submit("course", {"name": "no contact"}))[1]["ok"] is False
     # what intake does after a failed write: skip the database for a moment, spool instead
-    svc.app[INTAKE]._db_down_until = time.monotonic() + 5
+    svc.app[INTAKE].commit.skip_database(5)
     assert (await svc.submit("course", {"phone": "+77015550102"}))[1].get("spooled")
-    svc.app[INTAKE]._db_down_until = 0.0
+    svc.app[INTAKE].commit.skip_database(0)
 
     async def delivered(n: int) -> bool:
         return await db_count(db, "SELECT count(*) FROM jobs WHERE state = 'done'") == n

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from service import cli
 from service.app import STORE
+from service.intake.forms import INTAKE
 from service.settings import GenericSource, RetryPolicy
 from service.simulators.bitrix24.server import (
     BitrixSimulator,
@@ -326,16 +327,44 @@ async def test_spooled_while_database_unreachable_then_stored_once(
 ) -> None:
     svc = await start(service_factory, receiver)
     events = svc.app[EVENTS]
-    events._db_down_until = time.monotonic() + 30  # as after a failed write
+    events.commit.skip_database(30)  # as after a failed write
     body = bitrix_body(9, 1700000500)
     first = await post(svc, "/webhooks/bitrix24", body, FORM)
     assert first[0] == 200 and first[1]["spooled"] is True
-    events._db_down_until = 0.0
+    events.commit.skip_database(0)
     again = await post(svc, "/webhooks/bitrix24", body, FORM)
     assert again[1]["duplicate"] is True  # the window knows the spooled event
     await wait_for(lambda: _events_stored(db, 1))
     await settled(db, receiver, 1)
     assert await count(db, "SELECT count(*) FROM webhook_events") == 1
+
+
+async def test_forms_and_webhooks_share_one_window_and_one_set_of_locks(
+    service_factory: ServiceFactory, receiver: Receiver
+) -> None:
+    """One window and one KeyLocks per process; a form submission and a webhook event under the
+    same Idempotency-Key are still two things, and each repeat gets its own original."""
+    svc = await start(service_factory, receiver)
+    events, forms = svc.app[EVENTS], svc.app[INTAKE]
+    assert events.window is forms.window and events.locks is forms.locks
+    body = b'{"type": "ping"}'
+    hook_headers = {
+        "Content-Type": "application/json",
+        "Idempotency-Key": "same-key",
+        "X-Relay-Signature": sign(SECRET, body),
+    }
+    form_headers = {"Idempotency-Key": "same-key"}
+    hook = await post(svc, "/webhooks/generic/r", body, hook_headers)
+    form = await svc.submit("r", {"phone": "+77015550901"}, form_headers)
+    assert hook[1]["duplicate"] is False and form[1]["duplicate"] is False
+    assert hook[1]["id"] != form[1]["id"]
+    hits = forms.window.hits
+    hook_again = await post(svc, "/webhooks/generic/r", body, hook_headers)
+    form_again = await svc.submit("r", {"phone": "+77015550901"}, form_headers)
+    assert hook_again == (200, {**hook[1], "duplicate": True})
+    assert form_again == (200, {**form[1], "duplicate": True})
+    assert forms.window.hits >= hits + 2  # both answered from the one window
+    assert events.locks.held() == {}
 
 
 async def test_dead_forward_jobs_listed_and_replayed_by_admin_and_cli(

@@ -12,7 +12,7 @@ import pytest
 
 from service.delivery.limits import RateGate
 from service.errors import CrmBlocked
-from service.intake.keys import IdempotencyWindow, submission_key
+from service.intake.keys import IdempotencyWindow, event_key, submission_key
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
 from service.model import Lead
@@ -72,6 +72,22 @@ def test_content_key_ignores_nothing_the_person_typed() -> None:
     assert submission_key("f", a, None) != submission_key("f", b, None)
     assert submission_key("f", a, "k1") == submission_key("f", b, "k1")
     assert submission_key("g", a, "k1") != submission_key("f", a, "k1")
+
+
+def test_form_and_webhook_keys_never_meet_in_the_shared_window_and_locks() -> None:
+    """Forms and webhooks share one window and one KeyLocks: a webhook event's key can be any
+    text its sender chose, yet it can never equal a key forms use, nor theirs one of its."""
+    lead = Lead("f", "+77011234567", "a@b.kz", "Ivan")
+    form_keys = [submission_key("f", lead, "k1"), submission_key("f", lead, None)]
+    form_keys += [f"idem:{k}" for k in form_keys] + lead.identities()
+    # event keys made to look like form keys, from every kind of source
+    mimics = [*form_keys, "k1", "idem:k1"]
+    sources = ["amocrm", "bitrix24", "generic/f", "generic/h:f"]
+    event_keys = [event_key(source, k) for source in sources for k in mimics]
+    assert not set(form_keys) & set(event_keys)
+    assert all(k.startswith("e:") for k in event_keys)
+    assert not any(k.startswith("e:") for k in form_keys)
+    assert len(set(event_keys)) == len(event_keys)  # scoped to their source
 
 
 async def test_key_locks_serialise_overlapping_holders_only() -> None:

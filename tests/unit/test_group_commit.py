@@ -1,0 +1,219 @@
+"""The one group commit (service.intake.group_commit), with a write-batch coroutine of our own and
+a real spool: batching, the error path to the caller, and the database-unavailable path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from service.errors import BadInput, FieldError, StoreUnavailable
+from service.intake.group_commit import ROLLBACK_RETRIES, GroupCommit
+from service.intake.spool import Spool
+
+BAD = "bad"  # an item the fake database refuses (as Postgres refuses, say, a NUL in jsonb)
+
+
+class FakeDb:
+    """Stores strings; records each batch it was given. `fail` decides per batch what to raise."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.stored: list[str] = []
+        self.fail: Callable[[list[str]], BaseException | None] = lambda batch: None
+        self.gate: asyncio.Event | None = None  # when set: each write waits for it
+
+    async def write(self, items: list[str]) -> Sequence[str]:
+        self.batches.append(list(items))
+        if self.gate is not None:
+            await self.gate.wait()
+        error = self.fail(items)
+        if error is not None:
+            raise error
+        if BAD in items:
+            raise asyncpg.exceptions.UntranslatableCharacterError("unsupported escape")
+        self.stored += items
+        return [f"ok:{i}" for i in items]
+
+
+def refuse(item: str, exc: Exception) -> str:
+    raise BadInput([FieldError("body", f"cannot be stored: {exc.__class__.__name__}")])
+
+
+@contextlib.asynccontextmanager
+async def running(db: FakeDb, spool: Spool, **kwargs: Any) -> AsyncIterator[GroupCommit[str, str]]:
+    options: dict[str, Any] = {
+        "spool_entry": lambda item: {"type": "t", "item": item},
+        "unstorable": refuse,
+        "timeout_s": 2.0,
+        "max_batch": 500,
+        "kind": "test",
+        **kwargs,
+    }
+    commit: GroupCommit[str, str] = GroupCommit(db.write, spool=spool, **options)
+    task = asyncio.create_task(commit.run())
+    try:
+        yield commit
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        spool.close()
+
+
+def spooled(spool: Spool) -> list[str]:
+    lines = b"".join(p.read_bytes() for p in spool.pending_files()).splitlines()
+    return [orjson.loads(line)["item"] for line in lines]
+
+
+async def test_concurrent_writes_share_transactions_of_at_most_max_batch(tmp_path: Path) -> None:
+    db = FakeDb()
+    async with running(db, Spool(tmp_path), max_batch=4) as commit:
+        items = [f"i{n}" for n in range(10)]
+        results = await asyncio.gather(*(commit.write(i) for i in items))
+    assert results == [f"ok:{i}" for i in items]  # each caller gets its own item's result
+    assert [len(b) for b in db.batches] == [4, 4, 2]
+    assert sorted(db.stored) == sorted(items)
+
+
+async def test_a_refused_item_fails_only_its_own_caller(tmp_path: Path) -> None:
+    db = FakeDb()
+    spool = Spool(tmp_path)
+    async with running(db, spool) as commit:
+        results = await asyncio.gather(
+            commit.write("a"), commit.write(BAD), commit.write("b"), return_exceptions=True
+        )
+    assert results[0] == "ok:a" and results[2] == "ok:b"
+    assert isinstance(results[1], BadInput)
+    assert "UntranslatableCharacterError" in results[1].errors[0].message
+    # the batch, then its items one by one so the others are stored
+    assert db.batches == [["a", BAD, "b"], ["a"], [BAD], ["b"]]
+    assert spooled(spool) == []  # bad input is not an outage
+
+
+async def test_a_refused_item_may_be_replaced_once(tmp_path: Path) -> None:
+    db = FakeDb()
+    async with running(db, Spool(tmp_path), unstorable=lambda item, exc: "kept-raw") as commit:
+        assert await commit.write(BAD) == "ok:kept-raw"
+    replacing_the_replacement = running(db, Spool(tmp_path), unstorable=lambda item, exc: BAD)
+    async with replacing_the_replacement as commit:
+        # a replacement the database refuses too is not replaced again: spooled, as an outage
+        assert await commit.write(BAD) is None
+
+
+async def test_a_deadlock_is_written_again_and_repeated_ones_are_spooled(tmp_path: Path) -> None:
+    db = FakeDb()
+    spool = Spool(tmp_path)
+    deadlocks = iter(range(2))
+    db.fail = lambda batch: (
+        asyncpg.exceptions.DeadlockDetectedError("deadlock")
+        if next(deadlocks, None) is not None
+        else None
+    )
+    async with running(db, spool) as commit:
+        assert await commit.write("a") == "ok:a"  # two rollbacks, then the third try
+        assert len(db.batches) == 3
+        db.fail = lambda batch: asyncpg.exceptions.SerializationError("could not serialize")
+        # never bad input: the data was fine; after the retries it is an outage → spool
+        assert await commit.write("b") is None
+    assert len(db.batches) == 3 + 1 + ROLLBACK_RETRIES
+    assert spooled(spool) == ["b"]
+
+
+@pytest.mark.parametrize(
+    "error", [StoreUnavailable("database unavailable: OSError"), ConnectionResetError("gone")]
+)
+async def test_database_unavailable_spools_then_skips_it_until_it_answers(
+    tmp_path: Path, error: Exception
+) -> None:
+    db = FakeDb()
+    spool = Spool(tmp_path)
+    db.fail = lambda batch: error
+    async with running(db, spool) as commit:
+        assert await asyncio.gather(commit.write("a"), commit.write("b")) == [None, None]
+        assert len(db.batches) == 1
+        db.fail = lambda batch: None
+        # for a moment the database is not even tried: straight to the spool
+        assert await commit.write("c") is None
+        assert len(db.batches) == 1
+        assert spooled(spool) == ["a", "b", "c"]
+        # the drain stores what was spooled, and the database is tried again
+        assert await commit.store_all(["a", "b", "c"]) == ["ok:a", "ok:b", "ok:c"]
+        assert await commit.write("d") == "ok:d"
+
+
+async def test_store_all_raises_instead_of_spooling(tmp_path: Path) -> None:
+    db = FakeDb()
+    spool = Spool(tmp_path)
+    async with running(db, spool, max_batch=2) as commit:
+        with pytest.raises(BadInput):
+            await commit.store_all(["a", "b", BAD])
+        db.fail = lambda batch: StoreUnavailable("down")
+        with pytest.raises(StoreUnavailable):
+            await commit.store_all(["c"])
+    assert db.batches[:2] == [["a", "b"], [BAD]]
+    assert spooled(spool) == []
+
+
+async def test_a_slow_database_times_out_to_the_spool_and_is_not_given_it_again(
+    tmp_path: Path,
+) -> None:
+    db = FakeDb()
+    spool = Spool(tmp_path)
+    db.gate = asyncio.Event()  # the database hangs
+    async with running(db, spool, timeout_s=0.1) as commit:
+        first = asyncio.create_task(commit.write("in-flight"))
+        await asyncio.sleep(0.02)  # its transaction has begun (and hangs)
+        second = asyncio.create_task(commit.write("queued"))
+        assert await first is None and await second is None
+        assert spooled(spool) == ["in-flight", "queued"]
+        db.gate.set()
+        await asyncio.sleep(0.05)
+        commit.skip_database(0)
+        assert await commit.write("later") == "ok:later"
+    # the item in the hung transaction is written anyway (its key makes the spooled copy a
+    # repeat); the one still queued when its caller gave up is not written at all
+    assert db.batches == [["in-flight"], ["later"]]
+
+
+async def test_one_timer_times_out_each_waiter_at_its_own_deadline(tmp_path: Path) -> None:
+    db = FakeDb()
+    db.gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    gave_up: dict[str, float] = {}  # when each waiter's item went to the spool
+
+    def entry(item: str) -> dict[str, Any]:
+        gave_up[item] = loop.time()
+        return {"type": "t", "item": item}
+
+    async with running(db, Spool(tmp_path), timeout_s=0.15, spool_entry=entry) as commit:
+        t0 = loop.time()
+        first = asyncio.create_task(commit.write("a"))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(commit.write("b"))
+        assert await first is None and await second is None
+    assert 0.14 <= gave_up["a"] - t0 < 0.24
+    assert 0.24 <= gave_up["b"] - t0 < 0.4  # not timed out with the first one
+
+
+async def test_a_cancelled_writer_leaves_the_others_be(tmp_path: Path) -> None:
+    db = FakeDb()
+    db.gate = asyncio.Event()
+    async with running(db, Spool(tmp_path)) as commit:
+        blocked = asyncio.create_task(commit.write("first"))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(commit.write("gone"))
+        kept = asyncio.create_task(commit.write("kept"))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        db.gate.set()
+        assert await blocked == "ok:first" and await kept == "ok:kept"
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    assert db.batches == [["first"], ["kept"]]
