@@ -45,6 +45,19 @@ class StoreUnavailable(RelayError):
     """The database cannot be reached right now."""
 
 
+class StoreConflict(RelayError):
+    """A transaction lost a deadlock or a serialization conflict: writing it again may succeed."""
+
+
+class StoreRefused(RelayError):
+    """The database refused a statement for what it carries (not an outage): say, a NUL in a
+    JSON string. `kind` names the server's error."""
+
+    def __init__(self, kind: str, message: str | None = None) -> None:
+        self.kind = kind
+        super().__init__(message or kind)
+
+
 class CrmError(RelayError):
     """The CRM did not do what we asked."""
 

@@ -21,7 +21,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from service.errors import StoreUnavailable
+from service.errors import StoreConflict, StoreRefused, StoreUnavailable
 from service.model import Lead
 
 SQL: Traversable = files("service.sql")
@@ -51,23 +51,37 @@ def no_nul(text: str) -> str:
     return text.replace("\x00", "\\0")
 
 
+def translated(exc: BaseException) -> BaseException:
+    """The one place a driver error becomes ours: unreachable → StoreUnavailable, a lost
+    deadlock or serialization conflict → StoreConflict, any other refusal → StoreRefused.
+    Anything else (ours, cancellation) is returned as it is."""
+    name = exc.__class__.__name__
+    if isinstance(exc, UNAVAILABLE):
+        return StoreUnavailable(f"database unavailable: {name}")
+    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
+        return StoreConflict(f"transaction rolled back: {name}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreRefused(name, f"{name}: {exc}")
+    return exc
+
+
 async def run_on(pool: asyncpg.Pool, fn: Callable[[Connection], Awaitable[T]]) -> T:
-    """Run `fn` on a pooled connection; an unreachable database becomes StoreUnavailable.
-    Every repository (store, admin, events) goes through this one boundary."""
+    """Run `fn` on a pooled connection, driver errors `translated`. Every repository (store,
+    admin, events, cluster) goes through this one boundary."""
     try:
         async with pool.acquire() as conn:
             return await fn(conn)
-    except UNAVAILABLE as exc:
-        raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+    except FAILURES as exc:
+        raise translated(exc) from exc
 
 
 async def read_on(pool: asyncpg.Pool, fn: Callable[[Connection], Awaitable[T]]) -> T:
     """`run_on` for reads whose only answer to any failure is "not now" (probes, metrics, the
-    admin API): a statement the server refuses becomes StoreUnavailable too."""
+    admin API): a refused statement or a conflict is StoreUnavailable too."""
     try:
         return await run_on(pool, fn)
-    except asyncpg.PostgresError as exc:
-        raise StoreUnavailable(f"database error: {exc.__class__.__name__}") from exc
+    except (StoreConflict, StoreRefused) as exc:
+        raise StoreUnavailable(f"database error: {exc}") from exc
 
 
 @cache
@@ -182,8 +196,8 @@ class Store:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 yield conn
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        except FAILURES as exc:
+            raise translated(exc) from exc
 
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))

@@ -36,9 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-import asyncpg
-
-from service.errors import StoreUnavailable
+from service.errors import StoreConflict, StoreRefused, StoreUnavailable
 from service.intake.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ class GroupCommit(Generic[T, R]):
         *,
         spool: Spool,
         spool_entry: Callable[[T], dict[str, Any]],
-        unstorable: Callable[[T, Exception], T],
+        unstorable: Callable[[T, StoreRefused], T],
         timeout_s: float,
         max_batch: int,
         kind: str,
@@ -177,11 +175,11 @@ class GroupCommit(Generic[T, R]):
         whatever else is not the database refusing the data) when none can be written."""
         try:
             return list(await self._write_batch(items))
-        except asyncpg.exceptions.TransactionRollbackError:
+        except StoreConflict:
             if retries > 0:
                 return await self._outcomes(items, retries - 1, replaced)
             raise StoreUnavailable("repeated transaction rollbacks") from None
-        except asyncpg.PostgresError as exc:
+        except StoreRefused as exc:
             if len(items) > 1:
                 outcomes: list[R | Exception] = []
                 for one in items:
@@ -191,7 +189,7 @@ class GroupCommit(Generic[T, R]):
                 return [StoreUnavailable(f"cannot store the replacement: {exc}")]
             return [await self._refused(items[0], exc)]
 
-    async def _refused(self, item: T, exc: asyncpg.PostgresError) -> R | Exception:
+    async def _refused(self, item: T, exc: StoreRefused) -> R | Exception:
         """What becomes of an item the database refused alone: its replacement's result, or
         the error `unstorable` raised for its sender."""
         try:

@@ -13,7 +13,7 @@ import uuid
 from typing import Any, NamedTuple
 
 from service.db.store import Accepted, Pending, Store
-from service.errors import BadInput, FieldError
+from service.errors import BadInput, FieldError, StoreRefused
 from service.ids import new_id
 from service.intake.group_commit import GroupCommit
 from service.intake.keys import IdempotencyWindow, submission_key
@@ -37,10 +37,10 @@ def _spool_entry(pending: Pending) -> dict[str, Any]:
     return {"type": "submission", **pending.to_json()}
 
 
-def _refuse(pending: Pending, exc: Exception) -> Pending:
+def _refuse(pending: Pending, exc: StoreRefused) -> Pending:
     """A submission the database will not store alone is bad input: its sender is told so and
     the request is kept raw (forms.keep_rejected)."""
-    raise BadInput([FieldError("body", f"cannot be stored: {exc.__class__.__name__}")])
+    raise BadInput([FieldError("body", f"cannot be stored: {exc.kind}")])
 
 
 class Intake:

@@ -16,9 +16,7 @@ import hashlib
 import time
 from collections.abc import Iterable
 
-import asyncpg
-
-from service.db.store import load_queries, read_on
+from service.db.store import Pool, load_queries, read_on
 
 
 class _Entry:
@@ -123,7 +121,7 @@ def person_lock_key(identity: str) -> int:
     return int.from_bytes(digest[:4], "big", signed=True)
 
 
-async def person_locks_held(pool: asyncpg.Pool) -> list[dict[str, object]]:
+async def person_locks_held(pool: Pool) -> list[dict[str, object]]:
     """Person locks held or awaited anywhere in the cluster: holder process, key, granted; any
     database failure is StoreUnavailable."""
     query = QUERIES["person_locks_held"]

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from service.db.event_store import EventStore, PendingDelivery, Stored
-from service.errors import BadInput, StoreUnavailable
+from service.errors import BadInput, StoreRefused, StoreUnavailable
 from service.ids import new_id
 from service.intake.bodies import parse_body
 from service.intake.forms import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
@@ -91,12 +91,12 @@ def _spool_entry(delivery: PendingDelivery) -> dict[str, Any]:
     return {"type": "event", **delivery.to_json()}
 
 
-def _keep_raw(delivery: PendingDelivery, exc: Exception) -> PendingDelivery:
+def _keep_raw(delivery: PendingDelivery, exc: StoreRefused) -> PendingDelivery:
     """A delivery whose events the database will not store (say, a NUL in a JSON string) is kept
     raw in `rejected` instead; one it will not even keep raw is spooled, as in an outage."""
     if delivery.rejected is not None:
         raise StoreUnavailable(f"cannot keep a rejected body: {exc}") from exc
-    return delivery.as_rejected(f"cannot be stored as events: {exc.__class__.__name__}")
+    return delivery.as_rejected(f"cannot be stored as events: {exc.kind}")
 
 
 class EventIntake:

@@ -13,7 +13,8 @@ import asyncpg
 import orjson
 import pytest
 
-from service.errors import BadInput, FieldError, StoreUnavailable
+from service.db.store import translated
+from service.errors import BadInput, FieldError, StoreRefused, StoreUnavailable
 from service.intake.group_commit import ROLLBACK_RETRIES, GroupCommit
 from service.intake.spool import Spool
 
@@ -33,17 +34,18 @@ class FakeDb:
         self.batches.append(list(items))
         if self.gate is not None:
             await self.gate.wait()
+        # a repository raises driver errors as db.store translates them
         error = self.fail(items)
         if error is not None:
-            raise error
+            raise translated(error)
         if BAD in items:
-            raise asyncpg.exceptions.UntranslatableCharacterError("unsupported escape")
+            raise translated(asyncpg.exceptions.UntranslatableCharacterError("unsupported escape"))
         self.stored += items
         return [f"ok:{i}" for i in items]
 
 
-def refuse(item: str, exc: Exception) -> str:
-    raise BadInput([FieldError("body", f"cannot be stored: {exc.__class__.__name__}")])
+def refuse(item: str, exc: StoreRefused) -> str:
+    raise BadInput([FieldError("body", f"cannot be stored: {exc.kind}")])
 
 
 @contextlib.asynccontextmanager
