@@ -44,6 +44,7 @@ from service.ops import alerts, health, metrics
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import Settings
+from service.web import SETTINGS, quiet_client_protocol_errors
 from service.webhooks import handlers as webhooks
 from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
 
@@ -84,8 +85,8 @@ async def background(
 def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1024)
-    app[intake.SETTINGS] = settings
-    intake.quiet_client_protocol_errors()
+    app[SETTINGS] = settings
+    quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
     app[RUNTIME] = Runtime(
         worker_expected=roles.worker, forwarder_expected=roles.worker, crm=settings.crm
@@ -112,7 +113,7 @@ async def _mark_shutting_down(app: web.Application) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[intake.SETTINGS]
+    settings = app[SETTINGS]
     embedded = None
     dsn = settings.database_url
     if dsn is None:
@@ -138,7 +139,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     """Heartbeats in PostgreSQL and the Redis link: the mode the cluster runs in (cluster.py)."""
-    settings = app[intake.SETTINGS]
+    settings = app[SETTINGS]
     redis = connect_redis(settings.redis_url) if settings.redis_url else None
     rt = app[RUNTIME]
     cluster = app[CLUSTER] = rt.cluster = Cluster(
@@ -154,7 +155,7 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[intake.SETTINGS]
+    settings = app[SETTINGS]
     gate, bucket = cluster_gate(app[CLUSTER], settings)
     app[GATE] = app[RUNTIME].gate = gate
     async with contextlib.AsyncExitStack() as stack:
@@ -220,7 +221,7 @@ async def _crm_endpoint(
 
 
 async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[intake.SETTINGS]
+    settings = app[SETTINGS]
     store = app[STORE]
     spool = Spool(settings.spool_dir)
     # one window and one set of key locks per process, for forms and webhooks alike
@@ -283,7 +284,7 @@ async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
 
 
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[intake.SETTINGS]
+    settings = app[SETTINGS]
     worker = Worker(app[STORE], app[ADAPTER], app[GATE], settings, app[DSN])
     app[WORKER] = app[RUNTIME].worker = worker
     # an operator's pause holds for every process, this one from its first claim on
@@ -314,7 +315,7 @@ def _apply_pause(worker: Worker, paused: bool) -> None:
 
 async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     """Processes and forwards stored webhook events (service/webhooks/forwarder.py)."""
-    settings = app[intake.SETTINGS]
+    settings = app[SETTINGS]
     # a pool of its own: a backlog of events to forward must never keep the handlers waiting
     # for a connection (they answer only after their write)
     pool = await create_pool(app[DSN], min_size=1, max_size=FORWARDER_POOL_SIZE)

@@ -33,9 +33,9 @@ from aiohttp import web
 
 from service.db.admin_store import ADMIN_STORE, AdminStore
 from service.errors import StoreUnavailable
-from service.intake.forms import SETTINGS
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import Settings
+from service.web import SETTINGS
 
 log = logging.getLogger(__name__)
 

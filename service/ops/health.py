@@ -18,9 +18,9 @@ from service.db.event_store import EventStore
 from service.delivery.limits import RateGate
 from service.delivery.worker import Worker
 from service.errors import StoreUnavailable
-from service.intake.forms import SETTINGS, answer
 from service.ops.metrics import METRICS
 from service.ops.runtime import RUNTIME, Runtime
+from service.web import SETTINGS, answer
 from service.webhooks.forwarder import Forwarder
 
 if TYPE_CHECKING:  # webhooks imports intake, as we do; only the type is needed here

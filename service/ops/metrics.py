@@ -31,8 +31,8 @@ from prometheus_client.utils import floatToGoString
 
 from service import logs
 from service.db.admin_store import ADMIN_STORE
-from service.intake.forms import OUTCOME
 from service.ops.collector import DbSnapshot, RuntimeCollector, read_db
+from service.web import OUTCOME
 
 if TYPE_CHECKING:
     from service.ops.runtime import Runtime
@@ -183,7 +183,7 @@ def _record(
     m = request.app[METRICS]
     route = _route(request)
     m.http.observe(request.method, route, status, seconds)
-    # set by the intake and webhook handlers (service.intake.forms.reply): nothing to parse here
+    # set by the intake and webhook handlers (service.web.reply): nothing to parse here
     rejected, submission_id = request.get(OUTCOME, (False, None))
     path = request.path
     if path.startswith("/webhooks/"):

@@ -30,13 +30,13 @@ from service.db.event_store import EventStore, PendingDelivery, Stored
 from service.errors import BadInput, StoreRefused, StoreUnavailable
 from service.ids import new_id
 from service.intake.bodies import parse_body
-from service.intake.forms import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.intake.group_commit import GroupCommit
 from service.intake.keys import IdempotencyWindow, event_key
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
 from service.model import Event
 from service.settings import GenericSource, Settings
+from service.web import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.webhooks.events import (
     amocrm_events,
     bitrix24_event,

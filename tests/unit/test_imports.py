@@ -44,8 +44,8 @@ def test_create_app_quiets_client_protocol_errors() -> None:
     import logging
 
     from service.app import create_app
-    from service.intake.forms import CLIENT_PROTOCOL_ERRORS
     from service.settings import Settings
+    from service.web import CLIENT_PROTOCOL_ERRORS
 
     server = logging.getLogger("aiohttp.server")
     server.removeFilter(CLIENT_PROTOCOL_ERRORS)

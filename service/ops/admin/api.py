@@ -21,7 +21,6 @@ from service.cluster.processes import list_processes
 from service.db.admin_store import ADMIN_STORE, AdminStore, DeadFilter, SubmissionQuery
 from service.delivery.control import DELIVERY_CONTROL
 from service.errors import BadInput, FieldError
-from service.intake.forms import SETTINGS, answer
 from service.intake.normalize import normalize_email, normalize_phone
 from service.ops.admin import webhooks as admin_webhooks
 from service.ops.admin.dashboard import dashboard
@@ -45,6 +44,7 @@ from service.ops.admin.params import (
     time_param,
 )
 from service.ops.runtime import RUNTIME
+from service.web import SETTINGS, answer
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from service.errors import StoreUnavailable
-from service.intake.forms import SETTINGS, answer
+from service.web import SETTINGS, answer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 500

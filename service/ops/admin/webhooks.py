@@ -16,7 +16,6 @@ from aiohttp import web
 from service.db.admin_store import json_ready
 from service.db.event_store import EventStore
 from service.errors import StoreUnavailable
-from service.intake.forms import SETTINGS, answer
 from service.ops.admin.params import (
     BadQuery,
     choice_param,
@@ -26,6 +25,7 @@ from service.ops.admin.params import (
     limit_param,
 )
 from service.ops.runtime import RUNTIME
+from service.web import SETTINGS, answer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,95 @@
+"""What every HTTP handler shares: the settings key, JSON answers and reading a bounded body.
+
+Room-specific keys (the intake, the stores, the runtime) live with their rooms; these are the
+ones every room's handlers use, so they sit below all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+
+from service.errors import BadInput, FieldError
+from service.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+
+
+# (rejected?, submission id) of an intake or webhook answer, for the request log and metrics
+OUTCOME = web.RequestKey("outcome", tuple[bool, str | None])
+
+
+def answer(data: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def reply(request: web.Request, data: dict[str, Any], status: int = 200) -> web.Response:
+    """`answer`, noting its outcome on the request so the middleware need not parse the body."""
+    sid = data.get("id")
+    request[OUTCOME] = (data.get("ok") is False, sid if isinstance(sid, str) else None)
+    return answer(data, status)
+
+
+class UnreadableBody(BadInput):
+    """The body could not be read as sent (e.g. a Content-Encoding that does not decode)."""
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` bytes (read no further than that).
+
+    Raises UnreadableBody when aiohttp cannot decode the transfer (bad gzip/deflate/br)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        return None
+    chunks, size = [], 0
+    try:
+        if length is not None and "Content-Encoding" not in request.headers:
+            return await request.read()  # no more than Content-Length bytes are ever read
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except RequestPayloadError as exc:
+        encoding = request.headers.get("Content-Encoding", "")
+        message = f"body could not be decoded (Content-Encoding {encoding!r}): {exc}"
+        raise UnreadableBody([FieldError("body", message[:300])]) from None
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> web.Response:
+    return answer(
+        {
+            "ok": False,
+            "errors": [{"field": "body", "message": f"body is larger than {limit} bytes"}],
+        },
+        status=413,
+    )
+
+
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a client's malformed request at ERROR: a body whose Content-Encoding does not
+    decode (it answers 400 itself, or our handler answers and its lingering close meets the same
+    error again). The client got a 4xx or our answer; nothing failed on our side, so these
+    records are kept at INFO, where they do not look like our own faults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError | HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+CLIENT_PROTOCOL_ERRORS = _ClientProtocolErrors()
+
+
+def quiet_client_protocol_errors() -> None:
+    """Put `CLIENT_PROTOCOL_ERRORS` on aiohttp's server logger. Called by create_app, not done
+    at import: importing a module must not change logging for the whole process. Calling it
+    again changes nothing (a logger keeps one of each filter)."""
+    logging.getLogger("aiohttp.server").addFilter(CLIENT_PROTOCOL_ERRORS)
