@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.app import WORKER
+from service.app import FORWARDER, PROCESS_NAME, WORKER
 from service.errors import StoreUnavailable
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for
@@ -176,6 +176,20 @@ async def test_a_database_outage_in_the_heartbeat_is_survived(
     assert beats.calls >= 1 and svc.app[WORKER].running
     async with svc.http.get(f"{svc.url}/readyz") as r:
         assert r.status == 200, await r.text()
+
+
+async def test_the_loops_hold_their_leases_under_the_process_name(
+    service_factory: ServiceFactory, db: asyncpg.Connection
+) -> None:
+    """One name per process: lease owners, the contact locks' connection and the pool's
+    application_name (what pg_stat_activity and the admin API show) are the same."""
+    svc = await service_factory()
+    name, worker = svc.app[PROCESS_NAME], svc.app[WORKER]
+    assert worker.owner == svc.app[FORWARDER].owner == worker.guard.name == name
+    rows = await db.fetch(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+    )
+    assert name[:63] in {r["application_name"] for r in rows}  # PostgreSQL keeps 63 bytes
 
 
 async def _now(value: bool) -> bool:
