@@ -285,7 +285,8 @@ async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
 
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    worker = Worker(app[STORE], app[ADAPTER], app[GATE], settings, app[DSN])
+    name = app[PROCESS_NAME]  # lease owner: the name the admin API and pg_stat_activity show
+    worker = Worker(app[STORE], app[ADAPTER], app[GATE], settings, app[DSN], name=name)
     app[WORKER] = app[RUNTIME].worker = worker
     # an operator's pause holds for every process, this one from its first claim on
     control = app[DELIVERY_CONTROL]
@@ -323,7 +324,8 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     # (crm.deal.get, through the shared CRM gate) before it is forwarded
     adapter = app[ADAPTER]
     fetch = bitrix24_deal_fetcher(adapter.api) if isinstance(adapter, Bitrix24Adapter) else None
-    forwarder = Forwarder(EventStore(pool), settings, app[DSN], fetch_deal=fetch)
+    store, name, gate = EventStore(pool), app[PROCESS_NAME], app[GATE]
+    forwarder = Forwarder(store, settings, app[DSN], name=name, gate=gate, fetch_deal=fetch)
     app[FORWARDER] = app[RUNTIME].forwarder = forwarder
     task = asyncio.create_task(forwarder.run(), name="forwarder")
     yield

@@ -1,7 +1,8 @@
 """One exception hierarchy for the whole service.
 
-CRM errors say what the worker should do with them; `worker.classify` is the one place that
-maps them to behaviour (retry, pause everyone, dead-letter, open the circuit).
+CRM errors say what a loop that calls the CRM should do with them; `delivery.outcomes` is the one
+place that maps them to behaviour (retry, pause everyone, dead-letter, open the circuit), for the
+delivery worker and the webhook forwarder alike.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ class CrmPermanent(CrmError):
 
 class CrmBlocked(CrmError):
     """The CRM blocked the account (amoCRM 403, Bitrix24 OVERLOAD_LIMIT): stop sending, alert."""
+
+
+class CircuitOpen(CrmBlocked):
+    """Not sent: our circuit is open since the CRM blocked the account; wait for its probe.
+
+    Our own refusal, not the CRM's answer: it must not push the circuit's probe further away
+    (a stream of such refusals would keep the circuit open for ever)."""
 
 
 class CrmUnauthorized(CrmError):

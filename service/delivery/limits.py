@@ -23,7 +23,7 @@ from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
-from service.errors import CrmBlocked
+from service.errors import CircuitOpen
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,10 @@ class RateGate:
         self.circuit = CircuitState()
 
     def check_circuit(self) -> None:
-        """Raise CrmBlocked while the circuit is open and the cool-down has not passed."""
+        """Raise CircuitOpen (a CrmBlocked) while the circuit is open and the cool-down has not
+        passed."""
         if self.circuit.is_open and time.monotonic() < self.circuit.open_until:
-            raise CrmBlocked(f"circuit open: {self.circuit.reason}")
+            raise CircuitOpen(f"circuit open: {self.circuit.reason}")
 
     @contextlib.asynccontextmanager
     async def slot(self, *, first: bool = False) -> AsyncIterator[None]:
@@ -201,7 +202,7 @@ class RateGate:
         turn is held until it is answered. `first`: the next turn, ahead of every caller
         already queued (see `front`).
 
-        Raises CrmBlocked while the circuit is open."""
+        Raises CircuitOpen (a CrmBlocked) while the circuit is open."""
         ticket = await self._admit(first)
         self._sent.append(time.monotonic())
         try:

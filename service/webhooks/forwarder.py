@@ -14,15 +14,11 @@ heartbeat keeps alive, woken by LISTEN `relay_events`:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
-import random
-import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -30,16 +26,11 @@ import orjson
 from aiolimiter import AsyncLimiter
 
 from service.crm.bitrix24.api import Bitrix24Api, BitrixNotFound
-from service.db.database import listen_forever
 from service.db.event_store import EventStore, ForwardJob, Processed
-from service.errors import (
-    CrmBlocked,
-    CrmError,
-    CrmPermanent,
-    CrmRateLimited,
-    CrmUnauthorized,
-    StoreUnavailable,
-)
+from service.delivery.limits import RateGate
+from service.delivery.outcomes import DEAD, CrmOutcomes, Decision, Kind, backoff, classify
+from service.errors import CrmError, StoreUnavailable
+from service.jobs import IDLE_WAIT_S, JobLoop
 from service.model import LeadChange
 from service.settings import Settings
 from service.webhooks.events import OurWrite, is_echo, lead_change, sign
@@ -47,8 +38,6 @@ from service.webhooks.events import OurWrite, is_echo, lead_change, sign
 log = logging.getLogger(__name__)
 
 CHANNEL = "relay_events"
-IDLE_WAIT_S = 5.0
-REAP_EVERY_S = 2.0
 # A delivery in flight may be about to record the very lead an event is about: an event younger
 # than this is looked at again (not counted as an attempt) until those deliveries have committed.
 ECHO_SETTLE_S = 5.0
@@ -97,8 +86,10 @@ def envelope(job: ForwardJob) -> bytes:
     return orjson.dumps(body)
 
 
-class Forwarder:
-    """One processing/forwarding loop; `run()` until cancelled or `stop()`ped."""
+class Forwarder(JobLoop[ForwardJob, ForwardJob]):
+    """One processing/forwarding loop; `run()` until cancelled or `stop()`ped. The loop itself
+    is `service.jobs.JobLoop`; a CRM error met on a deal lookup is decided by
+    `delivery.outcomes`, as the worker's are. `in_flight`: job id → job."""
 
     def __init__(
         self,
@@ -106,21 +97,20 @@ class Forwarder:
         settings: Settings,
         dsn: str,
         *,
+        name: str,
+        gate: RateGate,
         fetch_deal: DealFetcher | None = None,
     ) -> None:
+        drain_s = min(settings.forward_timeout_s, STOP_WAIT_S)
+        super().__init__(
+            store, settings, dsn, owner=name, channel=CHANNEL, role="forwarder", drain_s=drain_s
+        )
         self.store = store
-        self.settings = settings
-        self.dsn = dsn
         self.fetch_deal = fetch_deal
-        self.owner = f"{os.uname().nodename}:{os.getpid()}:fwd-{uuid.uuid4().hex[:6]}"
-        self.running = False
-        self.in_flight: dict[int, ForwardJob] = {}
+        self.outcomes = CrmOutcomes(gate, settings)
         self.counts: dict[str, int] = {"processed": 0, "echo": 0, "forwarded": 0, "failed": 0}
         self._limiters: dict[str, AsyncLimiter] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def destinations(self, source: str) -> list[str]:
         """WEBHOOK_FORWARD_URL for every source, then the `[forward.<source>]` rules."""
@@ -140,66 +130,24 @@ class Forwarder:
             self._limiters[url] = AsyncLimiter(max(rate, 1.0), max(1.0, 1.0 / rate))
         return self._limiters[url]
 
-    def wake(self, *_: object) -> None:
-        self._wake.set()
-
     async def run(self) -> None:
-        """Claim and handle jobs until stopped; survive database outages."""
-        self.running = True
+        """The job loop, inside the HTTP session every forward goes through."""
         timeout = aiohttp.ClientTimeout(total=self.settings.forward_timeout_s)
-        helpers: list[asyncio.Task[None]] = []
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                self._session = session
-                helpers = [asyncio.create_task(self._listen()), asyncio.create_task(self._beat())]
-                await self._loop()
-                await self._drain_tasks(min(self.settings.forward_timeout_s, STOP_WAIT_S))
-        finally:
-            self.running = False
-            for t in helpers:
-                t.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self._session = session
+            await super().run()
 
-    async def _loop(self) -> None:
-        last_reap = 0.0
-        while not self._stopping:
-            try:
-                if time.monotonic() - last_reap > REAP_EVERY_S:
-                    await self.store.reap_expired()
-                    last_reap = time.monotonic()
-                if not await self._claim():
-                    await self._sleep(await self._idle_wait())
-            except StoreUnavailable as exc:
-                log.warning(
-                    "forwarder: database unavailable",
-                    extra={"action": "forwarder_db_down", "error": str(exc)},
-                )
-                await self._sleep(1.0)
-
-    async def _claim(self) -> bool:
-        free = self.settings.worker_concurrency - len(self.in_flight)
-        if free <= 0:
-            return False
-        jobs = await self.store.claim(
-            self.owner, min(free, self.settings.worker_batch), self.settings.lease_s
-        )
+    def dispatch(self, jobs: list[ForwardJob]) -> list[Coroutine[Any, Any, None]]:
+        """Every job on its own: forwards to one destination must not wait for another's."""
         for job in jobs:
             self.in_flight[job.id] = job
-            task = asyncio.create_task(self._handle(job), name=f"forward-{job.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return bool(jobs)
+        return [self._handle(job) for job in jobs]
 
-    async def _idle_wait(self) -> float:
-        if self.in_flight:
-            return IDLE_WAIT_S  # a job finishing wakes us
-        due_in = await self.store.next_due_in()
-        return IDLE_WAIT_S if due_in is None else min(IDLE_WAIT_S, max(due_in, 0.01))
+    def idle_hint(self) -> float | None:
+        return IDLE_WAIT_S if self.in_flight else None  # a job finishing wakes us
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        self._wake.clear()
+    async def extend_leases(self) -> None:
+        await self.store.heartbeat(self.owner, list(self.in_flight), self.settings.lease_s)
 
     async def _handle(self, job: ForwardJob) -> None:
         try:
@@ -257,11 +205,11 @@ class Forwarder:
         try:
             deal = await self.fetch_deal(int(job.entity_id))
         except CrmError as exc:
-            last = job.attempts + 1 >= self.settings.retry.max_attempts
-            if not last and not isinstance(exc, CrmPermanent):
+            if classify(exc, job.attempts, self.settings).kind is not Kind.DEAD:
                 raise  # retried with backoff (or after the CRM's pause) by _failed
             # the event itself must not be lost to a failed lookup: forward it id-only
             return {**job.payload, "entity": None, "entity_error": f"{exc}"[:500]}
+        self.outcomes.succeeded()
         return {**job.payload, "entity": deal}
 
     async def _is_echo(self, change: LeadChange) -> bool:
@@ -319,63 +267,37 @@ class Forwarder:
             self.counts["forwarded"] += 1
 
     async def _failed(self, job: ForwardJob, exc: ForwardFailed | CrmError) -> None:
-        """The one place where a failure becomes behaviour: retry with backoff, or dead."""
+        """Record what a failure decides: put back (counted or not), or dead."""
         self.counts["failed"] += 1
+        decision = self._decide(job, exc)
         error = f"{exc.__class__.__name__}: {exc}"
-        retryable = (
-            exc.retryable if isinstance(exc, ForwardFailed) else not isinstance(exc, CrmPermanent)
-        )
         extra = {"job_id": job.id, "event_id": str(job.event_id), "error": error}
         with contextlib.suppress(StoreUnavailable):
-            if isinstance(exc, CrmRateLimited | CrmBlocked | CrmUnauthorized):
-                # the CRM holds everyone back (the worker pauses the shared gate or opens its
-                # circuit): wait for it without spending an attempt
-                await self.store.retry(
-                    job, self.owner, counted=False, delay_s=self._crm_wait(exc), error=error
-                )
-                return
-            if not retryable or job.attempts + 1 >= self.settings.retry.max_attempts:
+            if decision.kind is Kind.DEAD:
                 await self.store.dead(job, self.owner, error)
                 log.error("forward job dead", extra={"action": "forward_dead", **extra})
                 return
-            delay = self.settings.retry.delay(job.attempts + 1, random.random())
-            if isinstance(exc, ForwardFailed) and exc.retry_after is not None:
-                delay = min(max(delay, exc.retry_after), self.settings.retry.max_s)
-            await self.store.retry(job, self.owner, counted=True, delay_s=delay, error=error)
-            log.warning(
-                "forward retry", extra={"action": "forward_retry", "delay_s": delay, **extra}
+            delay = decision.delay_s
+            await self.store.retry(
+                job, self.owner, counted=decision.counted, delay_s=delay, error=error
             )
+            if decision.kind is Kind.RETRY:
+                log.warning(
+                    "forward retry", extra={"action": "forward_retry", "delay_s": delay, **extra}
+                )
 
-    def _crm_wait(self, exc: CrmError) -> float:
-        if isinstance(exc, CrmRateLimited):
-            return exc.retry_after or self.settings.pause_max_s
-        return self.settings.circuit_cooldown_s
-
-    # --- leases and wake-ups -------------------------------------------------------------
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.lease_s / 3)
-            if self.in_flight:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.store.heartbeat(
-                        self.owner, list(self.in_flight), self.settings.lease_s
-                    )
-
-    async def _listen(self) -> None:
-        await listen_forever(self.dsn, CHANNEL, self.wake)
-
-    async def _drain_tasks(self, timeout_s: float) -> None:
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
-            for t in late:
-                t.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-
-    async def stop(self) -> None:
-        """Stop claiming; jobs in flight finish (bounded by the forward timeout)."""
-        self._stopping = True
-        self.wake()
+    def _decide(self, job: ForwardJob, exc: ForwardFailed | CrmError) -> Decision:
+        """A CRM error (a deal lookup) as every CRM caller decides it; a destination's refusal
+        by the same backoff, at least as long as its Retry-After (up to RETRY_MAX_S)."""
+        if isinstance(exc, CrmError):
+            return self.outcomes.decide(exc, job.attempts)
+        if not exc.retryable:
+            return DEAD
+        decision = backoff(job.attempts, self.settings.retry)
+        if decision.kind is Kind.RETRY and exc.retry_after is not None:
+            delay = min(max(decision.delay_s, exc.retry_after), self.settings.retry.max_s)
+            return replace(decision, delay_s=delay)
+        return decision
 
 
 def _seconds(header: str | None) -> float | None:

@@ -15,13 +15,14 @@ import asyncpg
 import pytest
 
 from service.app import WORKER, Roles
-from service.db.store import Job, load_queries
+from service.db.store import load_queries
 from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
 from tests.conftest import ServiceFactory, wait_for
+from tests.integration.crm_faults import crash_after_crm
 from tests.integration.test_delivery import (  # noqa: F401 - collected again, against Bitrix24
     all_delivered,
     no_duplicates,
@@ -122,14 +123,7 @@ async def test_crash_after_the_crm_call_makes_no_duplicate(
     db: asyncpg.Connection,
 ) -> None:
     svc = await service_factory(lease_s=1.5)
-    crashed: list[int] = []
-
-    def crash_once(job: Job) -> None:
-        if not crashed:
-            crashed.append(job.id)
-            raise RuntimeError("simulated crash after the CRM call, before our commit")
-
-    svc.app[WORKER].after_crm = crash_once
+    crashed = crash_after_crm(svc.app[WORKER])
     await svc.submit("course", person(1))
     await wait_for(lambda: all_delivered(db, 1))
     assert crashed

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from typing import Any
 
 import asyncpg
+import pytest
 
+from service.app import FORWARDER, PROCESS_NAME, WORKER
+from service.errors import StoreUnavailable
 from service.simulators.amocrm.server import AmoCrmSimulator
-from tests.conftest import ServiceFactory, wait_for
+from tests.conftest import Service, ServiceFactory, wait_for
 
 
 def no_duplicates(report: dict[str, Any]) -> None:
@@ -108,3 +112,85 @@ async def test_repeat_gets_original_id_from_database_after_window(
     assert first["duplicate"] is False
     assert second == {"ok": True, "id": first["id"], "duplicate": True}
     assert await db.fetchval("SELECT count(*) FROM submissions") == 1
+
+
+class FailingBeats:
+    """Stands in for `Store.heartbeat`: counts its calls and raises `error` from each."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    async def __call__(self, *_: object) -> None:
+        self.calls += 1
+        raise self.error
+
+
+async def slow_delivery_with(
+    service_factory: ServiceFactory,
+    simulator: tuple[AmoCrmSimulator, str],
+    monkeypatch: pytest.MonkeyPatch,
+    beats: FailingBeats,
+) -> Service:
+    """A service whose worker beats every 1.5 s while a delivery takes a few CRM answers of 1 s
+    each: at least one heartbeat falls inside it, and its lease (4.5 s) outlasts it."""
+    simulator[0].config.latency_s = 1.0
+    svc = await service_factory(lease_s=4.5)
+    monkeypatch.setattr(svc.app[WORKER].store, "heartbeat", beats)
+    status, _ = await svc.submit("course", {"name": "Aruzhan", "phone": "+77015550101"})
+    assert status == 200
+    return svc
+
+
+async def test_a_heartbeat_that_fails_unexpectedly_stops_the_worker_loudly(
+    service_factory: ServiceFactory,
+    simulator: tuple[AmoCrmSimulator, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its leases would lapse under the delivery in flight: the loop stops, and says so."""
+    beats = FailingBeats(RuntimeError("a bug in the heartbeat"))
+    with caplog.at_level(logging.ERROR, logger="service.delivery.worker"):
+        svc = await slow_delivery_with(service_factory, simulator, monkeypatch, beats)
+        worker = svc.app[WORKER]
+        await wait_for(lambda: _now(not worker.running), timeout=10)
+    assert beats.calls == 1
+
+    [crash] = [r for r in caplog.records if getattr(r, "action", "") == "worker_crashed"]
+    assert crash.exc_info is not None and isinstance(crash.exc_info[1], RuntimeError)
+    async with svc.http.get(f"{svc.url}/readyz") as r:
+        assert r.status == 503 and (await r.json())["reasons"] == ["worker not running"]
+    async with svc.http.get(f"{svc.url}/health") as r:
+        assert r.status == 503 and "worker not running" in (await r.json())["reasons"]
+
+
+async def test_a_database_outage_in_the_heartbeat_is_survived(
+    service_factory: ServiceFactory,
+    simulator: tuple[AmoCrmSimulator, str],
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    beats = FailingBeats(StoreUnavailable("connection refused"))
+    svc = await slow_delivery_with(service_factory, simulator, monkeypatch, beats)
+    await wait_for(lambda: all_delivered(db, 1), timeout=15)
+    assert beats.calls >= 1 and svc.app[WORKER].running
+    async with svc.http.get(f"{svc.url}/readyz") as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_the_loops_hold_their_leases_under_the_process_name(
+    service_factory: ServiceFactory, db: asyncpg.Connection
+) -> None:
+    """One name per process: lease owners, the contact locks' connection and the pool's
+    application_name (what pg_stat_activity and the admin API show) are the same."""
+    svc = await service_factory()
+    name, worker = svc.app[PROCESS_NAME], svc.app[WORKER]
+    assert worker.owner == svc.app[FORWARDER].owner == worker.guard.name == name
+    rows = await db.fetch(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+    )
+    assert name[:63] in {r["application_name"] for r in rows}  # PostgreSQL keeps 63 bytes
+
+
+async def _now(value: bool) -> bool:
+    return value

@@ -12,10 +12,10 @@ import pytest
 
 from service.app import WORKER, Roles
 from service.cli import main as cli_main
-from service.db.store import Job
 from service.settings import FormRule, RetryPolicy
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig
 from tests.conftest import ServiceFactory, wait_for
+from tests.integration.crm_faults import crash_after_crm
 from tests.integration.test_delivery import all_delivered, no_duplicates
 
 
@@ -29,18 +29,11 @@ async def test_crash_between_crm_create_and_local_commit_makes_no_duplicate(
     db: asyncpg.Connection,
 ) -> None:
     svc = await service_factory(lease_s=1.5)
-    crashes: list[int] = []
-
-    def crash_once(job: Job) -> None:
-        if not crashes:
-            crashes.append(job.id)
-            raise RuntimeError("simulated crash after the CRM call, before our commit")
-
-    svc.app[WORKER].after_crm = crash_once
+    crashes = crash_after_crm(svc.app[WORKER])
     _, answer = await svc.submit("course", lead_of(1))
     await wait_for(lambda: all_delivered(db, 1), timeout=20)
 
-    assert crashes, "the crash hook never ran"
+    assert crashes, "the crash never happened"
     report = simulator[0].report()
     assert len(report["contacts"]) == 1
     assert len(report["leads"]) == 1
