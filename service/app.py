@@ -44,7 +44,7 @@ from service.ops import alerts, health, metrics
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import Settings
-from service.web import SETTINGS, quiet_client_protocol_errors
+from service.web import PROCESS_NAME, SETTINGS, quiet_client_protocol_errors
 from service.webhooks import handlers as webhooks
 from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
 
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
 DSN = web.AppKey("dsn", str)
-PROCESS_NAME = web.AppKey("process_name", str)  # host:pid:random (service.cluster.processes)
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
@@ -86,6 +85,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
     app = web.Application(client_max_size=settings.max_body_bytes + 1024)
     app[SETTINGS] = settings
+    app[PROCESS_NAME] = process_name()
     quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
     app[RUNTIME] = Runtime(
@@ -124,8 +124,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
     # the process's name on its connections too: pg_locks and pg_stat_activity show whose they are
-    app[PROCESS_NAME] = name = process_name()
-    pool = await create_pool(dsn, application_name=name)
+    pool = await create_pool(dsn, application_name=app[PROCESS_NAME])
     async with pool.acquire() as conn:
         await migrate(conn)
     app[DSN] = dsn

@@ -18,6 +18,9 @@ from service.errors import BadInput, FieldError
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
+# host:pid:random, made once per process by the app (cluster.processes.process_name): the lease
+# owner, the connections' application_name, and who paused delivery or said an alert
+PROCESS_NAME = web.AppKey("process_name", str)
 
 
 # (rejected?, submission id) of an intake or webhook answer, for the request log and metrics

@@ -35,7 +35,7 @@ from service.db.admin_store import ADMIN_STORE, AdminStore
 from service.errors import StoreUnavailable
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import Settings
-from service.web import SETTINGS
+from service.web import PROCESS_NAME, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -292,22 +292,27 @@ def _crash_text(info: dict[str, Any]) -> str:
 # --- the task -------------------------------------------------------------------------------
 
 
-async def watch(watcher: Watcher, throttle: Throttle, sender: Sender, every_s: float) -> None:
+async def watch(
+    watcher: Watcher, throttle: Throttle, sender: Sender, every_s: float, name: str
+) -> None:
+    """Check every `every_s`; `name` is this process's (who said a cluster-wide alert)."""
     host = socket.gethostname()
     while True:
         try:
-            await _check(watcher, throttle, sender, host)
+            await _check(watcher, throttle, sender, host, name)
         except Exception:  # a bug here must not end alerting for the life of the process
             log.exception("alert check failed", extra={"action": "alert_check_error"})
         await asyncio.sleep(every_s)
 
 
-async def _check(watcher: Watcher, throttle: Throttle, sender: Sender, host: str) -> None:
+async def _check(
+    watcher: Watcher, throttle: Throttle, sender: Sender, host: str, name: str
+) -> None:
     now = time.monotonic()
     for obs in await watcher.observe():
         if (text := throttle.step(obs, now)) is None:
             continue
-        if not await _ours_to_say(watcher, throttle, obs, text, host):
+        if not await _ours_to_say(watcher, throttle, obs, name):
             log.info(
                 "alert already said by another process",
                 extra={"action": "alert_said_elsewhere", "condition": obs.key},
@@ -317,16 +322,13 @@ async def _check(watcher: Watcher, throttle: Throttle, sender: Sender, host: str
         sender.offer(f"crm-relay@{host}: {text}")
 
 
-async def _ours_to_say(
-    watcher: Watcher, throttle: Throttle, obs: Observation, text: str, host: str
-) -> bool:
+async def _ours_to_say(watcher: Watcher, throttle: Throttle, obs: Observation, by: str) -> bool:
     """Whether this process says it: always for its own conditions; for a cluster-wide one
     only if no other process said it within the interval. Unsure (database away) → say it:
     a repeated message is better than a lost one."""
     if obs.key not in CLUSTER_WIDE or watcher.admin is None:
         return True
     kind = "firing" if obs.active else "resolved"
-    by = f"{host}:{os.getpid()}:{PROCESS_TOKEN[:8]}"
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             return await watcher.admin.claim_alert(obs.key, kind, throttle.interval_s, by)
@@ -349,7 +351,10 @@ async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
             throttle = Throttle(settings.alert_interval_s)
             await stack.enter_async_context(_task(sender.run(), "alert-sender"))
             await stack.enter_async_context(
-                _task(watch(watcher, throttle, sender, settings.alert_check_s), "alert-watch")
+                _task(
+                    watch(watcher, throttle, sender, settings.alert_check_s, app[PROCESS_NAME]),
+                    "alert-watch",
+                )
             )
         yield
     # reached on a clean shutdown only: a crash leaves the marker behind for the next start

@@ -10,9 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.app import FORWARDER, PROCESS_NAME, WORKER
+from service.app import FORWARDER, WORKER
 from service.errors import StoreUnavailable
 from service.simulators.amocrm.server import AmoCrmSimulator
+from service.web import PROCESS_NAME
 from tests.conftest import Service, ServiceFactory, wait_for
 
 

@@ -8,8 +8,6 @@ comes from the app: the admin repository, the runtime parts (worker, intake) and
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -44,7 +42,7 @@ from service.ops.admin.params import (
     time_param,
 )
 from service.ops.runtime import RUNTIME
-from service.web import SETTINGS, answer
+from service.web import PROCESS_NAME, SETTINGS, answer
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +187,7 @@ async def resume(request: web.Request) -> web.Response:
 
 async def _set_paused(request: web.Request, paused: bool) -> web.Response:
     """Every process's delivery, whichever process is asked (service/delivery/control.py)."""
-    by = f"admin@{socket.gethostname()}:{os.getpid()}"
+    by = f"admin@{request.app[PROCESS_NAME]}"
     await request.app[DELIVERY_CONTROL].set(paused, by)
     action = "delivery_paused" if paused else "delivery_resumed"
     log.warning(
