@@ -16,14 +16,7 @@ from aiohttp import web
 from service.db.admin_store import json_ready
 from service.db.event_store import EventStore
 from service.errors import StoreUnavailable
-from service.ops.admin.params import (
-    BadQuery,
-    choice_param,
-    guarded,
-    job_id_param,
-    json_body,
-    limit_param,
-)
+from service.ops.admin import params
 from service.ops.runtime import RUNTIME
 from service.web import SETTINGS, answer
 
@@ -35,7 +28,7 @@ LEAD_STATE_CRMS = ("amocrm", "bitrix24")
 def _events(request: web.Request) -> EventStore:
     store = request.app[RUNTIME].event_store
     if store is None:
-        raise StoreUnavailable("webhook event store not running")  # guarded answers 503
+        raise StoreUnavailable("webhook event store not running")  # params.guarded answers 503
     return store
 
 
@@ -44,10 +37,10 @@ def _ids(body: dict[str, Any]) -> list[int] | None:
     ids = body.get("ids")
     if ids is None:
         if body.get("all") is not True:
-            raise BadQuery("body", 'give {"ids": [job ids]} or {"all": true}')
+            raise params.BadQuery("body", 'give {"ids": [job ids]} or {"all": true}')
         return None
     if not isinstance(ids, list) or not ids or not all(_is_id(i) for i in ids):
-        raise BadQuery("ids", "a non-empty list of job ids")
+        raise params.BadQuery("ids", "a non-empty list of job ids")
     return [int(i) for i in ids]
 
 
@@ -56,19 +49,19 @@ def _is_id(value: Any) -> bool:
 
 
 async def forward_dead_letters(request: web.Request) -> web.Response:
-    items = await _events(request).dead_jobs(limit_param(request))
+    items = await _events(request).dead_jobs(params.limit_param(request))
     return answer({"ok": True, "forward_dead_letters": [json_ready(i) for i in items]})
 
 
 async def replay_forwards(request: web.Request) -> web.Response:
-    ids = _ids(await json_body(request))
+    ids = _ids(await params.json_body(request))
     n = await _events(request).replay(ids)
     log.info("dead forward jobs replayed", extra={"action": "admin_replay_forwards", "jobs": n})
     return answer({"ok": True, "replayed": n})
 
 
 async def replay_forward(request: web.Request) -> web.Response:
-    job_id = job_id_param(request)
+    job_id = params.job_id_param(request)
     if not await _events(request).replay([job_id]):
         return answer({"ok": False, "error": f"forward job {job_id} is not dead"}, status=404)
     log.info(
@@ -82,15 +75,15 @@ async def lead_states(request: web.Request) -> web.Response:
     configured = request.app[SETTINGS].crm
     # the simulator is an amoCRM: its lead records are amoCRM's
     default = "bitrix24" if configured == "bitrix24" else "amocrm"
-    crm = choice_param(request.query, "crm", LEAD_STATE_CRMS) or default
-    states = await _events(request).submitted_lead_states(crm, limit_param(request))
+    crm = params.choice_param(request.query, "crm", LEAD_STATE_CRMS) or default
+    states = await _events(request).submitted_lead_states(crm, params.limit_param(request))
     return answer({"ok": True, "crm": crm, "lead_states": [json_ready(asdict(s)) for s in states]})
 
 
 def routes(api: str) -> list[web.RouteDef]:
     return [
-        web.get(f"{api}/forward-dead-letters", guarded(forward_dead_letters)),
-        web.post(f"{api}/forward-dead-letters/replay", guarded(replay_forwards)),
-        web.post(f"{api}/forward-dead-letters/{{job_id}}/replay", guarded(replay_forward)),
-        web.get(f"{api}/lead-states", guarded(lead_states)),
+        web.get(f"{api}/forward-dead-letters", params.guarded(forward_dead_letters)),
+        web.post(f"{api}/forward-dead-letters/replay", params.guarded(replay_forwards)),
+        web.post(f"{api}/forward-dead-letters/{{job_id}}/replay", params.guarded(replay_forward)),
+        web.get(f"{api}/lead-states", params.guarded(lead_states)),
     ]
