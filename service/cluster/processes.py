@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.db.cluster_store import ProcessRows
+from service.db.cluster_store import ProcessRow, ProcessRows
 from service.db.store import Pool
 from service.errors import RelayError, StoreUnavailable
 
@@ -274,7 +274,7 @@ class Cluster:
         }
 
 
-async def list_processes(pool: Pool, stale_s: float = STALE_S) -> list[dict[str, Any]]:
+async def list_processes(pool: Pool, stale_s: float = STALE_S) -> list[ProcessRow]:
     """Every process that beat in the last day, live or not (for the admin API); any database
     failure is StoreUnavailable."""
     return await ProcessRows(pool).listing(stale_s)

@@ -6,13 +6,26 @@ that cannot be written is a missed beat, whatever the reason.
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from dataclasses import dataclass
 
 import asyncpg
 
 from service.db.store import Connection, load_queries, read_on
 
 QUERIES = load_queries("cluster.sql")
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """One process as the cluster saw it beat (orjson writes it as an object)."""
+
+    name: str
+    sends: bool
+    mode: str
+    started_at: dt.datetime
+    beat_at: dt.datetime
+    live: bool
 
 
 class ProcessRows:
@@ -43,7 +56,7 @@ class ProcessRows:
         """Delete the rows of processes gone for longer than `after_s`."""
         await read_on(self.pool, lambda c: c.execute(QUERIES["forget"], after_s))
 
-    async def listing(self, stale_s: float) -> list[dict[str, Any]]:
+    async def listing(self, stale_s: float) -> list[ProcessRow]:
         """Every process that beat in the last day, with `live` by `stale_s`."""
         rows = await read_on(self.pool, lambda c: c.fetch(QUERIES["list"], stale_s))
-        return [dict(r) for r in rows]
+        return [ProcessRow(**dict(r.items())) for r in rows]

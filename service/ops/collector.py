@@ -59,7 +59,7 @@ async def read_db(runtime: Runtime, admin: AdminStore | None, timeout_s: float) 
             if runtime.event_store is not None:
                 snap.forward_jobs = await runtime.event_store.counts()
             processes = await list_processes(store.pool)
-            snap.live_processes = sum(1 for p in processes if p["live"])
+            snap.live_processes = sum(1 for p in processes if p.live)
         snap.up = True
     except (StoreUnavailable, TimeoutError):
         snap.up = False

@@ -198,7 +198,7 @@ async def _cluster(cluster: Cluster | None) -> dict[str, Any] | None:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             rows = await list_processes(cluster.members.rows.pool)
-        state["processes"] = [r for r in rows if r["live"]]
+        state["processes"] = [r for r in rows if r.live]
     except (StoreUnavailable, TimeoutError):
         state["processes"] = None
     return state
