@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,8 +149,14 @@ class CircuitState:
 class RateGate:
     """The one bucket all CRM calls share, plus a pause that holds everyone."""
 
-    def __init__(self, rate: float, bucket: Bucket | None = None) -> None:
+    def __init__(
+        self,
+        rate: float,
+        bucket: Bucket | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rate = rate
+        self._clock = clock  # the circuit's time (tests move it on); pauses sleep in real time
         self._bucket: Bucket = bucket or LocalBucket(rate)
         self._paused_until = 0.0
         self.circuit = CircuitState()
@@ -178,7 +184,7 @@ class RateGate:
         self._bucket.share_pause(seconds)
 
     def open_circuit(self, reason: str, cooldown_s: float) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if not self.circuit.is_open:
             log.error("crm circuit opened", extra={"action": "circuit_open", "reason": reason})
             self.circuit = CircuitState(now + cooldown_s, reason)
@@ -193,7 +199,7 @@ class RateGate:
     def check_circuit(self) -> None:
         """Raise CircuitOpen (a CrmBlocked) while the circuit is open and the cool-down has not
         passed."""
-        if self.circuit.is_open and time.monotonic() < self.circuit.open_until:
+        if self.circuit.is_open and self._clock() < self.circuit.open_until:
             raise CircuitOpen(f"circuit open: {self.circuit.reason}")
 
     @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ import hashlib
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -51,9 +52,12 @@ class IdempotencyWindow:
     a database round trip, never a duplicate.
     """
 
-    def __init__(self, ttl_s: float, size: int) -> None:
+    def __init__(
+        self, ttl_s: float, size: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl_s = ttl_s
         self.size = size
+        self._clock = clock  # tests move time on without waiting for it
         # the id as its 128-bit int: a (float, int) tuple is not tracked by the garbage
         # collector, a UUID object is; 100,000 of them made every full collection walk them
         self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
@@ -64,7 +68,7 @@ class IdempotencyWindow:
         if entry is None:
             return None
         expires, sid = entry
-        if expires < time.monotonic():
+        if expires < self._clock():
             del self._entries[key]
             return None
         self.hits += 1
@@ -73,7 +77,7 @@ class IdempotencyWindow:
     def put(self, key: str, sid: uuid.UUID) -> None:
         if self.ttl_s <= 0:
             return
-        self._entries[key] = (time.monotonic() + self.ttl_s, sid.int)
+        self._entries[key] = (self._clock() + self.ttl_s, sid.int)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
