@@ -14,15 +14,15 @@ from service.settings import Settings
 
 def test_defaults_use_embedded_database_and_simulator() -> None:
     s = Settings.from_env({})
-    assert s.database_url is None and s.crm == "simulator"
-    assert s.port == 8080 and s.crm_timeout_s == 30 and s.idempotency_window_s == 300
+    assert s.database.url is None and s.crm.kind == "simulator"
+    assert s.http.port == 8080 and s.crm.timeout_s == 30 and s.intake.idempotency_window_s == 300
 
 
 def test_crm_defaults_follow_the_configured_crm() -> None:
     amo = Settings.from_env({"AMOCRM_BASE_URL": "https://x.amocrm.ru", "AMOCRM_ACCESS_TOKEN": "t"})
-    assert amo.crm == "amocrm" and amo.crm_rate_limit == 6
+    assert amo.crm.kind == "amocrm" and amo.crm.rate_limit == 6
     b24 = Settings.from_env({"BITRIX24_WEBHOOK_URL": "https://p.bitrix24.kz/rest/1/s/"})
-    assert b24.crm == "bitrix24" and b24.crm_rate_limit == 2
+    assert b24.crm.kind == "bitrix24" and b24.crm.rate_limit == 2
 
 
 B24_OAUTH = {
@@ -35,12 +35,12 @@ B24_OAUTH = {
 
 def test_bitrix24_oauth_set_is_enough_and_the_token_server_has_a_default() -> None:
     s = Settings.from_env(B24_OAUTH)
-    assert s.crm == "bitrix24" and s.crm_rate_limit == 2 and s.bitrix24_webhook_url is None
-    assert s.bitrix24_oauth_url == "https://oauth.bitrix.info/oauth/token/"
+    assert s.crm.kind == "bitrix24" and s.crm.rate_limit == 2 and s.crm.bitrix24.webhook_url is None
+    assert s.crm.bitrix24.oauth_url == "https://oauth.bitrix.info/oauth/token/"
     both = Settings.from_env(
         B24_OAUTH | {"BITRIX24_WEBHOOK_URL": "https://p.bitrix24.kz/rest/1/s/"}
     )
-    assert both.bitrix24_portal_url == "https://p.bitrix24.kz/rest/"  # OAuth is used (app.py)
+    assert both.crm.bitrix24.portal_url == "https://p.bitrix24.kz/rest/"  # OAuth is used (app.py)
 
 
 @pytest.mark.parametrize(
@@ -81,10 +81,10 @@ def test_config_file_sets_form_rules(tmp_path: Path) -> None:
         "fields = { utm_source = 501 }\n"
     )
     s = Settings.from_env({"CRM_RELAY_CONFIG": str(path)})
-    rule = s.form_rule("course")
+    rule = s.leads.form_rule("course")
     assert (rule.pipeline_id, rule.status_id, rule.tags) == (1000, 10001, ("course",))
     assert rule.field_map == {"utm_source": 501}
-    assert s.form_rule("other").pipeline_id == 1000
+    assert s.leads.form_rule("other").pipeline_id == 1000
 
 
 def test_config_file_with_wrong_types_is_refused(tmp_path: Path) -> None:
