@@ -83,19 +83,20 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from environment variables; raise SettingsError on a bad value."""
         r = _env.EnvReader(env)
+        kind = _env.crm_kind(r)
         s = cls(
-            crm=_env.crm(r),
             database=_env.database(r),
             data_dir=Path(r.text("CRM_RELAY_DATA_DIR") or "./var"),
             cluster=_env.cluster(r),
+            crm=_env.crm(r, kind),
             intake=_env.intake(r),
-            admin=_env.admin(r),
-            webhook=_env.webhook(r),
             alert=_env.alert(r),
             log=_env.log(r),
             http=_env.http(r),
+            webhook=_env.webhook(r),
             delivery=_env.delivery(r),
             leads=_env.leads(r),
+            admin=_env.admin(r),
         )
         _env.check_crm(s.crm)
         path = r.text("CRM_RELAY_CONFIG")

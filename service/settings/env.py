@@ -109,9 +109,13 @@ def cluster(r: EnvReader) -> ClusterSettings:
     return ClusterSettings(redis_url=r.url("REDIS_URL", ("redis", "rediss", "unix")))
 
 
-def crm(r: EnvReader) -> CrmSettings:
-    """`CRM` (guessed from the account variables when unset) and its rate, timeout, account."""
-    kind = r.choice("CRM", CRM_KINDS, default=None) or _guess_crm(r)
+def crm_kind(r: EnvReader) -> str:
+    """`CRM`; unset, guessed from the account variables."""
+    return r.choice("CRM", CRM_KINDS, default=None) or _guess_crm(r)
+
+
+def crm(r: EnvReader, kind: str) -> CrmSettings:
+    """The CRM `kind` with its account, rate (the kind's default) and timeout."""
     amocrm, bitrix24 = _amocrm(r), _bitrix24(r)
     return CrmSettings(
         kind=kind,
@@ -147,9 +151,9 @@ def _bitrix24(r: EnvReader) -> Bitrix24Settings:
 
 def intake(r: EnvReader) -> IntakeSettings:
     return IntakeSettings(
-        max_body_bytes=r.number("MAX_BODY_BYTES", int, 64 * 1024, 1024, 64 * 1024 * 1024),
-        default_phone_region=r.region("DEFAULT_PHONE_REGION"),
         idempotency_window_s=r.number("IDEMPOTENCY_WINDOW_S", float, 300.0, 0, 86400),
+        default_phone_region=r.region("DEFAULT_PHONE_REGION"),
+        max_body_bytes=r.number("MAX_BODY_BYTES", int, 64 * 1024, 1024, 64 * 1024 * 1024),
     )
 
 
@@ -182,15 +186,15 @@ def webhook(r: EnvReader) -> WebhookSettings:
     return WebhookSettings(
         secret=r.text("WEBHOOK_SECRET"),
         bitrix24_app_token=r.text("BITRIX24_APP_TOKEN"),
-        qstash_current_signing_key=r.text("QSTASH_CURRENT_SIGNING_KEY"),
-        qstash_next_signing_key=r.text("QSTASH_NEXT_SIGNING_KEY"),
-        max_body_bytes=r.number(
-            "WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024
-        ),
         forward_url=r.url("WEBHOOK_FORWARD_URL", HTTP),
         forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),
         forward_timeout_s=r.number("FORWARD_TIMEOUT_S", float, 10.0, 0.1, 600),
         echo_window_s=r.number("ECHO_WINDOW_S", float, 60.0, 0, 86400),
+        max_body_bytes=r.number(
+            "WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024
+        ),
+        qstash_current_signing_key=r.text("QSTASH_CURRENT_SIGNING_KEY"),
+        qstash_next_signing_key=r.text("QSTASH_NEXT_SIGNING_KEY"),
     )
 
 
@@ -198,8 +202,8 @@ def alert(r: EnvReader) -> AlertSettings:
     return AlertSettings(
         telegram_bot_token=r.text("TELEGRAM_BOT_TOKEN"),
         telegram_chat_id=r.text("TELEGRAM_CHAT_ID"),
-        telegram_api_url=r.url("TELEGRAM_API_URL", HTTP) or TELEGRAM_API_URL,
         webhook_url=r.url("ALERT_WEBHOOK_URL", HTTP),
+        telegram_api_url=r.url("TELEGRAM_API_URL", HTTP) or TELEGRAM_API_URL,
         check_s=r.number("ALERT_CHECK_S", float, 15.0, 0.05, 3600),
         interval_s=r.number("ALERT_INTERVAL_S", float, 900.0, 0, 86400),
         lag_s=r.number("ALERT_LAG_S", float, 600.0, 0, 86400),
