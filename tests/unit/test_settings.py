@@ -9,13 +9,60 @@ from pathlib import Path
 import pytest
 
 from service.errors import SettingsError
-from service.settings import Settings
+from service.settings import CrmSettings, Settings
+from tests.overrides import override
 
 
 def test_defaults_use_embedded_database_and_simulator() -> None:
     s = Settings.from_env({})
     assert s.database.url is None and s.crm.kind == "simulator"
     assert s.http.port == 8080 and s.crm.timeout_s == 30 and s.intake.idempotency_window_s == 300
+
+
+def test_the_slices_defaults_are_the_environments() -> None:
+    """`Settings()` (what tests and tools start from) is what an empty environment gives."""
+    assert Settings() == Settings.from_env({})
+
+
+def test_each_part_gets_its_slice_from_the_variables_it_reads() -> None:
+    s = Settings.from_env(
+        {
+            "WORKER_BATCH": "7",
+            "RETRY_MAX_ATTEMPTS": "3",
+            "WEBHOOK_SECRET": "w",
+            "BITRIX24_APP_TOKEN": "b",
+            "ALERT_LAG_S": "5",
+            "ADMIN_TOKEN": "a",
+            "MAX_BODY_BYTES": "2048",
+            "WEBHOOK_MAX_BODY_BYTES": "4096",
+            "LOG_LEVEL": "debug",
+            "REDIS_URL": "redis://r",
+            "AMOCRM_BASE_URL": "https://x.amocrm.ru",
+            "AMOCRM_ACCESS_TOKEN": "t",
+            "AMOCRM_DEDUP": "search",
+        }
+    )
+    assert (s.delivery.worker_batch, s.delivery.retry.max_attempts) == (7, 3)
+    assert (s.webhook.secret, s.webhook.bitrix24_app_token) == ("w", "b")
+    assert (s.alert.lag_s, s.admin.token, s.log.level) == (5.0, "a", "DEBUG")
+    assert (s.intake.max_body_bytes, s.webhook.max_body_bytes) == (2048, 4096)
+    assert s.cluster.redis_url == "redis://r"
+    assert (s.crm.amocrm.base_url, s.crm.amocrm.dedup) == ("https://x.amocrm.ru", "search")
+
+
+def test_tests_override_settings_by_flat_name() -> None:
+    """tests/overrides.py: a field by its own name or with its slice in front; a whole slice."""
+    s = override(Settings(), lease_s=1.5, webhook_secret="s")
+    s = override(s, amocrm_dedup="trust", crm_kind="amocrm")
+    assert (s.delivery.lease_s, s.webhook.secret) == (1.5, "s")
+    assert (s.crm.amocrm.dedup, s.crm.kind) == ("trust", "amocrm")
+    assert override(s, crm=CrmSettings()).crm == CrmSettings()
+    with pytest.raises(TypeError, match=r"intake\.max_body_bytes, webhook\.max_body_bytes"):
+        override(s, max_body_bytes=1)
+    with pytest.raises(TypeError, match="CrmSettings"):
+        override(s, crm="bitrix24")
+    with pytest.raises(TypeError, match="no setting"):
+        override(s, lease=1)
 
 
 def test_crm_defaults_follow_the_configured_crm() -> None:
