@@ -67,14 +67,14 @@ class AmoCrmAdapter:
     def __init__(
         self,
         api: AmoCrmApi,
-        account: AmoCrmSettings,
+        settings: AmoCrmSettings,
         leads: LeadSettings,
         pool: Pool | None = None,
         *,
         region: str | None = None,
     ) -> None:
         self.api = api
-        self.dedup = account.dedup
+        self.dedup = settings.dedup
         self.leads = leads
         self.region = region  # DEFAULT_PHONE_REGION: how the CRM's local numbers are read
         self.index: ContactIndex | None = None
