@@ -37,10 +37,18 @@ from service.crm.amocrm.api import AmoCrmApi, StaticToken
 from service.crm.amocrm.index import ContactIndex
 from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
 from service.delivery.limits import RateGate
-from service.settings import RetryPolicy, Settings
+from service.settings import (
+    AmoCrmSettings,
+    Bitrix24Settings,
+    CrmSettings,
+    DatabaseSettings,
+    DeliverySettings,
+    RetryPolicy,
+    Settings,
+)
 
 
-async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str, dict[str, Any]]:
+async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str, CrmSettings]:
     """The simulator for `kind` at its real limit, and the settings that point at it."""
     if kind == "amocrm":
         from service.simulators.amocrm.server import (
@@ -51,12 +59,8 @@ async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str
 
         sim: Any = AmoCrmSimulator(SimulatorConfig(rate_limit=rate))
         runner, url = await start_simulator(sim)
-        env = {
-            "crm": "amocrm",
-            "amocrm_base_url": url,
-            "amocrm_access_token": sim.config.access_token,
-        }
-        return sim, runner, url, env
+        amo = AmoCrmSettings(base_url=url, access_token=sim.config.access_token)
+        return sim, runner, url, CrmSettings(kind="amocrm", amocrm=amo)
     from service.simulators.bitrix24.server import (  # type: ignore[import-not-found,unused-ignore]
         BitrixSimulator,
         BitrixSimulatorConfig,
@@ -65,8 +69,8 @@ async def start_simulator(kind: str, rate: int) -> tuple[Any, web.AppRunner, str
 
     sim = BitrixSimulator(BitrixSimulatorConfig())
     runner, url = await start_bitrix_simulator(sim)
-    hook = f"{url}/rest/1/{sim.config.webhook_secret}/"
-    return sim, runner, url, {"crm": "bitrix24", "bitrix24_webhook_url": hook}
+    hook = Bitrix24Settings(webhook_url=f"{url}/rest/1/{sim.config.webhook_secret}/")
+    return sim, runner, url, CrmSettings(kind="bitrix24", bitrix24=hook)
 
 
 def seed_contacts(sim: Any, n: int) -> None:
@@ -191,11 +195,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             seed_contacts(sim, args.crm_contacts)
         if args.warm:
             await warm_index(sim, sim_url, dsn, float(limit))
-        settings = dataclasses.replace(
-            Settings(database_url=dsn, data_dir=root / "var", crm_rate_limit=float(limit)),
-            amocrm_dedup=args.dedup,
-            retry=RetryPolicy(base_s=0.5, max_s=5),
-            **crm,
+        amo = dataclasses.replace(crm.amocrm, dedup=args.dedup)
+        settings = Settings(
+            data_dir=root / "var",
+            database=DatabaseSettings(url=dsn),
+            crm=dataclasses.replace(crm, rate_limit=float(limit), amocrm=amo),
+            delivery=DeliverySettings(retry=RetryPolicy(base_s=0.5, max_s=5)),
         )
         intake, url = await serve(settings, Roles(worker=False))
         runners.append(intake)

@@ -43,7 +43,7 @@ from service.intake.spool import Spool
 from service.ops import alerts, health, metrics
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
-from service.settings import Settings
+from service.settings import CrmSettings, Settings
 from service.web import PROCESS_NAME, SETTINGS, quiet_client_protocol_errors
 from service.webhooks import handlers as webhooks
 from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
@@ -83,13 +83,13 @@ async def background(
 
 def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
-    app = web.Application(client_max_size=settings.max_body_bytes + 1024)
+    app = web.Application(client_max_size=settings.intake.max_body_bytes + 1024)
     app[SETTINGS] = settings
     app[PROCESS_NAME] = process_name()
     quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
     app[RUNTIME] = Runtime(
-        worker_expected=roles.worker, forwarder_expected=roles.worker, crm=settings.crm
+        worker_expected=roles.worker, forwarder_expected=roles.worker, crm=settings.crm.kind
     )
     app[metrics.METRICS] = metrics.Metrics(app[RUNTIME])
     app.middlewares.append(metrics.observe)
@@ -101,7 +101,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     app.on_shutdown.append(_mark_shutting_down)
     app.add_routes(health.routes())
     app.add_routes(metrics.routes())
-    app.add_routes(admin.routes(enabled=bool(settings.admin_token)))
+    app.add_routes(admin.routes(enabled=bool(settings.admin.token)))
     if roles.http:
         app.add_routes(intake.routes())
         app.add_routes(webhooks.routes())
@@ -115,7 +115,7 @@ async def _mark_shutting_down(app: web.Application) -> None:
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded = None
-    dsn = settings.database_url
+    dsn = settings.database.url
     if dsn is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         dsn = await asyncio.to_thread(embedded.start)
@@ -138,8 +138,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     """Heartbeats in PostgreSQL and the Redis link: the mode the cluster runs in (cluster.py)."""
-    settings = app[SETTINGS]
-    redis = connect_redis(settings.redis_url) if settings.redis_url else None
+    redis_url = app[SETTINGS].cluster.redis_url
+    redis = connect_redis(redis_url) if redis_url else None
     rt = app[RUNTIME]
     cluster = app[CLUSTER] = rt.cluster = Cluster(
         app[STORE].pool, redis, sends=rt.worker_expected, name=app[PROCESS_NAME]
@@ -155,46 +155,49 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    gate, bucket = cluster_gate(app[CLUSTER], settings)
+    crm = settings.crm
+    gate, bucket = cluster_gate(app[CLUSTER], crm)
     app[GATE] = app[RUNTIME].gate = gate
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(bucket.close)
         # the trace counts every CRM call by outcome for /metrics
         trace = metrics.crm_trace(app[metrics.METRICS])
         session = await stack.enter_async_context(aiohttp.ClientSession(trace_configs=[trace]))
-        if settings.crm == "bitrix24":
-            b24 = await _bitrix24_api(app, settings, session, gate)
-            app[ADAPTER] = Bitrix24Adapter(b24, settings)
+        if crm.kind == "bitrix24":
+            b24 = await _bitrix24_api(app, crm, session, gate)
+            app[ADAPTER] = Bitrix24Adapter(b24, crm.bitrix24, settings.leads)
         else:
-            base_url, tokens = await _crm_endpoint(app, settings, session, gate, stack)
-            api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=settings.crm_timeout_s)
-            app[ADAPTER] = AmoCrmAdapter(api, settings, app[STORE].pool)
+            base_url, tokens = await _crm_endpoint(app, crm, session, gate, stack)
+            api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=crm.timeout_s)
+            region = settings.intake.default_phone_region
+            app[ADAPTER] = AmoCrmAdapter(
+                api, crm.amocrm, settings.leads, app[STORE].pool, region=region
+            )
         yield
 
 
 async def _bitrix24_api(
-    app: web.Application, settings: Settings, session: aiohttp.ClientSession, gate: RateGate
+    app: web.Application, crm: CrmSettings, session: aiohttp.ClientSession, gate: RateGate
 ) -> Bitrix24Api:
     """OAuth app tokens when they are configured (Settings insists on all of them), else the
     incoming webhook."""
-    timeout = settings.crm_timeout_s
-    if settings.bitrix24_portal_url:
-        tokens = Bitrix24OAuthTokens(app[STORE], session, settings, gate.front())
+    timeout, b24 = crm.timeout_s, crm.bitrix24
+    if b24.portal_url:
+        tokens = Bitrix24OAuthTokens(app[STORE], session, crm, gate.front())
         await tokens.seed()
-        portal = settings.bitrix24_portal_url
-        return Bitrix24Api(session, portal, gate, timeout_s=timeout, tokens=tokens)
-    assert settings.bitrix24_webhook_url is not None  # checked by Settings
-    return Bitrix24Api(session, settings.bitrix24_webhook_url, gate, timeout_s=timeout)
+        return Bitrix24Api(session, b24.portal_url, gate, timeout_s=timeout, tokens=tokens)
+    assert b24.webhook_url is not None  # checked by Settings
+    return Bitrix24Api(session, b24.webhook_url, gate, timeout_s=timeout)
 
 
 async def _crm_endpoint(
     app: web.Application,
-    settings: Settings,
+    crm: CrmSettings,
     session: aiohttp.ClientSession,
     gate: RateGate,
     stack: contextlib.AsyncExitStack,
 ) -> tuple[str, TokenSource]:
-    if settings.crm == "simulator":
+    if crm.kind == "simulator":
         from service.simulators.amocrm.server import (
             AmoCrmSimulator,
             SimulatorConfig,
@@ -211,20 +214,22 @@ async def _crm_endpoint(
             flush=True,
         )
         return url, StaticToken(sim.config.access_token)
-    assert settings.amocrm_base_url is not None  # checked by Settings
-    if settings.amocrm_access_token:
-        return settings.amocrm_base_url, StaticToken(settings.amocrm_access_token)
-    tokens = OAuthTokens(app[STORE], session, settings, gate.front())
+    amo = crm.amocrm
+    assert amo.base_url is not None  # checked by Settings
+    if amo.access_token:
+        return amo.base_url, StaticToken(amo.access_token)
+    tokens = OAuthTokens(app[STORE], session, crm, gate.front())
     await tokens.seed()
-    return settings.amocrm_base_url, tokens
+    return amo.base_url, tokens
 
 
 async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    cfg = settings.intake
     store = app[STORE]
     spool = Spool(settings.spool_dir)
     # one window and one set of key locks per process, for forms and webhooks alike
-    window = IdempotencyWindow(settings.idempotency_window_s, settings.idempotency_window_size)
+    window = IdempotencyWindow(cfg.idempotency_window_s, cfg.idempotency_window_size)
     locks = KeyLocks()
     cluster = app[CLUSTER]
     service = Intake(
@@ -232,12 +237,16 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         spool,
         window=window,
         locks=locks,
-        write_timeout_s=settings.db_write_timeout_s,
-        shared_keys=SharedKeys(cluster.redis, settings.idempotency_window_s),
+        write_timeout_s=cfg.db_write_timeout_s,
+        shared_keys=SharedKeys(cluster.redis, cfg.idempotency_window_s),
     )
     app[intake.INTAKE] = app[RUNTIME].intake = service
     events = app[webhooks.EVENTS] = webhooks.EventIntake(
-        EventStore(store.pool), spool, settings, window=window, locks=locks
+        EventStore(store.pool),
+        spool,
+        write_timeout_s=cfg.db_write_timeout_s,
+        window=window,
+        locks=locks,
     )
     app[RUNTIME].events, app[RUNTIME].event_store = events, events.store
     handlers = {
@@ -283,9 +292,9 @@ async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
 
 
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+    delivery = app[SETTINGS].delivery
     name = app[PROCESS_NAME]  # lease owner: the name the admin API and pg_stat_activity show
-    worker = Worker(app[STORE], app[ADAPTER], app[GATE], settings, app[DSN], name=name)
+    worker = Worker(app[STORE], app[ADAPTER], app[GATE], delivery, app[DSN], name=name)
     app[WORKER] = app[RUNTIME].worker = worker
     # an operator's pause holds for every process, this one from its first claim on
     control = app[DELIVERY_CONTROL]
@@ -324,7 +333,16 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     adapter = app[ADAPTER]
     fetch = bitrix24_deal_fetcher(adapter.api) if isinstance(adapter, Bitrix24Adapter) else None
     store, name, gate = EventStore(pool), app[PROCESS_NAME], app[GATE]
-    forwarder = Forwarder(store, settings, app[DSN], name=name, gate=gate, fetch_deal=fetch)
+    forwarder = Forwarder(
+        store,
+        settings.webhook,
+        settings.delivery,
+        app[DSN],
+        name=name,
+        gate=gate,
+        leads=settings.leads,
+        fetch_deal=fetch,
+    )
     app[FORWARDER] = app[RUNTIME].forwarder = forwarder
     task = asyncio.create_task(forwarder.run(), name="forwarder")
     yield

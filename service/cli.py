@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"crm-relay: bad setting {exc}", file=sys.stderr)
         return 2
-    logs.setup(settings.log_level, settings.log_format)
-    if settings.database_url is None:
+    logs.setup(settings.log.level, settings.log.format)
+    if settings.database.url is None:
         prepare_environment(os.environ)  # before the embedded server is first imported
     try:
         if args.command == "serve":
@@ -79,8 +79,8 @@ def serve(settings: Settings, roles: Roles) -> int:
     # runs cleanup contexts (the worker finishes in-flight CRM calls): exit well within 10 s
     web.run_app(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=settings.http.host,
+        port=settings.http.port,
         shutdown_timeout=2.0,
         print=None,
         access_log=None,
@@ -101,7 +101,7 @@ async def _freeze_startup_heap(_app: web.Application) -> None:
 
 async def with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     embedded = None
-    dsn = settings.database_url
+    dsn = settings.database.url
     if dsn is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         dsn = await asyncio.to_thread(embedded.start)

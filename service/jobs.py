@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from service.db.database import listen_forever
 from service.errors import StoreUnavailable
-from service.settings import Settings
+from service.settings import DeliverySettings
 
 J = TypeVar("J")  # one claimed job
 F = TypeVar("F")  # what the loop keeps in flight under one key
@@ -60,7 +60,7 @@ class JobLoop(abc.ABC, Generic[J, F]):
     def __init__(
         self,
         queue: JobQueue[J],
-        settings: Settings,
+        settings: DeliverySettings,
         dsn: str,
         *,
         owner: str,

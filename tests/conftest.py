@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,17 @@ from aiohttp import web
 
 from service.app import Roles, create_app
 from service.db.database import EmbeddedPostgres, migrate, prepare_environment
-from service.settings import RetryPolicy, Settings
+from service.settings import (
+    AmoCrmSettings,
+    CrmSettings,
+    DatabaseSettings,
+    DeliverySettings,
+    HttpSettings,
+    RetryPolicy,
+    Settings,
+)
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
+from tests.overrides import override
 
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)
@@ -107,23 +115,27 @@ async def simulator() -> AsyncIterator[tuple[AmoCrmSimulator, str]]:
 
 
 def make_settings(db_dsn: str, crm_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    """The service against this test's database and the amoCRM simulator, with quick retries;
+    `overrides` by flat name (tests/overrides.py): `lease_s=1.5`, `webhook_secret="s"`."""
     base = Settings(
-        database_url=db_dsn,
         data_dir=data_dir,
-        crm="amocrm",
-        amocrm_base_url=crm_url,
-        amocrm_access_token=SimulatorConfig().access_token,
-        crm_rate_limit=150.0,
-        crm_timeout_s=5.0,
-        host="127.0.0.1",
-        port=0,
-        retry=RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=6),
-        lease_s=5.0,
-        circuit_cooldown_s=1.0,
-        pause_base_s=0.2,
-        pause_max_s=1.0,
+        database=DatabaseSettings(url=db_dsn),
+        http=HttpSettings(host="127.0.0.1", port=0),
+        crm=CrmSettings(
+            kind="amocrm",
+            rate_limit=150.0,
+            timeout_s=5.0,
+            amocrm=AmoCrmSettings(base_url=crm_url, access_token=SimulatorConfig().access_token),
+        ),
+        delivery=DeliverySettings(
+            retry=RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=6),
+            lease_s=5.0,
+            circuit_cooldown_s=1.0,
+            pause_base_s=0.2,
+            pause_max_s=1.0,
+        ),
     )
-    return replace(base, **overrides)
+    return override(base, **overrides)
 
 
 class Service:

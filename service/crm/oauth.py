@@ -11,7 +11,7 @@ from service.crm.amocrm.api import exchange_refresh_token
 from service.crm.bitrix24 import oauth as bitrix24_oauth
 from service.crm.http import Gate
 from service.db.store import Store, StoredTokens
-from service.settings import Settings
+from service.settings import CrmSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class OAuthTokens:
     crm = CRM
 
     def __init__(
-        self, store: Store, session: aiohttp.ClientSession, settings: Settings, gate: Gate
+        self, store: Store, session: aiohttp.ClientSession, settings: CrmSettings, gate: Gate
     ) -> None:
         self.store = store
         self.session = session
@@ -41,7 +41,7 @@ class OAuthTokens:
         self.token_gate = gate
 
     def configured_refresh_token(self) -> str | None:
-        return self.settings.amocrm_refresh_token
+        return self.settings.amocrm.refresh_token
 
     async def seed(self) -> None:
         """Store the configured refresh token unless a newer pair is stored already
@@ -67,16 +67,16 @@ class OAuthTokens:
         return fresh.access_token
 
     async def _exchange(self, refresh_token: str) -> StoredTokens:
-        s = self.settings
-        assert s.amocrm_base_url and s.amocrm_client_id and s.amocrm_client_secret
+        s = self.settings.amocrm
+        assert s.base_url and s.client_id and s.client_secret
         pair = await exchange_refresh_token(
             self.session,
-            s.amocrm_base_url,
-            client_id=s.amocrm_client_id,
-            client_secret=s.amocrm_client_secret,
+            s.base_url,
+            client_id=s.client_id,
+            client_secret=s.client_secret,
             refresh_token=refresh_token,
-            redirect_uri=s.amocrm_redirect_uri or "",
-            timeout_s=s.crm_timeout_s,
+            redirect_uri=s.redirect_uri or "",
+            timeout_s=self.settings.timeout_s,
             gate=self.token_gate,
         )
         return StoredTokens(pair.access_token, pair.refresh_token, pair.expires_at)
@@ -89,24 +89,20 @@ class Bitrix24OAuthTokens(OAuthTokens):
     crm = BITRIX24
 
     def configured_refresh_token(self) -> str | None:
-        return self.settings.bitrix24_refresh_token
+        return self.settings.bitrix24.refresh_token
 
     async def _exchange(self, refresh_token: str) -> StoredTokens:
-        s = self.settings
-        assert s.bitrix24_client_id and s.bitrix24_client_secret
+        s = self.settings.bitrix24
+        assert s.client_id and s.client_secret
         pair, endpoint = await bitrix24_oauth.exchange_refresh_token(
             self.session,
-            s.bitrix24_oauth_url,
-            client_id=s.bitrix24_client_id,
-            client_secret=s.bitrix24_client_secret,
+            s.oauth_url,
+            client_id=s.client_id,
+            client_secret=s.client_secret,
             refresh_token=refresh_token,
-            timeout_s=s.crm_timeout_s,
+            timeout_s=self.settings.timeout_s,
         )  # no CRM gate: oauth.bitrix.info is outside the portal's limit
-        if (
-            endpoint
-            and s.bitrix24_portal_url
-            and not _same_endpoint(endpoint, s.bitrix24_portal_url)
-        ):
+        if endpoint and s.portal_url and not _same_endpoint(endpoint, s.portal_url):
             # We keep calling the configured portal; a moved portal (a renamed domain) shows here.
             log.warning(
                 "Bitrix24 tokens are for another portal than BITRIX24_PORTAL_URL",

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from service.cluster.processes import KEY_PREFIX, PROBE_S, Cluster, RedisLink, RedisUnavailable
 from service.delivery.limits import POLL_S, LocalBucket, RateGate, SendLog, capacity_window
-from service.settings import Settings
+from service.settings import CrmSettings
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,10 @@ end
 )
 
 
-def account_key(settings: Settings) -> str:
+def account_key(crm: CrmSettings) -> str:
     """The CRM account the limit belongs to: same account, same bucket, whichever process."""
-    url = settings.amocrm_base_url or settings.bitrix24_webhook_url or ""
-    return f"{settings.crm}:{urlparse(url).netloc or 'local'}"
+    url = crm.amocrm.base_url or crm.bitrix24.webhook_url or ""
+    return f"{crm.kind}:{urlparse(url).netloc or 'local'}"
 
 
 @dataclass(frozen=True)
@@ -329,12 +329,9 @@ class ClusterBucket:
             await asyncio.wait(set(self._tasks), timeout=1.0)
 
 
-def cluster_gate(cluster: Cluster, settings: Settings) -> tuple[RateGate, ClusterBucket]:
+def cluster_gate(cluster: Cluster, crm: CrmSettings) -> tuple[RateGate, ClusterBucket]:
     """The process's rate gate, sharing the limit with every process of the cluster."""
     bucket = ClusterBucket(
-        cluster,
-        settings.crm_rate_limit,
-        account_key(settings),
-        in_flight_s=settings.crm_timeout_s + IN_FLIGHT_SLACK_S,
+        cluster, crm.rate_limit, account_key(crm), in_flight_s=crm.timeout_s + IN_FLIGHT_SLACK_S
     )
-    return RateGate(settings.crm_rate_limit, bucket), bucket
+    return RateGate(crm.rate_limit, bucket), bucket

@@ -34,7 +34,7 @@ from service.errors import (
     CrmRateLimited,
     CrmUnauthorized,
 )
-from service.settings import RetryPolicy, Settings
+from service.settings import DeliverySettings, RetryPolicy
 
 MAX_DOUBLINGS = 16  # 2^16 × any base is past every sensible CRM_PAUSE_MAX_S
 
@@ -80,7 +80,7 @@ def backoff(attempts: int, policy: RetryPolicy, rnd: float | None = None) -> Dec
     return Decision(Kind.RETRY, policy.delay(attempts + 1, random.random() if rnd is None else rnd))
 
 
-def pause_s(exc: CrmRateLimited, refusals_in_a_row: int, settings: Settings) -> float:
+def pause_s(exc: CrmRateLimited, refusals_in_a_row: int, settings: DeliverySettings) -> float:
     """How long everyone pauses: what the CRM asked for, else doubling with each refusal."""
     doublings = min(max(refusals_in_a_row, 1) - 1, MAX_DOUBLINGS)
     return exc.retry_after or min(settings.pause_max_s, settings.pause_base_s * 2.0**doublings)
@@ -89,7 +89,7 @@ def pause_s(exc: CrmRateLimited, refusals_in_a_row: int, settings: Settings) -> 
 def classify(
     exc: CrmError,
     attempts: int,
-    settings: Settings,
+    settings: DeliverySettings,
     *,
     refusals_in_a_row: int = 1,
     rnd: float | None = None,
@@ -116,7 +116,7 @@ class CrmOutcomes:
     object: that is one refusal, paused for once, not fifty (counting it per job would take one
     refusal of a 50-lead batch straight to the longest pause)."""
 
-    def __init__(self, gate: RateGate, settings: Settings) -> None:
+    def __init__(self, gate: RateGate, settings: DeliverySettings) -> None:
         self.gate = gate
         self.settings = settings
         self.refusals_in_a_row = 0

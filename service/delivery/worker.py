@@ -23,7 +23,7 @@ from service.delivery.limits import RateGate
 from service.delivery.outcomes import CrmOutcomes, Kind
 from service.errors import CrmError, CrmRetryable, StoreUnavailable
 from service.jobs import IDLE_WAIT_S, JobLoop
-from service.settings import Settings
+from service.settings import DeliverySettings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Worker(JobLoop[Job, list[Job]]):
         store: Store,
         adapter: CrmAdapter,
         gate: RateGate,
-        settings: Settings,
+        settings: DeliverySettings,
         dsn: str,
         *,
         name: str,

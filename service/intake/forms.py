@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 INTAKE = web.AppKey("intake", Intake)
 async def submit_form(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    settings = request.app[SETTINGS].intake
     intake = request.app[INTAKE]
     form = request.match_info["form"]
     content_type = request.headers.get("Content-Type")

@@ -34,7 +34,7 @@ from aiohttp import web
 from service.db.admin_store import ADMIN_STORE, AdminStore
 from service.errors import StoreUnavailable
 from service.ops.runtime import RUNTIME, Runtime
-from service.settings import Settings
+from service.settings import AlertSettings
 from service.web import PROCESS_NAME, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Watcher:
 class Sender:
     """Posts messages to every configured channel; never raises into its caller."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: AlertSettings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session
         self.queue: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
@@ -192,8 +192,8 @@ class Sender:
         if s.telegram_bot_token and s.telegram_chat_id:
             url = f"{s.telegram_api_url.rstrip('/')}/bot{s.telegram_bot_token}/sendMessage"
             out.append((url, {"chat_id": s.telegram_chat_id, "disable_web_page_preview": True}))
-        if s.alert_webhook_url:
-            out.append((s.alert_webhook_url, {}))
+        if s.webhook_url:
+            out.append((s.webhook_url, {}))
         return out
 
     def offer(self, text: str) -> None:
@@ -342,17 +342,17 @@ async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     marker, crashed = await asyncio.to_thread(crash_markers, settings.data_dir / "run")
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(aiohttp.ClientSession())
-        sender = app[SENDER] = Sender(settings, session)
+        sender = app[SENDER] = Sender(settings.alert, session)
         for info in crashed:
             log.error(_crash_text(info), extra={"action": "alert", "condition": "crashed"})
             sender.offer(f"crm-relay@{socket.gethostname()}: {_crash_text(info)}")
         if sender.channels:
-            watcher = Watcher(app[RUNTIME], app.get(ADMIN_STORE), settings.alert_lag_s)
-            throttle = Throttle(settings.alert_interval_s)
+            watcher = Watcher(app[RUNTIME], app.get(ADMIN_STORE), settings.alert.lag_s)
+            throttle = Throttle(settings.alert.interval_s)
             await stack.enter_async_context(_task(sender.run(), "alert-sender"))
             await stack.enter_async_context(
                 _task(
-                    watch(watcher, throttle, sender, settings.alert_check_s, app[PROCESS_NAME]),
+                    watch(watcher, throttle, sender, settings.alert.check_s, app[PROCESS_NAME]),
                     "alert-watch",
                 )
             )

@@ -72,7 +72,7 @@ async def health(request: web.Request) -> web.Response:
     reasons = await _not_ready(rt)
     queue = await _queue(rt, request.app.get(ADMIN_STORE))
     probes = await _probes(rt)
-    reasons += _degraded(rt, queue, probes, request.app[SETTINGS].alert_lag_s)
+    reasons += _degraded(rt, queue, probes, request.app[SETTINGS].alert.lag_s)
     body: dict[str, Any] = {
         "ok": not reasons,
         "reasons": reasons,

@@ -32,7 +32,7 @@ from service.delivery.outcomes import DEAD, CrmOutcomes, Decision, Kind, backoff
 from service.errors import CrmError, StoreUnavailable
 from service.jobs import IDLE_WAIT_S, JobLoop
 from service.model import LeadChange
-from service.settings import Settings
+from service.settings import DeliverySettings, LeadSettings, WebhookSettings
 from service.webhooks.events import OurWrite, is_echo, lead_change, sign
 
 log = logging.getLogger(__name__)
@@ -94,45 +94,49 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
     def __init__(
         self,
         store: EventStore,
-        settings: Settings,
+        webhook: WebhookSettings,
+        delivery: DeliverySettings,
         dsn: str,
         *,
         name: str,
         gate: RateGate,
+        leads: LeadSettings,
         fetch_deal: DealFetcher | None = None,
     ) -> None:
-        drain_s = min(settings.forward_timeout_s, STOP_WAIT_S)
+        drain_s = min(webhook.forward_timeout_s, STOP_WAIT_S)
         super().__init__(
-            store, settings, dsn, owner=name, channel=CHANNEL, role="forwarder", drain_s=drain_s
+            store, delivery, dsn, owner=name, channel=CHANNEL, role="forwarder", drain_s=drain_s
         )
         self.store = store
+        self.webhook = webhook
+        self.leads = leads  # the echo check compares with the status each form's leads get
         self.fetch_deal = fetch_deal
-        self.outcomes = CrmOutcomes(gate, settings)
+        self.outcomes = CrmOutcomes(gate, delivery)
         self.counts: dict[str, int] = {"processed": 0, "echo": 0, "forwarded": 0, "failed": 0}
         self._limiters: dict[str, AsyncLimiter] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def destinations(self, source: str) -> list[str]:
         """WEBHOOK_FORWARD_URL for every source, then the `[forward.<source>]` rules."""
-        urls = [self.settings.webhook_forward_url] if self.settings.webhook_forward_url else []
-        urls += [r.url for r in self.settings.forward_rules.get(source, ())]
+        urls = [self.webhook.forward_url] if self.webhook.forward_url else []
+        urls += [r.url for r in self.webhook.forward_rules.get(source, ())]
         return list(dict.fromkeys(urls))
 
     def _limiter(self, url: str) -> AsyncLimiter:
         if url not in self._limiters:
             rates = [
                 r.rate
-                for rules in self.settings.forward_rules.values()
+                for rules in self.webhook.forward_rules.values()
                 for r in rules
                 if r.url == url and r.rate
             ]
-            rate = min(rates, default=self.settings.webhook_forward_rate)
+            rate = min(rates, default=self.webhook.forward_rate)
             self._limiters[url] = AsyncLimiter(max(rate, 1.0), max(1.0, 1.0 / rate))
         return self._limiters[url]
 
     async def run(self) -> None:
         """The job loop, inside the HTTP session every forward goes through."""
-        timeout = aiohttp.ClientTimeout(total=self.settings.forward_timeout_s)
+        timeout = aiohttp.ClientTimeout(total=self.webhook.forward_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
             await super().run()
@@ -213,7 +217,7 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
         return {**job.payload, "entity": deal}
 
     async def _is_echo(self, change: LeadChange) -> bool:
-        window = self.settings.echo_window_s
+        window = self.webhook.echo_window_s
         found = await self.store.our_writes(change.lead_id, change.changed_at, window)
         writes = [OurWrite(at, self._status_we_set(change.crm, form)) for form, at in found]
         return is_echo(change, writes, window)
@@ -221,7 +225,7 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
     def _status_we_set(self, crm: str, form: str) -> str | None:
         if crm != "amocrm":
             return None  # a Bitrix24 deal event shows no stage to compare with
-        status = self.settings.form_rule(form).status_id
+        status = self.leads.form_rule(form).status_id
         return None if status is None else str(status)
 
     async def _settling(self, job: ForwardJob) -> bool:
@@ -248,8 +252,8 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
             "X-Relay-Event-Id": str(job.event_id),
             "X-Relay-Source": job.source,
         }
-        if self.settings.webhook_secret:
-            headers["X-Relay-Signature"] = sign(self.settings.webhook_secret, body)
+        if self.webhook.secret:
+            headers["X-Relay-Signature"] = sign(self.webhook.secret, body)
         async with self._limiter(job.destination):
             try:
                 async with self._session.post(job.destination, data=body, headers=headers) as r:

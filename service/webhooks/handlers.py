@@ -35,7 +35,7 @@ from service.intake.keys import IdempotencyWindow, event_key
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
 from service.model import Event
-from service.settings import GenericSource, Settings
+from service.settings import GenericSource, WebhookSettings
 from service.web import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.webhooks.events import (
     amocrm_events,
@@ -109,8 +109,8 @@ class EventIntake:
         self,
         store: EventStore,
         spool: Spool,
-        settings: Settings,
         *,
+        write_timeout_s: float,
         window: IdempotencyWindow,
         locks: KeyLocks,
     ) -> None:
@@ -123,7 +123,7 @@ class EventIntake:
             spool=spool,
             spool_entry=_spool_entry,
             unstorable=_keep_raw,
-            timeout_s=min(settings.db_write_timeout_s, WEBHOOK_WRITE_TIMEOUT_S),
+            timeout_s=min(write_timeout_s, WEBHOOK_WRITE_TIMEOUT_S),
             max_batch=MAX_BATCH,
             kind="event",
         )
@@ -216,13 +216,13 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
 
 
 async def amocrm_hook(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    settings = request.app[SETTINGS].webhook
     intake = request.app[EVENTS]
-    if not same_secret(settings.webhook_secret, request.match_info["secret"]):
+    if not same_secret(settings.secret, request.match_info["secret"]):
         raise web.HTTPNotFound()
-    raw = await read_body(request, settings.webhook_max_body_bytes)
+    raw = await read_body(request, settings.max_body_bytes)
     if raw is None:
-        return too_large(settings.webhook_max_body_bytes)
+        return too_large(settings.max_body_bytes)
     try:
         body = parse_body(request.headers.get("Content-Type"), raw, max_fields=WEBHOOK_MAX_FIELDS)
     except BadInput as exc:
@@ -235,11 +235,11 @@ async def amocrm_hook(request: web.Request) -> web.Response:
 
 
 async def bitrix24_hook(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    settings = request.app[SETTINGS].webhook
     intake = request.app[EVENTS]
-    raw = await read_body(request, settings.webhook_max_body_bytes)
+    raw = await read_body(request, settings.max_body_bytes)
     if raw is None:
-        return too_large(settings.webhook_max_body_bytes)
+        return too_large(settings.max_body_bytes)
     try:
         body = parse_body(request.headers.get("Content-Type"), raw, max_fields=WEBHOOK_MAX_FIELDS)
     except BadInput:
@@ -252,14 +252,14 @@ async def bitrix24_hook(request: web.Request) -> web.Response:
 
 
 async def generic_hook(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    settings = request.app[SETTINGS].webhook
     intake = request.app[EVENTS]
     name = request.match_info["source"]
     if not SOURCE_NAME.fullmatch(name):
         raise web.HTTPNotFound()
-    raw = await read_body(request, settings.webhook_max_body_bytes)
+    raw = await read_body(request, settings.max_body_bytes)
     if raw is None:
-        return too_large(settings.webhook_max_body_bytes)
+        return too_large(settings.max_body_bytes)
     rule = settings.generic_sources.get(name, GenericSource())
     if not verified(settings, rule, request, raw):
         intake.counts["unauthorized"] += 1
@@ -273,7 +273,9 @@ async def generic_hook(request: web.Request) -> web.Response:
     return reply(request, receipt.to_json())
 
 
-def verified(settings: Settings, rule: GenericSource, request: web.Request, raw: bytes) -> bool:
+def verified(
+    settings: WebhookSettings, rule: GenericSource, request: web.Request, raw: bytes
+) -> bool:
     """Check the sender as `rule.verify` says; "any" requires a valid QStash JWT or HMAC as soon
     as either key is configured, and lets everything in while none is (a dev setup)."""
     keys = (settings.qstash_current_signing_key, settings.qstash_next_signing_key)
@@ -285,9 +287,7 @@ def verified(settings: Settings, rule: GenericSource, request: web.Request, raw:
 
     def hmac_ok() -> bool:
         header = next((v for h in HMAC_HEADERS if (v := request.headers.get(h))), None)
-        return bool(settings.webhook_secret) and verify_hmac(
-            settings.webhook_secret or "", raw, header
-        )
+        return bool(settings.secret) and verify_hmac(settings.secret or "", raw, header)
 
     if rule.verify == "none":
         return True
@@ -295,7 +295,7 @@ def verified(settings: Settings, rule: GenericSource, request: web.Request, raw:
         return qstash_ok()
     if rule.verify == "hmac":
         return hmac_ok()
-    if not any(keys) and not settings.webhook_secret:
+    if not any(keys) and not settings.secret:
         return True
     return qstash_ok() or hmac_ok()
 

@@ -60,7 +60,7 @@ async def start(kind: str) -> AsyncIterator[tuple[Simulator, str]]:
 def crm_settings(sim: Simulator, url: str) -> dict[str, Any]:
     """`Settings` overrides for an in-process service (tests/conftest.py's service_factory)."""
     if isinstance(sim, BitrixSimulator):
-        return {"crm": "bitrix24", "bitrix24_webhook_url": sim.webhook_url(url)}
+        return {"crm_kind": "bitrix24", "bitrix24_webhook_url": sim.webhook_url(url)}
     return {}
 
 

@@ -43,7 +43,7 @@ async def simulator() -> AsyncIterator[tuple[BitrixSimulator, str]]:
 @pytest.fixture
 def crm_settings(simulator: tuple[BitrixSimulator, str]) -> dict[str, Any]:
     sim, url = simulator
-    return {"crm": "bitrix24", "bitrix24_webhook_url": sim.webhook_url(url)}
+    return {"crm_kind": "bitrix24", "bitrix24_webhook_url": sim.webhook_url(url)}
 
 
 def person(i: int) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def crm_settings(simulator: tuple[BitrixSimulator, str]) -> dict[str, Any]:
     sim, url = simulator
     app = sim.config.oauth
     return {
-        "crm": "bitrix24",
+        "crm_kind": "bitrix24",
         "bitrix24_portal_url": sim.portal_url(url),
         "bitrix24_oauth_url": sim.oauth_url(url),
         "bitrix24_client_id": app.client_id,

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,9 +28,10 @@ from service.delivery.limits import RateGate
 from service.errors import BadInput, CrmRetryable
 from service.intake.normalize import normalize_email, normalize_phone
 from service.model import Lead
+from service.settings import AmoCrmSettings, LeadSettings
 from service.simulators.amocrm.entities import field_values
 from service.simulators.amocrm.server import AmoCrmSimulator
-from tests.conftest import ServiceFactory, make_settings, wait_for
+from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_delivery import all_delivered, no_duplicates
 
 MESSY = "8 (916) 123-45-67"  # how a manager types +79161234567
@@ -331,16 +331,14 @@ async def lock_waiters(db: asyncpg.Connection) -> bool:
 async def test_until_the_first_scan_is_done_new_people_are_searched(
     amo_parts: tuple[AmoCrmApi, asyncpg.Pool, asyncpg.Pool],
     simulator: tuple[AmoCrmSimulator, str],
-    db_dsn: str,
     db: asyncpg.Connection,
-    tmp_path: Path,
 ) -> None:
     sim, url = simulator
     api, pool, _ = amo_parts
     managers = sim.seed_contacts(
         [manager_contact(f"+7705{n:07d}", updated_at=1000 + n) for n in range(1000)]
     )
-    adapter = AmoCrmAdapter(api, make_settings(db_dsn, url, tmp_path), pool)
+    adapter = AmoCrmAdapter(api, AmoCrmSettings(base_url=url), LeadSettings(), pool)
     # read slowly: pages of 100, one page per round unless a batch would search for more
     adapter.index = ContactIndex(api, pool, pages_per_round=1, page_limit=100)
 
@@ -377,12 +375,10 @@ async def test_until_the_first_scan_is_done_new_people_are_searched(
 async def test_a_failed_sync_fails_only_the_people_it_was_for(
     amo_parts: tuple[AmoCrmApi, asyncpg.Pool, asyncpg.Pool],
     simulator: tuple[AmoCrmSimulator, str],
-    db_dsn: str,
-    tmp_path: Path,
 ) -> None:
     sim, url = simulator
     api, pool, _ = amo_parts
-    adapter = AmoCrmAdapter(api, make_settings(db_dsn, url, tmp_path), pool)
+    adapter = AmoCrmAdapter(api, AmoCrmSettings(base_url=url), LeadSettings(), pool)
     first = Lead(form="course", phone="+77010000031", email=None, name=None)
     [link] = await adapter.deliver_batch([Delivery(1, 1, uuid.uuid4(), first, Link())])
     assert isinstance(link, Link) and link.lead_id is not None

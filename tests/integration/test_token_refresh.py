@@ -65,7 +65,7 @@ def crm_settings(simulator: tuple[Simulator, str]) -> dict[str, Any]:
     if isinstance(sim, BitrixSimulator):
         app = sim.config.oauth
         return {
-            "crm": "bitrix24",
+            "crm_kind": "bitrix24",
             "bitrix24_portal_url": sim.portal_url(url),
             "bitrix24_oauth_url": sim.oauth_url(url),
             "bitrix24_client_id": app.client_id,
@@ -202,7 +202,7 @@ async def test_a_queue_at_the_gate_meets_an_expired_token_with_one_refresh(
     assert 1 <= unauthorized(sim) <= 2, statuses
     # exactly one more exchange, and no refresh token presented twice
     assert exchanges(sim) == (2, 0), statuses
-    await assert_delivered_once(sim, db, crm_settings.get("crm", "amocrm"), warm + QUEUED)
+    await assert_delivered_once(sim, db, crm_settings.get("crm_kind", "amocrm"), warm + QUEUED)
 
 
 async def test_two_processes_on_one_database_exchange_the_refresh_token_once(
@@ -232,7 +232,7 @@ async def test_two_processes_on_one_database_exchange_the_refresh_token_once(
     # both held the dead token, and one exchange served both: the other found the new pair in
     # the row (the refresh token is single-use: a second exchange of it would be refused)
     assert exchanges(sim) == (2, 0), statuses
-    await assert_delivered_once(sim, db, crm_settings.get("crm", "amocrm"), warm + QUEUED)
+    await assert_delivered_once(sim, db, crm_settings.get("crm_kind", "amocrm"), warm + QUEUED)
     # and the stored pair goes on working for whichever process calls next
     await intake.submit("course", person(QUEUED + 1))
     await wait_for(lambda: all_delivered(db, warm + QUEUED + 1))

@@ -466,9 +466,8 @@ async def test_bitrix24_deal_is_fetched_and_our_echo_skipped(
     sim = BitrixSimulator(BitrixSimulatorConfig(drain_per_s=100, burst=100))
     runner, base = await start_bitrix_simulator(sim)
     try:
-        svc = await start(
-            service_factory, receiver, crm="bitrix24", bitrix24_webhook_url=sim.webhook_url(base)
-        )
+        hook = sim.webhook_url(base)
+        svc = await start(service_factory, receiver, crm_kind="bitrix24", bitrix24_webhook_url=hook)
         status, answer = await svc.submit("course", {"phone": "+77051234567", "name": "Даурен"})
         assert status == 200 and answer["ok"]
         await wait_for(lambda: _delivered(db))

@@ -10,7 +10,7 @@ from service.settings import Settings
 
 
 def dedup(**env: str) -> str:
-    mode: str = Settings.from_env(env).amocrm_dedup
+    mode: str = Settings.from_env(env).crm.amocrm.dedup
     return mode
 
 

@@ -16,7 +16,7 @@ from service.crm.bitrix24.adapter import Bitrix24Adapter
 from service.crm.bitrix24.api import Bitrix24Api
 from service.errors import CrmError, CrmPermanent, CrmRateLimited, CrmRetryable
 from service.model import Lead
-from service.settings import FormRule, Settings
+from service.settings import Bitrix24Settings, FormRule, LeadSettings
 from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
@@ -61,14 +61,15 @@ StartPortal = Callable[..., Awaitable[Portal]]
 async def start_portal() -> AsyncIterator[StartPortal]:
     opened: list[Any] = []
 
-    async def start(settings: Settings | None = None, **config: Any) -> Portal:
+    async def start(leads: LeadSettings | None = None, **config: Any) -> Portal:
         sim = BitrixSimulator(BitrixSimulatorConfig(**config))
         runner, url = await start_bitrix_simulator(sim)
         session = aiohttp.ClientSession()
         opened.append((runner, session))
         gate = CountingGate()
         api = Bitrix24Api(session, sim.webhook_url(url), gate, timeout_s=5)
-        return Portal(sim, gate, Bitrix24Adapter(api, settings or Settings()))
+        adapter = Bitrix24Adapter(api, Bitrix24Settings(), leads or LeadSettings())
+        return Portal(sim, gate, adapter)
 
     yield start
     for runner, session in opened:
@@ -133,7 +134,8 @@ async def test_fifty_new_people_cost_three_requests(portal: Portal) -> None:
 async def test_returning_person_inside_a_batch_gets_stage_and_comment(
     start_portal: StartPortal,
 ) -> None:
-    portal = await start_portal(Settings(forms={"course": FormRule(pipeline_id=2, status_id=7)}))
+    leads = LeadSettings(forms={"course": FormRule(pipeline_id=2, status_id=7)})
+    portal = await start_portal(leads)
     [first] = await portal.deliver([delivery(0)])
     assert isinstance(first, Link)
     deal = portal.report()["deals"][0]

@@ -18,7 +18,7 @@ from service.crm.bitrix24.oauth import exchange_refresh_token
 from service.crm.oauth import Bitrix24OAuthTokens
 from service.db.store import Store
 from service.errors import CrmUnauthorized
-from service.settings import Settings
+from service.settings import Bitrix24Settings, CrmSettings
 from service.simulators.bitrix24.oauth import BitrixOAuthConfig
 from service.simulators.bitrix24.server import BitrixSimulator, start_bitrix_simulator
 
@@ -54,17 +54,16 @@ class Portal:
         async with self.http.post(url, json=body, **kw) as resp:
             return resp.status, await resp.json(content_type=None)
 
-    def settings(self, **overrides: Any) -> Settings:
-        base = Settings(
-            crm="bitrix24",
-            bitrix24_client_id=APP.client_id,
-            bitrix24_client_secret=APP.client_secret,
-            bitrix24_refresh_token=APP.refresh_token,
-            bitrix24_portal_url=self.sim.portal_url(self.base),
-            bitrix24_oauth_url=self.sim.oauth_url(self.base),
-            crm_timeout_s=5.0,
+    def settings(self, **overrides: Any) -> CrmSettings:
+        """The CRM slice for this portal's app; `overrides` are `Bitrix24Settings` fields."""
+        b24 = Bitrix24Settings(
+            client_id=APP.client_id,
+            client_secret=APP.client_secret,
+            refresh_token=APP.refresh_token,
+            portal_url=self.sim.portal_url(self.base),
+            oauth_url=self.sim.oauth_url(self.base),
         )
-        return replace(base, **overrides)
+        return CrmSettings(kind="bitrix24", timeout_s=5.0, bitrix24=replace(b24, **overrides))
 
 
 @pytest.fixture
@@ -182,8 +181,8 @@ async def _client(portal: Portal, store: Store, **settings: Any) -> Bitrix24Api:
     s = portal.settings(**settings)
     tokens = Bitrix24OAuthTokens(store, portal.http, s, OpenGate())
     await tokens.seed()
-    assert s.bitrix24_portal_url
-    return Bitrix24Api(portal.http, s.bitrix24_portal_url, OpenGate(), timeout_s=5, tokens=tokens)
+    assert s.bitrix24.portal_url
+    return Bitrix24Api(portal.http, s.bitrix24.portal_url, OpenGate(), timeout_s=5, tokens=tokens)
 
 
 async def _stored_refresh_token(db: asyncpg.Connection) -> str:
@@ -242,7 +241,7 @@ async def test_a_restart_keeps_the_stored_pair_over_the_spent_env_token(
 async def test_a_refused_refresh_token_is_unauthorized_and_keeps_the_row(
     portal: Portal, store: Store, db: asyncpg.Connection
 ) -> None:
-    api = await _client(portal, store, bitrix24_refresh_token="revoked")
+    api = await _client(portal, store, refresh_token="revoked")
     with pytest.raises(CrmUnauthorized, match="invalid_grant"):
         await api.call("crm.deal.list", {})
     assert await _stored_refresh_token(db) == "revoked"  # nothing half-written

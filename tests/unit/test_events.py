@@ -197,12 +197,12 @@ def test_forward_and_generic_rules_from_toml(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     s = load_config(Settings(), path)
-    assert s.forward_rules["amocrm"] == (ForwardRule("https://a.example/hook", 2.0),)
-    assert [r.url for r in s.forward_rules["generic/shop"]] == [
+    assert s.webhook.forward_rules["amocrm"] == (ForwardRule("https://a.example/hook", 2.0),)
+    assert [r.url for r in s.webhook.forward_rules["generic/shop"]] == [
         "https://b.example/1",
         "https://b.example/2",
     ]
-    assert s.generic_sources["shop"] == GenericSource("order.id", "hmac")
+    assert s.webhook.generic_sources["shop"] == GenericSource("order.id", "hmac")
     path.write_text('[generic.shop]\nverify = "maybe"\n', encoding="utf-8")
     with pytest.raises(SettingsError, match="verify"):
         load_config(Settings(), path)

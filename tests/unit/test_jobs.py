@@ -12,11 +12,11 @@ import pytest
 
 from service.errors import StoreUnavailable
 from service.jobs import JobLoop
-from service.settings import Settings
+from service.settings import DeliverySettings
 from tests.conftest import wait_for
 
 # a heartbeat every 20 ms
-SETTINGS = Settings(lease_s=0.06, worker_concurrency=4, worker_batch=2)
+SETTINGS = DeliverySettings(lease_s=0.06, worker_concurrency=4, worker_batch=2)
 
 
 class Queue:

@@ -19,9 +19,9 @@ from service.errors import (
     CrmRetryable,
     CrmUnauthorized,
 )
-from service.settings import RetryPolicy, Settings
+from service.settings import DeliverySettings, RetryPolicy
 
-SETTINGS = Settings(
+SETTINGS = DeliverySettings(
     retry=RetryPolicy(base_s=2.0, max_s=30.0, max_attempts=5, jitter=0.2),
     pause_base_s=1.0,
     pause_max_s=10.0,

@@ -23,7 +23,7 @@ from service.intake import spool as spool_module
 from service.intake.keys import IdempotencyWindow
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
-from service.settings import Settings
+from service.settings import DeliverySettings
 
 DEADLOCK_S = 5.0  # a hold that takes this long has deadlocked: every key is free within 0.2 s
 
@@ -72,7 +72,7 @@ async def test_a_blocked_account_opens_the_circuit_and_no_crm_call_is_made_durin
     ignoring its cool-down (limits.py)."""
     clock = Clock()
     gate = RateGate(100, clock=clock)
-    outcomes = CrmOutcomes(gate, Settings(circuit_cooldown_s=60.0))
+    outcomes = CrmOutcomes(gate, DeliverySettings(circuit_cooldown_s=60.0))
     calls: list[float] = []
 
     async def crm_call() -> None:

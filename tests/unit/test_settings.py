@@ -9,20 +9,67 @@ from pathlib import Path
 import pytest
 
 from service.errors import SettingsError
-from service.settings import Settings
+from service.settings import CrmSettings, Settings
+from tests.overrides import override
 
 
 def test_defaults_use_embedded_database_and_simulator() -> None:
     s = Settings.from_env({})
-    assert s.database_url is None and s.crm == "simulator"
-    assert s.port == 8080 and s.crm_timeout_s == 30 and s.idempotency_window_s == 300
+    assert s.database.url is None and s.crm.kind == "simulator"
+    assert s.http.port == 8080 and s.crm.timeout_s == 30 and s.intake.idempotency_window_s == 300
+
+
+def test_the_slices_defaults_are_the_environments() -> None:
+    """`Settings()` (what tests and tools start from) is what an empty environment gives."""
+    assert Settings() == Settings.from_env({})
+
+
+def test_each_part_gets_its_slice_from_the_variables_it_reads() -> None:
+    s = Settings.from_env(
+        {
+            "WORKER_BATCH": "7",
+            "RETRY_MAX_ATTEMPTS": "3",
+            "WEBHOOK_SECRET": "w",
+            "BITRIX24_APP_TOKEN": "b",
+            "ALERT_LAG_S": "5",
+            "ADMIN_TOKEN": "a",
+            "MAX_BODY_BYTES": "2048",
+            "WEBHOOK_MAX_BODY_BYTES": "4096",
+            "LOG_LEVEL": "debug",
+            "REDIS_URL": "redis://r",
+            "AMOCRM_BASE_URL": "https://x.amocrm.ru",
+            "AMOCRM_ACCESS_TOKEN": "t",
+            "AMOCRM_DEDUP": "search",
+        }
+    )
+    assert (s.delivery.worker_batch, s.delivery.retry.max_attempts) == (7, 3)
+    assert (s.webhook.secret, s.webhook.bitrix24_app_token) == ("w", "b")
+    assert (s.alert.lag_s, s.admin.token, s.log.level) == (5.0, "a", "DEBUG")
+    assert (s.intake.max_body_bytes, s.webhook.max_body_bytes) == (2048, 4096)
+    assert s.cluster.redis_url == "redis://r"
+    assert (s.crm.amocrm.base_url, s.crm.amocrm.dedup) == ("https://x.amocrm.ru", "search")
+
+
+def test_tests_override_settings_by_flat_name() -> None:
+    """tests/overrides.py: a field by its own name or with its slice in front; a whole slice."""
+    s = override(Settings(), lease_s=1.5, webhook_secret="s")
+    s = override(s, amocrm_dedup="trust", crm_kind="amocrm")
+    assert (s.delivery.lease_s, s.webhook.secret) == (1.5, "s")
+    assert (s.crm.amocrm.dedup, s.crm.kind) == ("trust", "amocrm")
+    assert override(s, crm=CrmSettings()).crm == CrmSettings()
+    with pytest.raises(TypeError, match=r"intake\.max_body_bytes, webhook\.max_body_bytes"):
+        override(s, max_body_bytes=1)
+    with pytest.raises(TypeError, match="CrmSettings"):
+        override(s, crm="bitrix24")
+    with pytest.raises(TypeError, match="no setting"):
+        override(s, lease=1)
 
 
 def test_crm_defaults_follow_the_configured_crm() -> None:
     amo = Settings.from_env({"AMOCRM_BASE_URL": "https://x.amocrm.ru", "AMOCRM_ACCESS_TOKEN": "t"})
-    assert amo.crm == "amocrm" and amo.crm_rate_limit == 6
+    assert amo.crm.kind == "amocrm" and amo.crm.rate_limit == 6
     b24 = Settings.from_env({"BITRIX24_WEBHOOK_URL": "https://p.bitrix24.kz/rest/1/s/"})
-    assert b24.crm == "bitrix24" and b24.crm_rate_limit == 2
+    assert b24.crm.kind == "bitrix24" and b24.crm.rate_limit == 2
 
 
 B24_OAUTH = {
@@ -35,12 +82,12 @@ B24_OAUTH = {
 
 def test_bitrix24_oauth_set_is_enough_and_the_token_server_has_a_default() -> None:
     s = Settings.from_env(B24_OAUTH)
-    assert s.crm == "bitrix24" and s.crm_rate_limit == 2 and s.bitrix24_webhook_url is None
-    assert s.bitrix24_oauth_url == "https://oauth.bitrix.info/oauth/token/"
+    assert s.crm.kind == "bitrix24" and s.crm.rate_limit == 2 and s.crm.bitrix24.webhook_url is None
+    assert s.crm.bitrix24.oauth_url == "https://oauth.bitrix.info/oauth/token/"
     both = Settings.from_env(
         B24_OAUTH | {"BITRIX24_WEBHOOK_URL": "https://p.bitrix24.kz/rest/1/s/"}
     )
-    assert both.bitrix24_portal_url == "https://p.bitrix24.kz/rest/"  # OAuth is used (app.py)
+    assert both.crm.bitrix24.portal_url == "https://p.bitrix24.kz/rest/"  # OAuth is used (app.py)
 
 
 @pytest.mark.parametrize(
@@ -81,10 +128,10 @@ def test_config_file_sets_form_rules(tmp_path: Path) -> None:
         "fields = { utm_source = 501 }\n"
     )
     s = Settings.from_env({"CRM_RELAY_CONFIG": str(path)})
-    rule = s.form_rule("course")
+    rule = s.leads.form_rule("course")
     assert (rule.pipeline_id, rule.status_id, rule.tags) == (1000, 10001, ("course",))
     assert rule.field_map == {"utm_source": 501}
-    assert s.form_rule("other").pipeline_id == 1000
+    assert s.leads.form_rule("other").pipeline_id == 1000
 
 
 def test_config_file_with_wrong_types_is_refused(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from service.db.contact_locks import ContactGuard
 from service.db.store import Pool
 from service.errors import CrmError, CrmPermanent, CrmRetryable, StoreUnavailable
 from service.model import Lead
-from service.settings import FormRule, Settings
+from service.settings import AmoCrmSettings, FormRule, LeadSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,20 @@ class AmoCrmAdapter:
     max_batch = MAX_BATCH
 
     def __init__(
-        self, api: AmoCrmApi, settings: Settings, pool: Pool | None = None
+        self,
+        api: AmoCrmApi,
+        settings: AmoCrmSettings,
+        leads: LeadSettings,
+        pool: Pool | None = None,
+        *,
+        region: str | None = None,
     ) -> None:
         self.api = api
-        self.settings = settings
-        self.region = settings.default_phone_region
+        self.dedup = settings.dedup
+        self.leads = leads
+        self.region = region  # DEFAULT_PHONE_REGION: how the CRM's local numbers are read
         self.index: ContactIndex | None = None
-        if settings.amocrm_dedup == "index":
+        if self.dedup == "index":
             if pool is None:
                 log.warning(
                     "amoCRM contact index needs the database: searching instead",
@@ -111,7 +118,7 @@ class AmoCrmAdapter:
         (the index only when a refresh just now found it complete and caught up; their
         candidates go into `plan.indexed`). A failed list request fails only those people;
         known people go on."""
-        mode: str = self.settings.amocrm_dedup
+        mode: str = self.dedup
         if mode != "index":
             return mode
         unknown = [d for d in items if not _known(d)]
@@ -154,7 +161,7 @@ class AmoCrmAdapter:
     ) -> Link | None:
         """Write what the item needs; its link now, or None if it waits for the batch's
         complex create (a new person)."""
-        rule = self.settings.form_rule(item.lead.form)
+        rule = self.leads.form_rule(item.lead.form)
         if found.contact_id is None:
             plan.new.append(item)
             return None
@@ -238,7 +245,7 @@ class AmoCrmAdapter:
         into the index at once."""
         if not plan.new:
             return
-        bodies = [complex_body(d.lead, self.settings.form_rule(d.lead.form), d) for d in plan.new]
+        bodies = [complex_body(d.lead, self.leads.form_rule(d.lead.form), d) for d in plan.new]
         slots = [plan.slot[d.job_id] for d in plan.new]
         try:
             created = await self.api.create_complex(bodies)

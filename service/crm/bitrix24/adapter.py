@@ -51,7 +51,7 @@ from service.crm.contact_guard import ContactClaims
 from service.db.contact_locks import ContactGuard
 from service.errors import CrmError, CrmRetryable
 from service.model import Lead
-from service.settings import FormRule, Settings
+from service.settings import Bitrix24Settings, FormRule, LeadSettings
 
 _WRITE_ORDER = ("c", "p", "d", "u", "m")  # a person's first failed command is the one reported
 _DEAL_SELECT = ["ID", "CATEGORY_ID", "STAGE_ID", "STAGE_SEMANTIC_ID", "CLOSED", "CONTACT_ID"]
@@ -85,11 +85,11 @@ class Bitrix24Adapter:
     name = "bitrix24"
     max_batch = MAX_COMMANDS
 
-    def __init__(self, api: Bitrix24Api, settings: Settings) -> None:
+    def __init__(self, api: Bitrix24Api, settings: Bitrix24Settings, leads: LeadSettings) -> None:
         self.api = api
-        self.settings = settings
-        portal = settings.bitrix24_portal_url or settings.bitrix24_webhook_url or ""
-        self.account = f"bitrix24:{urlparse(portal).netloc or portal}"
+        self.leads = leads
+        url = settings.portal_url or settings.webhook_url or ""
+        self.account = f"bitrix24:{urlparse(url).netloc or url}"
 
     async def deliver_batch(
         self, items: Sequence[Delivery], guard: ContactGuard | None = None
@@ -98,7 +98,7 @@ class Bitrix24Adapter:
         if len(items) > self.max_batch:
             raise ValueError(f"at most {self.max_batch} deliveries per batch, got {len(items)}")
         people = [
-            Person(n, item, self.settings.form_rule(item.lead.form)) for n, item in enumerate(items)
+            Person(n, item, self.leads.form_rule(item.lead.form)) for n, item in enumerate(items)
         ]
         async with ContactClaims(guard, self.account) as claims:
             search = Search(self.api)

@@ -52,7 +52,7 @@ SUBMISSION_STATES = ("pending", "delivered", "dead")
 
 def _identities(request: web.Request) -> list[str] | None:
     """phone / email query parameters normalised exactly as intake stores them."""
-    region = request.app[SETTINGS].default_phone_region
+    region = request.app[SETTINGS].intake.default_phone_region
     found = []
     try:
         if phone := text_param(request.query, "phone"):

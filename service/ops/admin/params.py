@@ -34,7 +34,7 @@ def guarded(handler: Handler) -> Handler:
     """Bearer-token check (constant time), then the handler; 400/503 for bad input/no database."""
 
     async def check(request: web.Request) -> web.StreamResponse:
-        expected = request.app[SETTINGS].admin_token or ""
+        expected = request.app[SETTINGS].admin.token or ""
         sent = request.headers.get("Authorization", "")
         scheme, _, token = sent.partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(

@@ -72,7 +72,7 @@ async def replay_forward(request: web.Request) -> web.Response:
 
 async def lead_states(request: web.Request) -> web.Response:
     """Our delivered submissions and where their leads stand now, as the CRM's webhooks say."""
-    configured = request.app[SETTINGS].crm
+    configured = request.app[SETTINGS].crm.kind
     # the simulator is an amoCRM: its lead records are amoCRM's
     default = "bitrix24" if configured == "bitrix24" else "amocrm"
     crm = params.choice_param(request.query, "crm", LEAD_STATE_CRMS) or default

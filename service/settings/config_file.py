@@ -1,0 +1,119 @@
+"""The optional TOML file (`CRM_RELAY_CONFIG`): per-form rules, forward rules, generic sources.
+
+`read_config` parses and checks it; `service.settings.load_config` merges what it found into the
+slices that use it (`leads`, `webhook`). A wrong entry raises `SettingsError` naming
+`CRM_RELAY_CONFIG` and where in the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from service.errors import SettingsError
+from service.settings.slices import FormRule, ForwardRule, GenericSource
+
+GENERIC_VERIFY = ("any", "hmac", "qstash", "none")
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """What the TOML file says; None: the file leaves that setting as the environment has it."""
+
+    forms: dict[str, FormRule] = field(default_factory=dict)
+    forward_rules: dict[str, tuple[ForwardRule, ...]] = field(default_factory=dict)
+    generic_sources: dict[str, GenericSource] = field(default_factory=dict)
+    pipeline_id: int | None = None  # [amocrm] pipeline_id
+    status_id: int | None = None  # [amocrm] status_id
+
+
+def read_config(path: Path) -> ConfigFile:
+    """Parse and check the TOML file at `path`."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError("CRM_RELAY_CONFIG", f"a readable TOML file ({exc})") from None
+    amo = data.get("amocrm", {})
+    return ConfigFile(
+        forms={name: _form_rule(name, raw) for name, raw in data.get("forms", {}).items()},
+        forward_rules=_forward_rules(data.get("forward", {})),
+        generic_sources=_generic_sources(data.get("generic", {})),
+        pipeline_id=_int(amo.get("pipeline_id"), "amocrm.pipeline_id"),
+        status_id=_int(amo.get("status_id"), "amocrm.status_id"),
+    )
+
+
+def _form_rule(name: str, raw: Any) -> FormRule:
+    where = f"forms.{name}"
+    if not isinstance(raw, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", f"[{where}] to be a table")
+    fields = raw.get("fields", {})
+    if not isinstance(fields, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.fields to map names to field ids")
+    tags = raw.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.tags to be a list of strings")
+    return FormRule(
+        pipeline_id=_int(raw.get("pipeline_id"), f"{where}.pipeline_id"),
+        status_id=_int(raw.get("status_id"), f"{where}.status_id"),
+        tags=tuple(tags),
+        field_map={str(k): _int(v, f"{where}.fields.{k}") or 0 for k, v in fields.items()},
+        lead_name=str(raw.get("lead_name", FormRule.lead_name)),
+    )
+
+
+def _int(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where} to be an integer, got {value!r}")
+    return value
+
+
+def _forward_rules(raw: Any) -> dict[str, tuple[ForwardRule, ...]]:
+    """`[forward.amocrm]`, `[forward.bitrix24]`, `[forward.generic.<name>]`: url (or urls), rate."""
+    if not isinstance(raw, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", "[forward] to be a table")
+    tables = {k: v for k, v in raw.items() if k != "generic"}
+    generic = raw.get("generic", {})
+    if not isinstance(generic, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", "[forward.generic] to be a table")
+    tables.update({f"generic/{name}": v for name, v in generic.items()})
+    return {source: _forward_rule(source, v) for source, v in tables.items()}
+
+
+def _forward_rule(source: str, raw: Any) -> tuple[ForwardRule, ...]:
+    where = f"forward.{source.replace('/', '.')}"
+    if not isinstance(raw, dict):
+        raise SettingsError("CRM_RELAY_CONFIG", f"[{where}] to be a table")
+    urls = raw.get("urls", [raw["url"]] if "url" in raw else [])
+    rate = raw.get("rate")
+    if isinstance(rate, bool) or not isinstance(rate, int | float | None) or (rate or 1) <= 0:
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.rate to be a positive number")
+    if not isinstance(urls, list) or not urls:
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.url to be an http(s) URL")
+    for url in urls:
+        parsed = urlparse(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise SettingsError("CRM_RELAY_CONFIG", f"{where}.url to be an http(s) URL")
+    return tuple(ForwardRule(u, None if rate is None else float(rate)) for u in urls)
+
+
+def _generic_sources(raw: Any) -> dict[str, GenericSource]:
+    """`[generic.<name>]`: key_field (dotted path into the body), verify."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise SettingsError("CRM_RELAY_CONFIG", "[generic.<name>] to be tables")
+    sources = {}
+    for name, table in raw.items():
+        verify = table.get("verify", "any")
+        if verify not in GENERIC_VERIFY:
+            choices = ", ".join(GENERIC_VERIFY)
+            raise SettingsError("CRM_RELAY_CONFIG", f"generic.{name}.verify to be one of {choices}")
+        key_field = table.get("key_field")
+        if key_field is not None and not isinstance(key_field, str):
+            raise SettingsError("CRM_RELAY_CONFIG", f"generic.{name}.key_field to be a string")
+        sources[str(name)] = GenericSource(key_field or None, verify)
+    return sources
