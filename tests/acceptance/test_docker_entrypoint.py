@@ -1,6 +1,8 @@
-"""The Dockerfile's own command, without a Docker engine: ENTRYPOINT + CMD read from the file and
-run as they are, with the file's ENV, on the embedded defaults; its HEALTHCHECK command passes;
-SIGTERM ends it with 0. The deployment files agree with that shutdown."""
+"""The Dockerfile's own command, without a Docker engine: the final stage's ENTRYPOINT + CMD read
+from the file and run as they are (`/usr/bin/tini -- crm-relay serve`: tini from Debian's package,
+which scripts/test installs like redis-server; crm-relay from this venv, where the image's PATH
+puts /opt/venv/bin), with the file's ENV, on the embedded defaults; its HEALTHCHECK command
+passes; SIGTERM to tini ends both with 0. The deployment files agree with that shutdown."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tests.acceptance.test_first_run import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACEFUL_S = 10  # what crm-relay promises for a SIGTERM
+VENV_IN_IMAGE = "/opt/venv/bin"
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -41,13 +44,15 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def docker_command() -> tuple[list[str], dict[str, str], list[str]]:
-    """(ENTRYPOINT + CMD, ENV, HEALTHCHECK command)."""
+    """(ENTRYPOINT + CMD, ENV, HEALTHCHECK command) of the final stage (the last FROM)."""
     entrypoint: list[str] = []
     cmd: list[str] = []
     env: dict[str, str] = {}
     health: list[str] = []
     for keyword, rest in dockerfile_instructions(ROOT / "Dockerfile"):
-        if keyword == "ENTRYPOINT":
+        if keyword == "FROM":  # a new stage: what earlier stages set does not reach the image
+            entrypoint, cmd, env, health = [], [], {}, []
+        elif keyword == "ENTRYPOINT":
             entrypoint = json.loads(rest)  # exec form: signals reach the process itself
         elif keyword == "CMD":
             cmd = json.loads(rest)
@@ -58,27 +63,48 @@ def docker_command() -> tuple[list[str], dict[str, str], list[str]]:
     return entrypoint + cmd, env, health
 
 
-def test_dockerfile_uses_the_exec_form_and_the_console_script() -> None:
+def test_dockerfile_uses_the_exec_form_tini_and_the_console_script() -> None:
     command, env, health = docker_command()
-    assert command == ["crm-relay", "serve"]
+    assert command == ["/usr/bin/tini", "--", "crm-relay", "serve"]
     assert env["LOG_FORMAT"] == "json" and env["PORT"] == "8080"
+    assert env["PATH"].split(":")[0] == VENV_IN_IMAGE and "PYTHONPATH" not in env
     assert health[0] == "python" and "/healthz" in health[-1]
+    instructions = dockerfile_instructions(ROOT / "Dockerfile")
+    final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
+    assert ("USER", "10001:10001") in final  # by number, as runAsNonRoot wants it
+    assert ("VOLUME", '["/var/lib/crm-relay"]') in final
+    assert any(k == "RUN" and "--require-hashes" in r for k, r in instructions)
+
+
+def image_env(docker_env: dict[str, str]) -> dict[str, str]:
+    """The environment the image's command gets, moved onto this machine: the image's PATH with
+    its venv replaced by this one; no CRM credentials or database from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMOCRM_", "BITRIX24_"))}
+    for var in ("DATABASE_URL", "CRM", "REDIS_URL", "CRM_RELAY_CONFIG", "ADMIN_TOKEN"):
+        env.pop(var, None)
+    here = str(Path(sys.executable).parent)
+    for key, value in docker_env.items():
+        value = value.replace("$PATH", os.environ.get("PATH", "")).replace(VENV_IN_IMAGE, here)
+        env[key] = value
+    # tini is not PID 1 here: as a subreaper it still reaps orphans as it does in the image
+    env["TINI_SUBREAPER"] = "1"
+    return env
 
 
 async def test_docker_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     command, docker_env, health = docker_command()
-    # the image installs the console script on PATH; here it is the venv's
-    script = shutil.which(command[0], path=str(Path(sys.executable).parent))
-    assert script, f"{command[0]} is not installed beside {sys.executable}"
+    env = image_env(docker_env)
+    assert Path(command[0]).is_file(), (
+        f"{command[0]} (the image's init) is not installed: scripts/test installs it with apt "
+        "(apt-get install tini)"
+    )
+    script = shutil.which(command[2], path=env["PATH"])
+    assert script, f"{command[2]} is not on the image's PATH moved here: {env['PATH']}"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMOCRM_", "BITRIX24_"))}
-    for var in ("DATABASE_URL", "CRM", "REDIS_URL", "CRM_RELAY_CONFIG", "ADMIN_TOKEN"):
-        env.pop(var, None)
-    env.update(docker_env)
     # the image's data volume and port, moved to this test's own
     env.update(CRM_RELAY_DATA_DIR=str(tmp_path / "data"), PORT=str(port))
     with open(tmp_path / "stderr.log", "wb") as errlog:
-        proc = subprocess.Popen([script, *command[1:]], env=env, stdout=errlog, stderr=errlog)
+        proc = subprocess.Popen(command, env=env, stdout=errlog, stderr=errlog)
         try:
             await _serves(proc, port, health, env)
             t0 = time.monotonic()
@@ -113,8 +139,10 @@ async def _serves(
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.25)
-    # the image's HEALTHCHECK, as Docker would run it (python is the venv's here)
-    check = subprocess.run([sys.executable, *health[1:]], env=env, capture_output=True, timeout=10)
+    # the image's HEALTHCHECK, as Docker would run it (its `python` is the venv's, by PATH)
+    python = shutil.which(health[0], path=env["PATH"])
+    assert python, f"no {health[0]} on {env['PATH']}"
+    check = subprocess.run([python, *health[1:]], env=env, capture_output=True, timeout=10)
     assert check.returncode == 0, check.stderr.decode()
 
 
