@@ -25,9 +25,9 @@ COPY service ./service
 COPY sql ./sql
 RUN /opt/venv/bin/pip wheel --no-deps -w /dist .
 
-# Stage 3: what runs. tini is PID 1: it forwards SIGTERM to crm-relay alone (not to its process
-# group, where the embedded PostgreSQL must outlive the drain) and reaps orphans. Kubernetes has
-# no `docker run --init`, so it is in the image.
+# Stage 3: what runs. tini is PID 1: it forwards SIGTERM to crm-relay and reaps what is
+# re-parented to it (the embedded PostgreSQL runs detached; crm-relay stops it at exit).
+# Kubernetes has no `docker run --init`, so it is in the image.
 FROM ${PYTHON_IMAGE}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1

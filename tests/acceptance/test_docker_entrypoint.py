@@ -17,8 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yaml
 
 from tests.acceptance.test_first_run import free_port
 
@@ -146,37 +148,55 @@ async def _serves(
     assert check.returncode == 0, check.stderr.decode()
 
 
-def test_pm2_and_kubernetes_allow_the_graceful_shutdown() -> None:
-    ecosystem = (ROOT / "deploy" / "ecosystem.config.js").read_text()
+def pm2_app() -> dict[str, Any]:
+    """The app as PM2 loads it: the file evaluated by node (there on every machine CI runs on);
+    without node, the options written as literals, read from the text."""
+    path = ROOT / "deploy" / "ecosystem.config.js"
     node = shutil.which("node")
-    if node:  # evaluate the file as PM2 would
-        out = subprocess.run(
-            [
-                node,
-                "-e",
-                "console.log(JSON.stringify(require(process.argv[1])))",
-                str(ROOT / "deploy" / "ecosystem.config.js"),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        app = json.loads(out)["apps"][0]
-    else:
-        app = {
-            k: int(v) if v.isdigit() else v.strip('"')
-            for k, v in re.findall(r"(\w+): ([\w\"-]+),", ecosystem)
-        }
-    assert app["script"] == "crm-relay" and app["args"] == "serve"
-    assert app["kill_timeout"] > GRACEFUL_S * 1000
-    assert app["max_memory_restart"] and app["autorestart"] in (True, "true")
+    if not node:
+        pairs = re.findall(r"^\s+(\w+): ([^\n]+?),(?: //.*)?$", path.read_text(), re.M)
+        return {k: int(v) if v.isdigit() else v.strip('"') for k, v in pairs}
+    out = subprocess.run(
+        [node, "-e", "console.log(JSON.stringify(require(process.argv[1])))", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    app: dict[str, Any] = json.loads(out)["apps"][0]
+    return app
 
-    deployment = (ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()
-    grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", deployment)[1])  # type: ignore[index]
-    pre_stop = int(re.search(r'command: \["sleep", "(\d+)"\]', deployment)[1])  # type: ignore[index]
-    assert grace > pre_stop + GRACEFUL_S
-    assert re.search(r"livenessProbe:\s+httpGet: \{path: /healthz", deployment)
-    assert re.search(r"readinessProbe:\s+httpGet: \{path: /readyz", deployment)
-    assert "resources:" in deployment and "secretRef: {name: crm-relay}" in deployment
-    secret = (ROOT / "deploy" / "k8s" / "secret.yaml").read_text()
-    assert "kind: Secret" in secret and "ADMIN_TOKEN" in secret
+
+def test_pm2_runs_the_venv_script_with_one_log_and_the_graceful_shutdown() -> None:
+    app = pm2_app()
+    assert app["interpreter"] == "none" and app["args"] == "serve"
+    assert "crm-relay" in app["script"] and app["exec_mode"] == "fork"
+    assert app["kill_timeout"] > GRACEFUL_S * 1000  # PM2: SIGINT, then SIGKILL after this
+    assert app["max_memory_restart"] and app["autorestart"] in (True, "true")
+    assert app["out_file"] == app["error_file"]  # one log, in the order lines were written
+    assert "listen_timeout" not in app or app.get("wait_ready")  # else it does nothing
+    if isinstance(app.get("env"), dict):  # evaluated by node: paths resolved
+        assert Path(app["cwd"]).is_absolute() and Path(app["script"]).name == "crm-relay"
+        assert Path(app["env"]["CRM_RELAY_DATA_DIR"]).is_absolute()
+
+
+def test_kubernetes_allows_the_graceful_shutdown_and_keeps_secrets_out_of_git() -> None:
+    k8s = ROOT / "deploy" / "k8s"
+    deployment = yaml.safe_load((k8s / "base" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + GRACEFUL_S
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"] and {"secretRef": {"name": "crm-relay"}} in container["envFrom"]
+    # the Secret is generated from a git-ignored env file; only examples are committed
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    for variant in (k8s, k8s / "scaled"):
+        kustomization = yaml.safe_load((variant / "kustomization.yaml").read_text())
+        (generator,) = kustomization["secretGenerator"]
+        assert generator == {**generator, "name": "crm-relay", "envs": ["secret.env"]}
+        assert str((variant / "secret.env").relative_to(ROOT)) in ignored
+        example = (variant / "secret.env.example").read_text()
+        assert re.search(r"^ADMIN_TOKEN=$", example, re.M)  # a name to fill in, no value
+    committed = [p for p in k8s.rglob("*.yaml") if "kind: Secret" in p.read_text()]
+    assert committed == []
