@@ -64,9 +64,10 @@ def _argument(call: ast.Call, position: int, keyword: str) -> ast.expr:
     return next(k.value for k in call.keywords if k.arg == keyword)
 
 
-def _locals(tree: ast.Module) -> dict[str, Any]:
-    """Constants, then locals such as `rate_default = DEFAULT_RATES[crm]` (by name: one file)."""
-    names = _constants(tree)
+def _locals(tree: ast.Module, shared: dict[str, Any]) -> dict[str, Any]:
+    """Constants (the package's, `shared`, then this module's), then locals such as
+    `rate_default = DEFAULT_RATES[crm]` (by name: one file)."""
+    names = {**shared, **_constants(tree)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             try:
@@ -110,9 +111,10 @@ def _reads(tree: ast.Module) -> list[ast.Call]:
 def code_defaults() -> dict[str, Any]:
     """Every variable the settings read, with its default (None: no default)."""
     found: dict[str, Any] = {}
-    for path in settings_sources():
-        tree = ast.parse(path.read_text())
-        names, fallbacks = _locals(tree), _fallbacks(tree)
+    trees = [ast.parse(path.read_text()) for path in settings_sources()]
+    shared = {k: v for tree in trees for k, v in _constants(tree).items()}  # imported constants
+    for tree in trees:
+        names, fallbacks = _locals(tree, shared), _fallbacks(tree)
         for call in _reads(tree):
             method = call.func.attr  # type: ignore[attr-defined]
             default: Any = None
