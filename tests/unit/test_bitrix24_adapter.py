@@ -291,3 +291,19 @@ async def test_operation_time_limit_on_one_method_comes_back_scoped(
     assert isinstance(limited, CrmRateLimited) and limited.scope == "crm.deal.add"
     assert limited.retry_after is not None and 590 < limited.retry_after <= 600
     assert len(portal.report()["contacts"]) == 4  # the retry will find the fourth contact
+
+
+async def test_people_cannot_smuggle_batch_references_in_any_case(portal: Portal) -> None:
+    """Bitrix24 substitutes `$result`, `$next`, `$total`, `$time`, `$error` in any case,
+    anywhere in a command's text (CRM_FACTS.md, "Bitrix24 batch references"): a person's name
+    reaches the portal as they typed it, with only those `$` signs made harmless."""
+    names = ["$time[c0][start] и $RESULT[c0]", "$Next[c0]", "$error[c0]", "Price: $5, $total"]
+    people = [delivery(0)] + [
+        delivery(n, Lead("course", f"+7701000000{n}", None, name))
+        for n, name in enumerate(names, start=1)
+    ]
+    links = await portal.adapter.deliver_batch(people)
+    assert all(isinstance(link, Link) for link in links), links
+    stored = {c["NAME"] for c in portal.report()["contacts"]}
+    for name in names:
+        assert name.replace("$", "＄").replace("＄5", "$5") in stored, (name, stored)

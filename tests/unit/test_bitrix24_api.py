@@ -271,10 +271,12 @@ def test_build_query_round_trips_through_the_simulators_parser() -> None:
 
 
 def test_people_cannot_smuggle_batch_references_in_their_data() -> None:
-    query = build_query({"fields": {"NAME": "$result[c1] and $result_error[c2]", "X": "$5"}})
+    text = "$result[c1] and $result_error[c2], $NEXT[a] $Total[b] $time.x[c] $ErRoR[d]"
+    query = build_query({"fields": {"NAME": text, "X": "$5", "Y": "$resultat"}})
     _, parsed = parse_command("crm.contact.add?" + query)
-    assert parsed["fields"]["NAME"] == "＄result[c1] and ＄result_error[c2]"
+    assert parsed["fields"]["NAME"] == text.replace("$", "＄")
     assert parsed["fields"]["X"] == "$5"
+    assert parsed["fields"]["Y"] == "＄resultat"
 
 
 def test_findbycomm_commands_take_20_values_each_and_deals_parse() -> None:
