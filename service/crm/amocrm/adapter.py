@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from service.crm.amocrm.api import (
     MAX_BATCH,
@@ -36,8 +36,8 @@ from service.crm.amocrm.api import (
     digits,
 )
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
-from service.crm.amocrm.index import ContactIndex, account_of, phone_identity
-from service.crm.amocrm.sparing import send_sparing
+from service.crm.amocrm.index import ContactIndex, account_of, national_number, phone_identity
+from service.crm.amocrm.sparing import no_answer, send_sparing
 from service.crm.base import Delivery, Link
 from service.crm.contact_guard import ContactClaims
 from service.db.contact_locks import ContactGuard
@@ -261,14 +261,20 @@ class AmoCrmAdapter:
         ):
             if not bodies:
                 continue
-            answers = await send_sparing(_no_answer(call), [body for _, body in bodies])
+            answers = await send_sparing(no_answer(call), [body for _, body in bodies])
             for (slot, _), answer in zip(bodies, answers, strict=True):
                 if isinstance(answer, CrmError):
                     out[slot] = answer
 
     async def find_contact(self, lead: Lead) -> AmoContact | None:
-        """The oldest contact whose phone or email really matches (the search is fuzzy)."""
-        for query in (lead.phone, lead.email):
+        """The oldest contact whose phone or email really matches.
+
+        amoCRM's search is a substring search over what a manager typed: "+79161234567" is not
+        in "8 (916) 123-45-67". A phone is searched by its national number, which is in every
+        way of writing it, and what comes back is re-checked exactly (CRM_FACTS.md, "amoCRM
+        search")."""
+        phone = national_number(lead.phone) if lead.phone else None
+        for query in (phone, lead.email):
             if not query:
                 continue
             found = [c for c in await self.api.search_contacts(query) if self._matches(c, lead)]
@@ -365,18 +371,6 @@ async def _each(
         else:
             done[item.job_id] = result
     return done
-
-
-def _no_answer(
-    call: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]],
-) -> Callable[[list[Mapping[str, Any]]], Awaitable[list[None]]]:
-    """An array call that answers nothing per item, as one that answers None for each."""
-
-    async def send(bodies: list[Mapping[str, Any]]) -> list[None]:
-        await call(bodies)
-        return [None] * len(bodies)
-
-    return send
 
 
 def _as_error(exc: BaseException) -> CrmError:

@@ -93,3 +93,15 @@ def _named(exc: AmoValidation, sent: list[Mapping[str, Any]]) -> dict[int, str]:
 
 def _item_error(text: str) -> CrmPermanent:
     return CrmPermanent(f"amoCRM rejected the item (400): {text}", status=400)
+
+
+def no_answer(
+    call: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]],
+) -> Callable[[list[Mapping[str, Any]]], Awaitable[list[None]]]:
+    """An array call that answers nothing per item, as one that answers None for each."""
+
+    async def send(bodies: list[Mapping[str, Any]]) -> list[None]:
+        await call(bodies)
+        return [None] * len(bodies)
+
+    return send

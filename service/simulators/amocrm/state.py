@@ -378,10 +378,14 @@ class AmoStore:
 
 
 def _matches(contact: Contact, query: str) -> bool:
+    """amoCRM's `query` search: a substring of what is stored — the digits of a phone (its
+    formatting ignored), the name, an email. The query is not normalised: "+79161234567" does
+    not find a phone a manager typed as "8 (916) 123-45-67", its national number "9161234567"
+    does (CRM_FACTS.md, "amoCRM search"; Kommo's contacts list reference, `query`)."""
     wanted = digits(query)
     if len(wanted) >= 5:
         for phone in map(digits, field_values(contact.fields, "PHONE")):
-            if phone and (wanted in phone or phone[-10:] in wanted):
+            if wanted in phone:
                 return True
     needle = query.strip().lower()
     haystack = [contact.name, *field_values(contact.fields, "EMAIL")]
