@@ -71,8 +71,9 @@ _AUTH_CODES = frozenset(
     {"INVALID_CREDENTIALS", "expired_token", "invalid_token", "NO_AUTH_FOUND", "WRONG_AUTH_TYPE"}
 )
 # A webhook without the crm scope or a user without rights: nothing a retry fixes, and every
-# request will fail alike, so it is a credentials problem for the operator rather than one bad lead.
-_PERMISSION_CODES = frozenset({"insufficient_scope", "ACCESS_DENIED"})
+# request will fail alike, so it is a credentials problem for the operator rather than one bad lead
+# (`user_access_error`, 403: CRM_FACTS.md, "Bitrix24 stages").
+_PERMISSION_CODES = frozenset({"insufficient_scope", "ACCESS_DENIED", "user_access_error"})
 _TRANSIENT_CODES = frozenset({"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"})
 # What Bitrix24 expands in any parameter value of a batch command (see `build_query`):
 # `CRestUtil::processBatchElement` matches "/\$(result|next|total|time|error)([^\s]*)/i" — any
