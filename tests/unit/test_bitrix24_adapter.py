@@ -250,15 +250,35 @@ async def test_two_deliveries_of_one_crm_contact_do_not_open_two_deals(portal: P
 
 
 async def test_a_refused_write_request_fails_only_the_unsent_people(portal: Portal) -> None:
-    # slot 1: look, slot 2: first 25 people, slot 3: the last 5 → refused by the portal
+    # slot 1: look, slot 2: the 30 contacts, slot 3: their 30 deals → refused by the portal
     def refuse() -> None:
         portal.sim.faults.scripted.append(ScriptedAnswer("*", "*", 503))
 
     portal.gate.before[3] = refuse
-    links = await portal.adapter.deliver_batch([delivery(n) for n in range(30)])
-    assert all(isinstance(link, Link) for link in links[:25])
-    assert all(isinstance(link, CrmRetryable) for link in links[25:])
-    assert len(portal.report()["contacts"]) == 25
+    people = [delivery(n) for n in range(30)]
+    links = await portal.adapter.deliver_batch(people)
+    assert all(isinstance(link, CrmRetryable) for link in links)
+    assert len(portal.report()["contacts"]) == 30 and portal.report()["deals"] == []
+    # the retry finds every contact the first attempt made: a deal each, no second contact
+    links = await portal.adapter.deliver_batch(people)
+    assert all(isinstance(link, Link) for link in links)
+    report = portal.report()
+    assert len(report["contacts"]) == 30 and len(report["deals"]) == 30
+    no_duplicates(report)
+
+
+async def test_no_deal_is_made_for_a_contact_the_portal_refused(portal: Portal) -> None:
+    """A deal never refers to its contact by `$result[…]`: the portal would make it anyway,
+    bound to no contact (CRM_FACTS.md, "Bitrix24 batch references")."""
+    refused = delivery(1, Lead("course", "+77010000001", "bad..dots@example.kz", "B"))
+    links = await portal.adapter.deliver_batch([delivery(0), refused, delivery(2)])
+    assert isinstance(links[0], Link) and isinstance(links[2], Link)
+    assert isinstance(links[1], CrmPermanent) and "Invalid e-mail" in str(links[1])
+    report = portal.report()
+    assert len(report["deals"]) == 2
+    contacts = {int(c["ID"]) for c in report["contacts"]}
+    for deal in report["deals"]:
+        assert len(deal["contact_ids"]) == 1 and deal["contact_ids"][0] in contacts, deal
 
 
 async def test_operation_time_limit_on_one_method_comes_back_scoped(
@@ -273,3 +293,19 @@ async def test_operation_time_limit_on_one_method_comes_back_scoped(
     assert isinstance(limited, CrmRateLimited) and limited.scope == "crm.deal.add"
     assert limited.retry_after is not None and 590 < limited.retry_after <= 600
     assert len(portal.report()["contacts"]) == 4  # the retry will find the fourth contact
+
+
+async def test_people_cannot_smuggle_batch_references_in_any_case(portal: Portal) -> None:
+    """Bitrix24 substitutes `$result`, `$next`, `$total`, `$time`, `$error` in any case,
+    anywhere in a command's text (CRM_FACTS.md, "Bitrix24 batch references"): a person's name
+    reaches the portal as they typed it, with only those `$` signs made harmless."""
+    names = ["$time[c0][start] и $RESULT[c0]", "$Next[c0]", "$error[c0]", "Price: $5, $total"]
+    people = [delivery(0)] + [
+        delivery(n, Lead("course", f"+7701000000{n}", None, name))
+        for n, name in enumerate(names, start=1)
+    ]
+    links = await portal.adapter.deliver_batch(people)
+    assert all(isinstance(link, Link) for link in links), links
+    stored = {c["NAME"] for c in portal.report()["contacts"]}
+    for name in names:
+        assert name.replace("$", "＄").replace("＄5", "$5") in stored, (name, stored)

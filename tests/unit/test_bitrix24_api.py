@@ -271,10 +271,12 @@ def test_build_query_round_trips_through_the_simulators_parser() -> None:
 
 
 def test_people_cannot_smuggle_batch_references_in_their_data() -> None:
-    query = build_query({"fields": {"NAME": "$result[c1] and $result_error[c2]", "X": "$5"}})
+    text = "$result[c1] and $result_error[c2], $NEXT[a] $Total[b] $time.x[c] $ErRoR[d]"
+    query = build_query({"fields": {"NAME": text, "X": "$5", "Y": "$resultat"}})
     _, parsed = parse_command("crm.contact.add?" + query)
-    assert parsed["fields"]["NAME"] == "＄result[c1] and ＄result_error[c2]"
+    assert parsed["fields"]["NAME"] == text.replace("$", "＄")
     assert parsed["fields"]["X"] == "$5"
+    assert parsed["fields"]["Y"] == "＄resultat"
 
 
 def test_findbycomm_commands_take_20_values_each_and_deals_parse() -> None:
@@ -345,3 +347,12 @@ async def test_oauth_hook_sends_auth_and_refreshes_once(
     assert await api.call("crm.deal.get", {"id": 1}) == {"ID": "1"}
     assert tokens.refreshed == ["old"]
     assert [body["auth"] for _, body in _bodies(mocked)] == ["old", "new"]
+
+
+def test_user_access_error_is_a_credentials_problem_not_a_bad_lead() -> None:
+    """`user_access_error` (403) means the webhook's user lacks rights (CRM_FACTS.md, "Bitrix24
+    stages"): every request fails alike, so the circuit opens and nobody goes dead."""
+    for status in (403, None):  # a whole request, or one command inside a batch
+        error = error_for("crm.contact.add", "user_access_error", "Access denied", status=status)
+        assert isinstance(error, CrmUnauthorized), error
+        assert "user_access_error" in str(error)

@@ -236,16 +236,46 @@ async def test_batch_chains_results_and_isolates_sub_errors(bx: Bx) -> None:
     }
     result = await bx.batch(cmd)
 
-    assert set(result["result"]) == {"c1", "d1", "g1", "f1", "first"}
-    assert set(result["result_error"]) == {"bad", "d2"}
-    assert result["result_error"]["d2"]["error"]  # refers to a failed command: fails too
+    # As the real server does (CRestUtil::processBatchElement): a reference to a failed
+    # command does not fail the command using it; the deal is made, bound to no contact.
+    assert set(result["result"]) == {"c1", "d1", "d2", "g1", "f1", "first"}
+    assert set(result["result_error"]) == {"bad"}
     assert result["result"]["g1"]["CONTACT_ID"] == str(result["result"]["c1"])
     assert result["result"]["first"]["NAME"] == "Ivan"
     assert set(result["result_time"]) >= set(result["result"])
     report = bx.sim.report()
-    assert [d["TITLE"] for d in report["deals"]] == ["Deal"]  # no deal without its contact
+    deals = {d["TITLE"]: d for d in report["deals"]}
+    assert set(deals) == {"Deal", "Orphan"}
+    assert deals["Orphan"]["CONTACT_ID"] in (None, "", "0", 0), deals["Orphan"]
     assert report["requests_by_endpoint"] == {"batch": 1}
     assert report["commands_by_method"]["crm.contact.add"] == 2
+
+
+async def test_batch_references_are_substituted_like_the_real_server(bx: Bx) -> None:
+    """Every section (`$result`, `$next`, `$total`, `$time`, `$error`), any case, anywhere in
+    a value; the walk stops at a missing key and hands over what it reached."""
+    contact = await bx.ok("crm.contact.add", {"fields": {"NAME": "Seed"}})
+    cmd = {
+        "a": f"crm.contact.get?id={contact}",
+        "bad": "crm.contact.get?id=999",
+        "n1": "crm.contact.update?id=" + str(contact) + "&fields[NAME]=x $result[a][NAME] y",
+        "n2": "crm.contact.add?fields[NAME]=$ReSuLt[a][NAME]%20tail",
+        "n3": "crm.contact.add?fields[NAME]=t=$time[a][start]"
+        "&fields[LAST_NAME]=e:$error[bad][error_description]",
+        "n4": "crm.contact.add?fields[NAME]=$total[nothing][x] and $next[a]",
+        "g": "crm.contact.get?id=$result[n2]",
+    }
+    result = await bx.batch(cmd)
+    assert set(result["result_error"]) == {"bad"}, result["result_error"]
+    names = {c["ID"]: c for c in bx.sim.report()["contacts"]}
+    assert names[str(contact)]["NAME"] == "x Seed y"
+    # "$ReSuLt" matches (case-insensitive) but names no section: the text stays
+    assert result["result"]["g"]["NAME"] == "$ReSuLt[a][NAME] tail"
+    n3 = names[str(result["result"]["n3"])]
+    assert n3["NAME"].startswith("t=") and n3["NAME"] != "t=$time[a][start]"
+    assert n3["LAST_NAME"] == "e:Not found"
+    n4 = names[str(result["result"]["n4"])]
+    assert n4["NAME"] == "$total[nothing][x] and $next[a]"  # arrays are not spliced into text
 
 
 async def test_batch_halt_stops_at_the_first_error_and_takes_at_most_50(bx: Bx) -> None:

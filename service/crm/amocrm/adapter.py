@@ -36,7 +36,8 @@ from service.crm.amocrm.api import (
     digits,
 )
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
-from service.crm.amocrm.index import ContactIndex, account_of, phone_identity
+from service.crm.amocrm.index import ContactIndex, account_of, national_number, phone_identity
+from service.crm.amocrm.sparing import no_answer, send_sparing
 from service.crm.base import Delivery, Link
 from service.crm.contact_guard import ContactClaims
 from service.db.contact_locks import ContactGuard
@@ -241,43 +242,46 @@ class AmoCrmAdapter:
         return Link(contact.id, await self._new_lead(contact.id, item.lead, rule, item))
 
     async def _create_new(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
-        """One `leads/complex` call for every new person of the batch; the new contacts go
-        into the index at once."""
+        """One `leads/complex` call for every new person of the batch (a person amoCRM
+        refuses fails alone: `send_sparing`); the new contacts go into the index at once."""
         if not plan.new:
             return
         bodies = [complex_body(d.lead, self.leads.form_rule(d.lead.form), d) for d in plan.new]
-        slots = [plan.slot[d.job_id] for d in plan.new]
-        try:
-            created = await self.api.create_complex(bodies)
-        except CrmError as exc:
-            for slot in slots:
-                out[slot] = exc
-            return
+        created = await send_sparing(self.api.create_complex, bodies)
         pairs: list[tuple[str, int]] = []
-        for slot, res, item in zip(slots, created, plan.new, strict=True):
-            out[slot] = Link(res.contact_id, res.lead_id)
+        for res, item in zip(created, plan.new, strict=True):
+            if isinstance(res, CrmError):
+                out[plan.slot[item.job_id]] = res
+                continue
+            out[plan.slot[item.job_id]] = Link(res.contact_id, res.lead_id)
             if res.contact_id is not None:
                 pairs += [(i, res.contact_id) for i in (item.lead.phone, item.lead.email) if i]
         await self._remember(pairs)
 
     async def _flush(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
         """Status changes and notes for existing leads, one array call each. A failure fails
-        only the items that still needed it (their lead exists; the retry will update it)."""
+        only the items that still needed it (their lead exists; the retry will update it), and
+        an item amoCRM refuses fails alone (`send_sparing`)."""
         for call, bodies in (
             (self.api.update_leads, plan.patches),
             (self.api.add_notes, plan.notes),
         ):
             if not bodies:
                 continue
-            try:
-                await call([body for _, body in bodies])
-            except CrmError as exc:
-                for slot in {s for s, _ in bodies}:
-                    out[slot] = exc
+            answers = await send_sparing(no_answer(call), [body for _, body in bodies])
+            for (slot, _), answer in zip(bodies, answers, strict=True):
+                if isinstance(answer, CrmError):
+                    out[slot] = answer
 
     async def find_contact(self, lead: Lead) -> AmoContact | None:
-        """The oldest contact whose phone or email really matches (the search is fuzzy)."""
-        for query in (lead.phone, lead.email):
+        """The oldest contact whose phone or email really matches.
+
+        amoCRM's search is a substring search over what a manager typed: "+79161234567" is not
+        in "8 (916) 123-45-67". A phone is searched by its national number, which is in every
+        way of writing it, and what comes back is re-checked exactly (CRM_FACTS.md, "amoCRM
+        search")."""
+        phone = national_number(lead.phone) if lead.phone else None
+        for query in (phone, lead.email):
             if not query:
                 continue
             found = [c for c in await self.api.search_contacts(query) if self._matches(c, lead)]

@@ -49,6 +49,7 @@ __all__ = [  # what callers import from here, parsed types included
     "AmoContact",
     "AmoCrmApi",
     "AmoLead",
+    "AmoValidation",
     "ComplexResult",
     "ContactPage",
     "StaticToken",
@@ -73,6 +74,16 @@ class TokenPair:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: float  # unix seconds
+
+
+class AmoValidation(CrmPermanent):
+    """amoCRM's 400: the whole request refused. `items` maps the `request_id` of every item it
+    named (`validation-errors[].request_id`) to what was wrong with it; empty when it named none
+    (CRM_FACTS.md, "amoCRM validation")."""
+
+    def __init__(self, message: str, items: Mapping[str, str]) -> None:
+        super().__init__(message, status=400)
+        self.items = dict(items)
 
 
 class StaticToken:
@@ -320,6 +331,9 @@ def _raise_for(status: int, body: Any, headers: Mapping[str, str]) -> None:
             "amoCRM answered 403: the account or IP is blocked (stop sending, may need support)",
             status=403,
         )
+    if status == 400:
+        message = _clip(f"amoCRM rejected the request (400): {_problem_summary(body)}")
+        raise AmoValidation(message, _named_items(body))
     if status in _PERMANENT:
         message = _clip(f"amoCRM rejected the request ({status}): {_problem_summary(body)}")
         raise CrmPermanent(message, status=status)
@@ -342,6 +356,19 @@ def _problem_summary(body: Any) -> str:
     elif isinstance(body, str) and body.strip():
         pairs = [" ".join(body.split())]
     return "; ".join(pairs) or "no details"
+
+
+def _named_items(body: Any) -> dict[str, str]:
+    """`request_id` → "path: detail; …" for every item a 400 names."""
+    named: dict[str, list[str]] = {}
+    for item in dicts(body.get("validation-errors") if isinstance(body, dict) else None):
+        request_id = item.get("request_id")
+        if isinstance(request_id, str | int) and not isinstance(request_id, bool):
+            errors = dicts(item.get("errors"))
+            named.setdefault(str(request_id), []).extend(
+                f"{e.get('path', '?')}: {e.get('detail', e.get('code'))}" for e in errors
+            )
+    return {rid: _clip("; ".join(texts) or "refused") for rid, texts in named.items()}
 
 
 def _clip(message: str) -> str:

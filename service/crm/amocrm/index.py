@@ -31,7 +31,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from urllib.parse import urlparse
 
-from service.crm.amocrm.api import LIST_LIMIT, AmoContact, AmoCrmApi, ContactPage
+import phonenumbers
+
+from service.crm.amocrm.api import LIST_LIMIT, AmoContact, AmoCrmApi, ContactPage, digits
 from service.db.contact_index_store import ContactIndexStore, SyncState
 from service.db.store import Pool
 from service.errors import BadInput
@@ -194,3 +196,11 @@ def phone_identity(raw: str, region: str | None) -> str | None:
     """A phone as written anywhere, as intake would store it (E.164); None if it is no valid
     phone."""
     return _phone(raw, region)
+
+
+def national_number(phone: str) -> str:
+    """The digits after the country code of an E.164 phone (all its digits if it is not one)."""
+    try:
+        return str(phonenumbers.parse(phone, None).national_number)
+    except phonenumbers.NumberParseException:
+        return digits(phone)

@@ -10,8 +10,14 @@
    others are `Deferred` to the next round, where they find its deal;
 4. write: a known person's open deal gets its stage (if the form sets one) and a timeline
    comment with the submission, and their contact the phone/e-mail it lacked; a known contact
-   without an open deal gets a new deal; a new person gets `crm.contact.add` and `crm.deal.add`
-   linked through `$result[c<i>]`, 25 people per request.
+   without an open deal gets a new deal; a new person gets `crm.contact.add`, 50 to a request;
+5. deals for the contacts step 4 made, bound by their real ids, 50 to a request.
+
+No deal depends on a `$result[…]` reference: Bitrix24 runs a command whose reference points
+at a failed command anyway, with the whole result section in place of the id, and the deal is
+made bound to no contact or the wrong one (CRM_FACTS.md, "Bitrix24 batch references"). So a
+person whose contact the portal refuses (ERROR_CORE, "invalid e-mail") gets no deal and goes
+dead with the portal's message; everyone else's deal names their own contact.
 
 A backlog of 50 new people costs 3 requests. A failed command fails only its own person; one
 whose deal.add failed after their contact.add succeeded is found by findbycomm on the retry and
@@ -68,6 +74,7 @@ class Person:
     contact: BitrixContact | None = None  # read back, when we needed its phones/e-mails
     deal: BitrixDeal | None = None  # the open deal to update
     searching: bool = False
+    born: bool = False  # its contact was made in this round: its deal goes out next
     outcome: Link | CrmError | None = None
 
     @property
@@ -144,6 +151,12 @@ class Bitrix24Adapter:
             adds = f"p{person.index}" in group or f"d{person.index}" in group
             if person.contact_id is not None and adds:  # to an existing contact
                 claims.wrote(person.contact_id)
+        await self._send(groups)
+        # The contacts just made get their deals, by id: never through `$result[c<i>]`.
+        born = [p for p in people if p.pending and p.born]
+        await self._send([(p, self._writes(p)) for p in born])
+
+    async def _send(self, groups: list[tuple[Person, dict[str, str]]]) -> None:
         packs = list(_packs(groups))
         for n, pack in enumerate(packs):
             cmds = {name: cmd for _, group in pack for name, cmd in group.items()}
@@ -157,17 +170,13 @@ class Bitrix24Adapter:
                         person.outcome = exc
                 return
             for person, group in pack:
-                person.outcome = _outcome(person, group, answer.result, answer.errors)
+                _settle(person, group, answer.result, answer.errors)
 
     def _writes(self, person: Person) -> dict[str, str]:
         i, lead, rule = person.index, person.delivery.lead, person.rule
         sid = person.delivery.submission_id
         if person.contact_id is None:
-            return {
-                f"c{i}": "crm.contact.add?" + build_query({"fields": contact_fields(lead)}),
-                f"d{i}": "crm.deal.add?"
-                + build_query({"fields": deal_fields(lead, rule, sid, f"c{i}")}),
-            }
+            return {f"c{i}": "crm.contact.add?" + build_query({"fields": contact_fields(lead)})}
         cmds: dict[str, str] = {}
         # Without a read-back contact we cannot tell what it lacks (see `_look_commands`).
         missing = missing_comms(person.contact, lead) if person.contact else {}
@@ -224,7 +233,7 @@ def _packs(
     groups: list[tuple[Person, dict[str, str]]],
 ) -> Iterator[list[tuple[Person, dict[str, str]]]]:
     """Greedy packing into batches of at most 50 commands, never splitting one person's group
-    (their deal.add refers to their contact.add by `$result`)."""
+    (their commands are reported together)."""
     pack: list[tuple[Person, dict[str, str]]] = []
     size = 0
     for person, group in groups:
@@ -237,19 +246,28 @@ def _packs(
         yield pack
 
 
-def _outcome(
-    person: Person, group: dict[str, str], result: dict[str, object], errors: dict[str, CrmError]
-) -> Link | CrmError:
+def _settle(
+    person: Person, group: dict[str, str], result: dict[str, Any], errors: dict[str, CrmError]
+) -> None:
+    """A person's outcome from their commands' answers; a contact just made waits for its
+    deal (`born`), which goes out in the next request."""
     i = person.index
     for prefix in _WRITE_ORDER:
         error = errors.get(f"{prefix}{i}")
         if error is not None:
-            return error
-    contact_id = person.contact_id or as_int(result.get(f"c{i}"))
+            person.outcome = error
+            return
+    if f"c{i}" in group:
+        person.contact_id = as_int(result.get(f"c{i}"))
+        person.born = person.contact_id is not None
+        if not person.born:
+            person.outcome = CrmRetryable("Bitrix24 answered crm.contact.add without an id")
+        return
     deal_id = person.deal.id if person.deal is not None else as_int(result.get(f"d{i}"))
-    if contact_id is None or deal_id is None:
-        return CrmRetryable("Bitrix24 answered the batch without the new contact or deal id")
-    return Link(contact_id, deal_id)
+    if person.contact_id is None or deal_id is None:
+        person.outcome = CrmRetryable("Bitrix24 answered the batch without the new deal id")
+        return
+    person.outcome = Link(person.contact_id, deal_id)
 
 
 class Search:

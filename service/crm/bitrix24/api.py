@@ -71,11 +71,15 @@ _AUTH_CODES = frozenset(
     {"INVALID_CREDENTIALS", "expired_token", "invalid_token", "NO_AUTH_FOUND", "WRONG_AUTH_TYPE"}
 )
 # A webhook without the crm scope or a user without rights: nothing a retry fixes, and every
-# request will fail alike, so it is a credentials problem for the operator rather than one bad lead.
-_PERMISSION_CODES = frozenset({"insufficient_scope", "ACCESS_DENIED"})
+# request will fail alike, so it is a credentials problem for the operator rather than one bad lead
+# (`user_access_error`, 403: CRM_FACTS.md, "Bitrix24 stages").
+_PERMISSION_CODES = frozenset({"insufficient_scope", "ACCESS_DENIED", "user_access_error"})
 _TRANSIENT_CODES = frozenset({"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"})
-# Batch substitution prefixes Bitrix24 expands in any parameter value (see `build_query`).
-_REFERENCE = re.compile(r"\$(?=(?:result|result_error|result_total|result_next|result_time)\[)")
+# What Bitrix24 expands in any parameter value of a batch command (see `build_query`):
+# `CRestUtil::processBatchElement` matches "/\$(result|next|total|time|error)([^\s]*)/i" — any
+# case, and the [key] path may come after other characters (CRM_FACTS.md, "Bitrix24 batch
+# references"). Every `$` before one of those words is defused, whatever follows it.
+_REFERENCE = re.compile(r"\$(?=result|next|total|time|error)", re.IGNORECASE)
 
 
 class BitrixNotFound(CrmPermanent):
@@ -285,8 +289,9 @@ def build_query(params: Mapping[str, Any]) -> str:
 
     Values are percent-encoded; lists are indexed, dicts keyed, None is empty, booleans are
     Bitrix24's "Y"/"N". A `Ref` is written as the `$result[…]` reference Bitrix24 substitutes.
-    Plain strings are defused: Bitrix24 would expand `$result[…]` found in a person's name or
-    comment too, pulling another command's result into their lead, so their `$` becomes "＄".
+    Plain strings are defused: Bitrix24 would expand `$result[…]`, `$next[…]`, `$total[…]`,
+    `$time[…]` or `$error[…]` (any case) found in a person's name or comment too, pulling another
+    command's result into their lead or failing the command, so that `$` becomes "＄".
     """
     pairs: list[tuple[str, str]] = []
     for key, value in params.items():

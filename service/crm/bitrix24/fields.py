@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from service.crm.bitrix24.api import BitrixContact, Ref
+from service.crm.bitrix24.api import BitrixContact
 from service.model import Lead
 from service.settings import FormRule
 
@@ -30,17 +30,17 @@ def missing_comms(contact: BitrixContact | None, lead: Lead) -> dict[str, Any]:
     return missing
 
 
-def deal_fields(lead: Lead, rule: FormRule, sid: uuid.UUID, contact: int | str) -> dict[str, Any]:
+def deal_fields(lead: Lead, rule: FormRule, sid: uuid.UUID, contact: int) -> dict[str, Any]:
     """A new deal: title from the form rule, category/stage, source, UTM, the submission.
 
-    `contact` is the contact's id, or the name of the batch command that creates it.
+    `contact` is the contact's real id, never a batch reference (`$result[…]`): Bitrix24 runs
+    a command whose reference failed anyway, binding the deal to no contact or the wrong one.
     """
-    contact_ref: int | Ref = contact if isinstance(contact, int) else Ref(contact)
     fields: dict[str, Any] = {
         "TITLE": _title(lead, rule),
         "SOURCE_ID": "WEB",
         "COMMENTS": submission_text(lead, sid),
-        "CONTACT_IDS": [contact_ref],
+        "CONTACT_IDS": [contact],
     }
     if rule.pipeline_id is not None:
         fields["CATEGORY_ID"] = rule.pipeline_id

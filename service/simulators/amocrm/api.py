@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from service.simulators.amocrm.checks import RequestRefused
 from service.simulators.amocrm.state import AmoStore, ValidationFailed
 from service.simulators.common import json_answer, problem
 
@@ -231,6 +232,8 @@ def _guarded(handler: Handler) -> Handler:
             return await handler(request)
         except ValidationFailed as exc:
             return validation_problem(exc)
+        except RequestRefused as exc:
+            return problem(400, exc.detail)
 
     return guarded
 

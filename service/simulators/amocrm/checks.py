@@ -6,12 +6,16 @@ amoCRM reports all of them at once and stores nothing from a batch that has any.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "Batch",
+    "LeadField",
+    "RequestRefused",
     "ValidationFailed",
+    "check_choices",
     "check_contact",
     "check_custom_fields",
     "check_tags",
@@ -34,6 +38,24 @@ class ValidationFailed(Exception):
         return cls([{"request_id": request_id, "errors": [error]}])
 
 
+class RequestRefused(Exception):
+    """A 400 that names no item: amoCRM refuses the request as a whole (CRM_FACTS.md, "amoCRM
+    validation": "A 400 without item errors also occurs (rights, subscription)")."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class LeadField:
+    """A select custom field of leads: the values it accepts. `named=False` makes a refused
+    value a 400 without item errors (the request as a whole), as some refusals come."""
+
+    options: frozenset[str]
+    named: bool = True
+
+
 class Batch:
     """The items of one array request, each with its `request_id`, and the errors found."""
 
@@ -44,6 +66,7 @@ class Batch:
             detail = f"At most {limit} entities per request, got {len(body)}"
             raise ValidationFailed.single("TooManyEntities", "", detail)
         self.errors: dict[str, list[dict[str, str]]] = {}
+        self.refusal: str | None = None  # a reason that names no item
         self._items: list[tuple[str, dict[str, Any]]] = []
         for n, item in enumerate(body):
             if not isinstance(item, dict):
@@ -60,6 +83,8 @@ class Batch:
         )
 
     def raise_if_failed(self) -> None:
+        if self.refusal is not None:
+            raise RequestRefused(self.refusal)
         if self.errors:
             raise ValidationFailed(
                 [{"request_id": rid, "errors": errors} for rid, errors in self.errors.items()]
@@ -113,6 +138,31 @@ def check_custom_fields(batch: Batch, rid: str, value: Any, path: str) -> None:
             batch.error(rid, "InvalidType", f"{path}.{n}", "Expected field_code/field_id, values")
         elif any(not isinstance(v, dict) for v in values or []):
             batch.error(rid, "InvalidType", f"{path}.{n}.values", "Values must be objects")
+
+
+def check_choices(
+    batch: Batch, rid: str, item: dict[str, Any], fields: Mapping[int, LeadField]
+) -> None:
+    """A select field takes only its options: anything else is `NotSupportedChoice` for the
+    item, and amoCRM refuses the whole request for it (CRM_FACTS.md, "amoCRM validation";
+    amoCRM's `amocrm-api-php` surfaces it as a ValidationException of the call)."""
+    entries = item.get("custom_fields_values")
+    for n, entry in enumerate(entries if isinstance(entries, list) else []):
+        field_id = entry.get("field_id") if isinstance(entry, dict) else None
+        spec = fields.get(field_id) if type(field_id) is int else None
+        if spec is None:
+            continue
+        assert isinstance(entry, dict)
+        for k, value in enumerate(entry.get("values") or []):
+            chosen = value.get("value") if isinstance(value, dict) else None
+            if str(chosen) in spec.options:
+                continue
+            detail = f"The value {str(chosen)[:60]!r} is not a choice of field {field_id}"
+            if spec.named:
+                path = f"custom_fields_values.{n}.values.{k}.value"
+                batch.error(rid, "NotSupportedChoice", path, detail)
+            else:
+                batch.refusal = detail
 
 
 def check_tags(batch: Batch, rid: str, item: dict[str, Any]) -> None:

@@ -1,15 +1,14 @@
-"""The amoCRM simulator's contact indexes: fuzzy search and "changed since" without a full scan.
+"""The amoCRM simulator's contact indexes: substring search and "changed since" without a scan.
 
-amoCRM's `query` search is loose (see `simulator_state._matches`, the rule itself): the query's
-digits inside a phone, a phone's last ten digits inside the query's, or the query inside the
-name or an email. Scanning every contact per search cost ~14 µs a contact (70 ms a search at
-5,000), more than a fast chaos run allows. Here each contact's postings are kept up to date on
+amoCRM's `query` search is a substring search (see `state._matches`, the rule itself): the
+query's digits inside a phone's digits, or the query inside the name or an email. Scanning
+every contact per search cost ~14 µs a contact (70 ms a search at 5,000), more than a fast
+chaos run allows. Here each contact's postings are kept up to date on
 every write, a search takes the contacts that share a key with the query — a superset of the
 matches — and the rule itself picks the matches among them:
 
 - `p:` + every 5 digits of a phone: a query of ≥ 5 digits inside a phone shares all its fives
   (the rarest of them is looked up);
-- `t:` + a phone's last ten digits: looked up for every piece of the query's digits;
 - `x:` + every 3 characters of the lower-case name and emails: a query inside them shares all
   its threes (the rarest is looked up). A query shorter than that is answered by a scan.
 
@@ -27,7 +26,6 @@ __all__ = ["ContactSearch"]
 
 _PHONE_GRAM = 5  # the rule needs at least five digits in the query to compare phones
 _TEXT_GRAM = 3
-_TAIL = 10
 
 
 class ContactSearch:
@@ -78,9 +76,6 @@ class ContactSearch:
         wanted = digits(query)
         if len(wanted) >= _PHONE_GRAM:
             found.update(self._rarest("p:", wanted, _PHONE_GRAM))
-            for size in range(1, min(_TAIL, len(wanted)) + 1):
-                for start in range(len(wanted) - size + 1):
-                    found.update(self._postings.get("t:" + wanted[start : start + size], ()))
         return found
 
     def changed(self, since: int, until: int | None) -> Iterator[int]:
@@ -108,7 +103,6 @@ def _keys_of(contact: Contact) -> frozenset[str]:
     keys: set[str] = set()
     for phone in map(digits, field_values(contact.fields, "PHONE")):
         if phone:
-            keys.add("t:" + phone[-_TAIL:])
             keys.update("p:" + g for g in _grams(phone, _PHONE_GRAM))
     for text in (contact.name, *field_values(contact.fields, "EMAIL")):
         keys.update("x:" + g for g in _grams(text.lower(), _TEXT_GRAM))

@@ -126,6 +126,11 @@ class AmoCrmSimulator(SimulatorBase[SimulatorConfig]):
         """Add a pipeline; its first status is where new leads land; 142/143 are added."""
         return self.store.add_pipeline(pipeline_id, statuses, name)
 
+    def add_lead_field(self, field_id: int, options: list[str], named: bool = True) -> None:
+        """A select custom field of leads: another value is refused with a 400 for the whole
+        request, naming the item (`NotSupportedChoice`) or, with `named=False`, none."""
+        self.store.add_lead_field(field_id, options, named)
+
     # ---- the gate -----------------------------------------------------------------------------
 
     @web.middleware

@@ -13,7 +13,9 @@ from typing import Any
 
 from service.simulators.amocrm.checks import (
     Batch,
+    LeadField,
     ValidationFailed,
+    check_choices,
     check_contact,
     check_custom_fields,
     check_tags,
@@ -67,6 +69,7 @@ class AmoStore:
         self._tags: dict[str, int] = {}
         self._next = dict(_FIRST_IDS)
         self._search = ContactSearch()
+        self.lead_fields: dict[int, LeadField] = {}  # select fields: configuration, kept by clear
 
     def clear(self) -> None:
         """Forget every entity; pipelines added by tests survive, as they are configuration."""
@@ -83,6 +86,10 @@ class AmoStore:
         pipeline = Pipeline(pipeline_id, name or f"Pipeline {pipeline_id}", ids)
         self.pipelines[pipeline_id] = pipeline
         return pipeline
+
+    def add_lead_field(self, field_id: int, options: Iterable[str], named: bool = True) -> None:
+        """A select custom field of leads that takes only `options` (see `check_choices`)."""
+        self.lead_fields[field_id] = LeadField(frozenset(options), named)
 
     def _new_id(self, kind: str) -> int:
         self._next[kind] += 1
@@ -148,6 +155,7 @@ class AmoStore:
         types = {"name": str, "price": int, "pipeline_id": int, "status_id": int}
         check_types(batch, rid, item, types)
         check_custom_fields(batch, rid, item.get("custom_fields_values"), "custom_fields_values")
+        check_choices(batch, rid, item, self.lead_fields)
         check_tags(batch, rid, item)
         try:
             self.resolve_status(item, current)
@@ -370,10 +378,14 @@ class AmoStore:
 
 
 def _matches(contact: Contact, query: str) -> bool:
+    """amoCRM's `query` search: a substring of what is stored — the digits of a phone (its
+    formatting ignored), the name, an email. The query is not normalised: "+79161234567" does
+    not find a phone a manager typed as "8 (916) 123-45-67", its national number "9161234567"
+    does (CRM_FACTS.md, "amoCRM search"; Kommo's contacts list reference, `query`)."""
     wanted = digits(query)
     if len(wanted) >= 5:
         for phone in map(digits, field_values(contact.fields, "PHONE")):
-            if phone and (wanted in phone or phone[-10:] in wanted):
+            if wanted in phone:
                 return True
     needle = query.strip().lower()
     haystack = [contact.name, *field_values(contact.fields, "EMAIL")]

@@ -1,13 +1,29 @@
 """The Bitrix24 `batch` method: up to 50 commands in PHP query-string form, run in order.
 
-`$result[name]` (and deeper paths such as `$result[name][0]`) in a later command's parameter
-values is replaced by an earlier command's result after the query string is parsed, as Bitrix24
-does. A reference to a command that failed or has not run fails the referring command too: a
-deal must never be created with a contact id that does not exist.
+References to earlier commands are substituted the way the real server does it, leniency and
+all (CRM_FACTS.md, "Where a lenient simulator hides a production failure": Bitrix24 batch
+references; Bitrix24's server code `CRestProvider::methodsBatch` and
+`CRestUtil::processBatchElement`/`processBatchStructure`):
+
+- after the query string is parsed, every parameter value is searched, case-insensitively, for
+  `$result`, `$next`, `$total`, `$time` or `$error` followed by a path of `[key]`s (everything
+  up to the next whitespace is the match);
+- the section is looked up by the name as written (`$RESULT[...]` names no section: null), then
+  the path is walked key by key and the walk simply **stops** at the first key that is not
+  there — a reference to a command that failed or did not run yields the whole section
+  (every earlier command's result), not an error;
+- a value that is nothing but the reference becomes what was found, of any type (an id, a
+  list, the whole section, null); inside longer text a number or string is spliced in and
+  anything else leaves the text as it was.
+
+So the command that uses a failed command's result runs anyway: `crm.deal.add` with
+`CONTACT_IDS[0]=$result[c1]` after `c1` failed makes a deal whose contact is the section read
+as an id (see `BitrixStore._contact_ids`) — bound to no contact or the wrong one.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,8 +38,17 @@ __all__ = ["MAX_COMMANDS", "Answer", "Execute", "parse_command", "run_batch"]
 
 MAX_COMMANDS = 50
 _SECTIONS = ("result", "result_error", "result_total", "result_next", "result_time")
-_REF = re.compile(r"\$(" + "|".join(_SECTIONS) + r")((?:\[[^\[\]]*\])+)")
-_PATH = re.compile(r"\[([^\[\]]*)\]")
+# methodsBatch keeps its running results under these names; the answer renames them (_SECTIONS)
+_NAMES = {
+    "result": "result",
+    "next": "result_next",
+    "total": "result_total",
+    "time": "result_time",
+    "error": "result_error",
+}
+# processBatchElement: "/\$(result|next|total|time|error)([^\s]*)/i"
+_REF = re.compile(r"\$(" + "|".join(_NAMES) + r")(\S*)", re.IGNORECASE)
+_PATH = re.compile(r"\[([^\]]+)\]")
 
 
 @dataclass
@@ -93,26 +118,45 @@ def _commands(body: Any) -> list[tuple[str, str]]:
 
 
 def _substitute(value: Any, out: dict[str, dict[str, Any]]) -> Any:
+    """processBatchStructure: every value of the parsed parameters, nested ones included."""
     if isinstance(value, dict):
         return {k: _substitute(v, out) for k, v in value.items()}
     if isinstance(value, list):
         return [_substitute(v, out) for v in value]
     if isinstance(value, str) and "$" in value:
-        whole = _REF.fullmatch(value)
-        if whole is not None:  # the value is one reference: keep the referenced type
-            return _resolve(whole, out)
-        return _REF.sub(lambda m: str(_resolve(m, out)), value)
+        return _substitute_text(value, out)
     return value
 
 
-def _resolve(match: re.Match[str], out: dict[str, dict[str, Any]]) -> Any:
-    section, path = match.group(1), _PATH.findall(match.group(2))
-    current: Any = out[section]
-    for key in path:
-        if isinstance(current, list) and key.isdigit() and int(key) < len(current):
-            current = current[int(key)]
-        elif isinstance(current, dict) and key in current:
+def _substitute_text(text: str, out: dict[str, dict[str, Any]]) -> Any:
+    """processBatchElement for one value: what it becomes (not always a string)."""
+    current: Any = text
+    for match in list(_REF.finditer(text)):
+        keys = _PATH.findall(match.group(2))
+        if not keys:
+            continue  # "$result" without a [key] is left alone
+        found = _walk(out, match.group(1), keys)
+        if match.group(0) == current:
+            return found  # the whole value: any type, the whole section included
+        if isinstance(found, bool) or not isinstance(found, str | int | float):
+            continue  # PHP: not a string (or a number) → the text is left as it was
+        if isinstance(current, str):
+            current = current.replace(match.group(0), str(found))
+    return current
+
+
+def _walk(out: dict[str, dict[str, Any]], name: str, keys: list[str]) -> Any:
+    """`$arResult[name]`, then each key while it exists (isset); stops, silently, at the
+    first that does not."""
+    section = _NAMES.get(name)  # PHP array keys are case-sensitive: "RESULT" finds nothing
+    current: Any = copy.deepcopy(out[section]) if section is not None else None
+    for key in keys:
+        if isinstance(current, dict) and current.get(key) is not None:
             current = current[key]
+        elif isinstance(current, list) and key.isdigit() and int(key) < len(current):
+            if current[int(key)] is None:
+                break
+            current = current[int(key)]
         else:
-            raise bad_arg(f"{match.group(0)[:60]}: no such value (did that command fail?)")
+            break
     return current

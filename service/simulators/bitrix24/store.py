@@ -34,6 +34,13 @@ PAGE_SIZE = 50  # every *.list method answers 50 rows per page
 _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 # Separate id ranges per entity, so an id of the wrong kind is "Not found" rather than a hit.
 _FIRST_IDS = {"contact": 1001, "deal": 2001, "comment": 3001, "multi": 9001}
+# Bitrix24's `check_email` (main/tools.php), which crm.contact.add/update apply to EMAIL and
+# answer ERROR_CORE for (CRM_FACTS.md, "Bitrix24 stages": "crm.contact.add can refuse a value
+# with ERROR_CORE (e.g. "invalid e-mail")"): dot-atoms of letters, digits and
+# =_+~'!$&*^`|#%/?{}- before the @, then domain labels and a 2-20 character top level.
+_ATOM = r"(?:[^\W_]|[=_+~'!$&*^`|#%/?{}-])+"
+_LABEL = r"(?:[^\W_]|-)"
+_EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@(?:{_LABEL}+\.)+{_LABEL}{{2,20}}", re.IGNORECASE)
 _LIST_FILTERS = frozenset(
     {"ID", "CONTACT_ID", "CLOSED", "CATEGORY_ID", "STAGE_ID", "STAGE_SEMANTIC_ID", "SOURCE_ID"}
 )
@@ -196,12 +203,24 @@ class BitrixStore:
         return deal
 
     def _contact_ids(self, fields: dict[str, Any]) -> list[int] | None:
-        """CONTACT_IDS (or a single CONTACT_ID); every id must name an existing contact."""
+        """CONTACT_IDS (or a single CONTACT_ID); a plain id must name an existing contact.
+
+        A batch reference to a command that failed leaves a whole result section (an object)
+        where the id belongs (see batch.py); Bitrix24 reads it as PHP's intval does — 1 for a
+        non-empty array, 0 for an empty one — and makes the deal anyway, bound to contact 1 or
+        to none (CRM_FACTS.md, "Bitrix24 batch references"). That binding is not refused.
+        """
         raw = fields.get("CONTACT_IDS", fields.get("CONTACT_ID"))
         if raw is None:
             return None
         items = raw if isinstance(raw, list) else [raw]
-        ids = [_as_id(item, "CONTACT_IDS") for item in items if item not in ("", 0, "0")]
+        ids: list[int] = []
+        for item in items:
+            if item is None or isinstance(item, dict | list):
+                section_id = 1 if item else 0  # intval(array)
+                ids += [section_id] if section_id in self.contacts else []
+            elif item not in ("", 0, "0"):
+                ids.append(_as_id(item, "CONTACT_IDS"))
         missing = [i for i in ids if i not in self.contacts]
         if missing:
             raise BitrixFault("ERROR_CORE", f"Contact {missing[0]} not found")
@@ -233,6 +252,7 @@ def _scalar(value: Any) -> bool:
 
 
 def _split_contact(fields: dict[str, Any]) -> tuple[dict[str, str], dict[str, list[Any]]]:
+    """Scalars and multi-fields of a contact; an e-mail Bitrix24 would refuse is refused."""
     comms: dict[str, list[Any]] = {}
     for kind in MULTI_FIELDS:
         items = fields.get(kind)
@@ -243,6 +263,10 @@ def _split_contact(fields: dict[str, Any]) -> tuple[dict[str, str], dict[str, li
         if any("ID" not in i and not _scalar(i.get("VALUE")) for i in items):
             raise bad_arg(f"{kind}[].VALUE must be a string")
         comms[kind] = items
+    for item in comms.get("EMAIL", []):
+        value = str(item.get("VALUE") or "").strip()
+        if value and not _EMAIL.fullmatch(value):
+            raise BitrixFault("ERROR_CORE", f"Invalid e-mail: {value[:80]}")
     return _rest(fields), comms
 
 
