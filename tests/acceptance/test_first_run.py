@@ -22,11 +22,15 @@ def free_port() -> int:
         return port
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+async def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"service exited with {proc.returncode}"
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+                raise AssertionError(f"service exited with {proc.returncode}:\n{tail}")
             try:
                 async with http.get(f"{url}/readyz") as r:
                     if r.status == 200:
@@ -51,7 +55,7 @@ async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: P
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(url, proc)
+        await wait_ready(url, proc, log=tmp_path / "stderr.log")
         banner = (tmp_path / "stderr.log").read_text()
         match = re.search(r"IN-PROCESS amoCRM SIMULATOR at (\S+)", banner)
         assert match, f"no simulator banner in:\n{banner}"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
+import asyncio
+import contextlib
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -52,12 +52,42 @@ CASES: list[tuple[str, bytes, dict[str, str], int, bool | None]] = [
 
 
 async def post(svc: Service, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-    data = io.BytesIO(body) if len(body) > 1_000_000 else body
-    async with svc.http.post(f"{svc.url}/api/v1/forms/landing", data=data, headers=headers) as r:
+    if len(body) > 1_000_000:
+        return await post_raw(svc, body, headers)
+    async with svc.http.post(f"{svc.url}/api/v1/forms/landing", data=body, headers=headers) as r:
         try:
             return r.status, await r.json(content_type=None)
         except ValueError:
             return r.status, await r.text()
+
+
+async def post_raw(svc: Service, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    """The server's own answer to a body it will not read: the status line is read while the
+    body is still being sent, so only a real answer counts (a dropped connection fails)."""
+    host, port = svc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(
+        f"POST /api/v1/forms/landing HTTP/1.1\r\nHost: {host}\r\n{head}"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            for i in range(0, len(body), 65536):
+                writer.write(body[i : i + 65536])
+                await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 "), f"no answer, connection dropped: {status_line!r}"
+    return int(status_line.split()[1]), {"ok": False}
 
 
 @pytest.mark.parametrize(
@@ -73,11 +103,7 @@ async def test_bad_input_gets_the_documented_answer(
     ok: bool | None,
 ) -> None:
     svc = await service_factory()
-    try:
-        got_status, answer = await post(svc, body, headers)
-    except aiohttp.ClientError as exc:  # the server may close early on a huge body
-        assert status == 413, f"{name}: connection error {exc!r}"
-        got_status, answer = 413, {"ok": False}
+    got_status, answer = await post(svc, body, headers)
     assert got_status == status, (name, answer)
     if ok is not None:
         assert answer["ok"] is ok, (name, answer)
