@@ -258,15 +258,30 @@ def check_crm(crm: CrmSettings) -> None:
             raise SettingsError(
                 "AMOCRM_BASE_URL", "the account URL, e.g. https://example.amocrm.ru"
             )
-        oauth = (amo.client_id, amo.client_secret, amo.refresh_token)
-        if not amo.access_token and not all(oauth):
-            raise SettingsError(
-                "AMOCRM_ACCESS_TOKEN",
-                "a long-lived token, or AMOCRM_CLIENT_ID/AMOCRM_CLIENT_SECRET/"
-                "AMOCRM_REFRESH_TOKEN/AMOCRM_REDIRECT_URI for OAuth",
-            )
+        if not amo.access_token:
+            _check_amocrm_oauth(amo)
     if crm.kind == "bitrix24":
         _check_bitrix24(crm.bitrix24)
+
+
+def _check_amocrm_oauth(amo: AmoCrmSettings) -> None:
+    """Without a long-lived token, the whole OAuth set: a refresh sends the redirect URI too,
+    and amoCRM refuses one without the integration's."""
+    oauth = {
+        "AMOCRM_CLIENT_ID": amo.client_id,
+        "AMOCRM_CLIENT_SECRET": amo.client_secret,
+        "AMOCRM_REFRESH_TOKEN": amo.refresh_token,
+        "AMOCRM_REDIRECT_URI": amo.redirect_uri,
+    }
+    if not any(oauth.values()):
+        raise SettingsError(
+            "AMOCRM_ACCESS_TOKEN",
+            "a long-lived token, or AMOCRM_CLIENT_ID/AMOCRM_CLIENT_SECRET/"
+            "AMOCRM_REFRESH_TOKEN/AMOCRM_REDIRECT_URI for OAuth",
+        )
+    missing = [name for name, value in oauth.items() if not value]
+    if missing:
+        raise SettingsError(missing[0], f"a value: amoCRM OAuth needs {', '.join(oauth)} together")
 
 
 def _check_bitrix24(b24: Bitrix24Settings) -> None:

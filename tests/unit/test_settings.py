@@ -102,6 +102,15 @@ def test_bitrix24_oauth_set_is_enough_and_the_token_server_has_a_default() -> No
         ({"DEFAULT_PHONE_REGION": "XX"}, "DEFAULT_PHONE_REGION"),
         ({"CRM": "amocrm"}, "AMOCRM_BASE_URL"),
         ({"CRM": "amocrm", "AMOCRM_BASE_URL": "https://x.amocrm.ru"}, "AMOCRM_ACCESS_TOKEN"),
+        (  # the refresh sends the redirect URI: amoCRM refuses one without it
+            {
+                "AMOCRM_BASE_URL": "https://x.amocrm.ru",
+                "AMOCRM_CLIENT_ID": "id",
+                "AMOCRM_CLIENT_SECRET": "secret",
+                "AMOCRM_REFRESH_TOKEN": "refresh",
+            },
+            "AMOCRM_REDIRECT_URI",
+        ),
         ({"CRM_RELAY_CONFIG": "/nonexistent.toml"}, "CRM_RELAY_CONFIG"),
         ({"CRM": "bitrix24"}, "BITRIX24_WEBHOOK_URL"),
         ({"BITRIX24_PORTAL_URL": "https://p.bitrix24.kz/rest/"}, "BITRIX24_CLIENT_ID"),

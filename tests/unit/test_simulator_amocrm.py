@@ -320,7 +320,7 @@ async def test_expired_tokens_refresh_once_into_a_working_pair(amo: Amo) -> None
         "client_id": "sim-client",
         "client_secret": "sim-secret",
         "grant_type": "refresh_token",
-        "redirect_uri": "https://x",
+        "redirect_uri": "https://relay.example/oauth",
     }
     assert (await amo.call("GET", "/api/v4/leads/pipelines", headers={}))[0] == 401
     assert (await amo.call("POST", "/_sim/expire-tokens"))[0] == 200
@@ -344,6 +344,21 @@ async def test_expired_tokens_refresh_once_into_a_working_pair(amo: Amo) -> None
     assert status == 200
 
 
+async def test_a_refresh_without_the_integrations_redirect_uri_is_refused(amo: Amo) -> None:
+    refresh = {
+        "client_id": "sim-client",
+        "client_secret": "sim-secret",
+        "grant_type": "refresh_token",
+        "refresh_token": "sim-refresh-0",
+    }
+    for wrong in ({}, {"redirect_uri": "https://elsewhere.example/oauth"}):
+        status, body = await amo.call("POST", "/oauth2/access_token", refresh | wrong)
+        assert status == 400, body
+    # the refresh token was not spent by the refused calls
+    right = refresh | {"redirect_uri": "https://relay.example/oauth"}
+    assert (await amo.call("POST", "/oauth2/access_token", right))[0] == 200
+
+
 async def test_issued_access_tokens_expire_after_their_ttl(amo: Amo) -> None:
     now = [1000.0]
     amo.sim.clock = lambda: now[0]
@@ -355,7 +370,7 @@ async def test_issued_access_tokens_expire_after_their_ttl(amo: Amo) -> None:
             "client_secret": "sim-secret",
             "grant_type": "refresh_token",
             "refresh_token": "sim-refresh-0",
-            "redirect_uri": "x",
+            "redirect_uri": "https://relay.example/oauth",
         },
     )
     auth = {"Authorization": f"Bearer {pair['access_token']}"}

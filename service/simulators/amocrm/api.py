@@ -86,6 +86,8 @@ class Tokens:
             raise OAuthRefused(401, "Client authentication failed", "Unknown client")
         if body.get("grant_type") != "refresh_token":
             raise OAuthRefused(400, "Unsupported grant type", "Only refresh_token is supported")
+        if body.get("redirect_uri") != config.redirect_uri:
+            raise OAuthRefused(400, "Invalid request", "redirect_uri is not the integration's")
         if body.get("refresh_token") != self.refresh_token:
             raise OAuthRefused(400, "Token has been revoked", "The refresh token is invalid.")
         serial = next(self._serial)

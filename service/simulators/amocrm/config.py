@@ -15,6 +15,9 @@ class SimulatorConfig:
     access_token: str = "sim-access-token"  # long-lived token, valid until expire_tokens()
     client_id: str = "sim-client"
     client_secret: str = "sim-secret"
+    # the integration's redirect URI: a refresh must send it (CRM_FACTS "amoCRM OAuth refresh";
+    # amoCRM's OAuth guide lists redirect_uri among the refresh request's required fields)
+    redirect_uri: str = "https://relay.example/oauth"
     refresh_token: str = "sim-refresh-0"  # the first valid refresh token (single-use)
     token_ttl_s: float = 86400.0
     latency_s: float = 0.0  # added to every API answer
