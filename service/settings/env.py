@@ -279,9 +279,14 @@ def _check_amocrm_oauth(amo: AmoCrmSettings) -> None:
             "a long-lived token, or AMOCRM_CLIENT_ID/AMOCRM_CLIENT_SECRET/"
             "AMOCRM_REFRESH_TOKEN/AMOCRM_REDIRECT_URI for OAuth",
         )
+    _whole_set("amoCRM", oauth)
+
+
+def _whole_set(crm: str, oauth: dict[str, str | None]) -> None:
+    """Some of an OAuth set given means all of it: name the first one missing."""
     missing = [name for name, value in oauth.items() if not value]
     if missing:
-        raise SettingsError(missing[0], f"a value: amoCRM OAuth needs {', '.join(oauth)} together")
+        raise SettingsError(missing[0], f"a value: {crm} OAuth needs {', '.join(oauth)} together")
 
 
 def _check_bitrix24(b24: Bitrix24Settings) -> None:
@@ -300,11 +305,7 @@ def _check_bitrix24(b24: Bitrix24Settings) -> None:
                 "BITRIX24_CLIENT_ID/BITRIX24_CLIENT_SECRET/BITRIX24_REFRESH_TOKEN for OAuth",
             )
         return
-    missing = [name for name, value in oauth.items() if not value]
-    if missing:
-        raise SettingsError(
-            missing[0], f"a value: Bitrix24 OAuth needs {', '.join(oauth)} together"
-        )
+    _whole_set("Bitrix24", oauth)
     # A webhook URL here would carry its secret to every call and hide the mix-up.
     portal = urlparse(b24.portal_url or "")
     if not portal.netloc or portal.path.rstrip("/") != "/rest":

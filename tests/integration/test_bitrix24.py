@@ -18,10 +18,9 @@ from service.app import WORKER, Roles
 from service.db.store import load_queries
 from service.simulators.bitrix24.server import (
     BitrixSimulator,
-    BitrixSimulatorConfig,
-    start_bitrix_simulator,
 )
 from tests.conftest import ServiceFactory, wait_for
+from tests.integration.bitrix24_sim import roomy_simulator
 from tests.integration.crm_faults import crash_after_crm
 from tests.integration.test_delivery import (  # noqa: F401 - collected again, against Bitrix24
     all_delivered,
@@ -33,11 +32,8 @@ from tests.integration.test_delivery import (  # noqa: F401 - collected again, a
 
 @pytest.fixture
 async def simulator() -> AsyncIterator[tuple[BitrixSimulator, str]]:
-    # a roomy bucket: these tests are about duplicates and batches, the limit has its own test
-    sim = BitrixSimulator(BitrixSimulatorConfig(drain_per_s=400, burst=250, overload_after=1000))
-    runner, url = await start_bitrix_simulator(sim)
-    yield sim, url
-    await runner.cleanup()
+    async with roomy_simulator() as started:
+        yield started
 
 
 @pytest.fixture

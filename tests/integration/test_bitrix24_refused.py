@@ -18,10 +18,9 @@ import pytest
 
 from service.simulators.bitrix24.server import (
     BitrixSimulator,
-    BitrixSimulatorConfig,
-    start_bitrix_simulator,
 )
 from tests.conftest import ServiceFactory, wait_for
+from tests.integration.bitrix24_sim import roomy_simulator
 from tests.integration.test_delivery import no_duplicates
 
 REFUSED = 42
@@ -31,10 +30,8 @@ REFUSED_EMAIL = "c42..typo@example.kz"
 
 @pytest.fixture
 async def simulator() -> AsyncIterator[tuple[BitrixSimulator, str]]:
-    sim = BitrixSimulator(BitrixSimulatorConfig(drain_per_s=400, burst=250, overload_after=1000))
-    runner, url = await start_bitrix_simulator(sim)
-    yield sim, url
-    await runner.cleanup()
+    async with roomy_simulator() as started:
+        yield started
 
 
 @pytest.fixture
