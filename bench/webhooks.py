@@ -51,7 +51,7 @@ from bench.common import (
 )
 from service.webhooks.events import sign
 
-SECRET = "bench-secret"
+SECRET = "bench-secret-0123456789abcdef-0123456789"  # 32+ characters, as start-up insists
 B24_TOKEN = "bench-b24-token"
 Request = tuple[str, bytes, dict[str, str]]
 

@@ -83,7 +83,10 @@ async def background(
 
 def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
-    app = web.Application(client_max_size=settings.intake.max_body_bytes + 1024)
+    # aiohttp's limit is one for the whole app: the largest route's, and each handler holds its
+    # own route to its limit (read_limited): forms MAX_BODY_BYTES, webhooks WEBHOOK_MAX_BODY_BYTES
+    largest = max(settings.intake.max_body_bytes, settings.webhook.max_body_bytes)
+    app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
     app[PROCESS_NAME] = process_name()
     quiet_client_protocol_errors()

@@ -22,6 +22,10 @@ _PHONE = re.compile(
     r"|(?<![\w.+-])[78][\s(-]{0,2}\d{3}[\s)-]{0,2}\d{3}[\s-]?\d{2}[\s-]?\d{2}(?![\w.-])"
 )
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# What ends or rewrites a line in a terminal or a log viewer: C0/C1 controls (CR, LF, ESC, …),
+# DEL and the Unicode line and paragraph separators. A client's text carrying them (a path with
+# %0D%0A, say) could forge a line of the text log; they are written escaped (`\r`, `\x1b`).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # The per-request line (service.ops.metrics) is built from masked parts: the mask filter, ~40 % of
 # that line's cost, would find nothing in it.
@@ -89,24 +93,43 @@ class JsonFormatter(_SecondFormatter):
         return orjson.dumps(data, default=str).decode()
 
 
+def escape_controls(text: str) -> str:
+    """`text` with every control character escaped (`\r`, `\n`, `\x1b`, `\u2028`)."""
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(_SecondFormatter):
+    """One line per record: the message and its extras with control characters escaped (a
+    client's CR/LF cannot start a line of its own); a traceback follows on its own lines."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = _extras(record)
-        if extras:
-            line += " " + " ".join([f"{k}={v}" for k, v in extras.items()])
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        line = self._with_extras(self.formatMessage(record), _extras(record))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
         return line
 
     def line(
         self, created: float, levelno: int, name: str, msg: str, extras: dict[str, Any]
     ) -> str:
         line = f"{self._stamp(created, None)} {logging.getLevelName(levelno):<7} {name}: {msg}"
+        return self._with_extras(line, extras)
+
+    @staticmethod
+    def _with_extras(line: str, extras: dict[str, Any]) -> str:
         if extras:
             line += " " + " ".join([f"{k}={v}" for k, v in extras.items()])
-        return line
+        return escape_controls(line)
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]

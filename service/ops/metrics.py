@@ -148,8 +148,19 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-# most requests go to a handful of paths (each form's): mask each once
-_masked_path = functools.lru_cache(maxsize=1024)(logs.mask_text)
+# The amoCRM hook's secret is its path: anything under it is logged as the route template (a
+# path that matched no route too: a mistyped secret is still most of the secret).
+SECRET_PATHS = (("/webhooks/amocrm/", "/webhooks/amocrm/{secret}"),)
+
+
+@functools.lru_cache(maxsize=1024)  # most requests go to a handful of paths (each form's)
+def _logged_path(path: str) -> str:
+    """The path as the request log writes it: no secret, phones and emails masked, control
+    characters escaped (a percent-encoded CR/LF must not start a forged line)."""
+    for prefix, template in SECRET_PATHS:
+        if prefix in path:
+            return template
+    return logs.escape_controls(logs.mask_text(path))
 
 
 @web.middleware
@@ -193,7 +204,7 @@ def _record(
     level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
     if not ACCESS_LOG.isEnabledFor(level):
         return
-    path = _masked_path(path)  # never the query string: admin lookups carry phones and emails
+    path = _logged_path(path)  # never the query string: admin lookups carry phones and emails
     method = request.method
     extra: dict[str, Any] = {
         "action": "http_request",

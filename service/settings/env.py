@@ -36,6 +36,20 @@ CRM_KINDS = ("amocrm", "bitrix24", "simulator")
 AMOCRM_DEDUP_MODES = ("index", "search", "trust")
 DEFAULT_RATES = {"amocrm": 6.0, "bitrix24": 2.0, "simulator": 6.0}
 HTTP = ("http", "https")
+# Secrets we choose ourselves (the admin token, the webhook secrets) are refused shorter than
+# this, or equal to a placeholder the docs or earlier manifests showed (docs/configuration.md).
+MIN_SECRET_CHARS = 32
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "change-me",
+        "change-me-long-random",
+        "changeme",
+        "replace-me",
+        "secret",
+        "password",
+        "0123456789abcdef0123456789abcdef",
+    }
+)
 
 
 class EnvReader:
@@ -77,6 +91,22 @@ class EnvReader:
         if raw not in ("1", "0", "true", "false", "yes", "no"):
             raise SettingsError(name, f"true or false, got {raw!r}")
         return raw in ("1", "true", "yes")
+
+    def secret(self, name: str) -> str | None:
+        """A secret of ours: unset, or at least MIN_SECRET_CHARS and no placeholder. The value
+        itself is never part of the message (it would reach the log)."""
+        value = self.text(name)
+        if value is None:
+            return None
+        if len(value) < MIN_SECRET_CHARS:
+            raise SettingsError(
+                name,
+                f"at least {MIN_SECRET_CHARS} random characters (e.g. `openssl rand -hex 32`),"
+                f" got {len(value)}",
+            )
+        if value.lower() in PLACEHOLDER_SECRETS or len(set(value)) == 1:
+            raise SettingsError(name, "a random value, not a placeholder")
+        return value
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
         raw = self.text(name)
@@ -184,7 +214,11 @@ def delivery(r: EnvReader) -> DeliverySettings:
 def webhook(r: EnvReader) -> WebhookSettings:
     """The webhook variables; the generic sources and forward rules come from the TOML file."""
     return WebhookSettings(
-        secret=r.text("WEBHOOK_SECRET"),
+        secret=r.secret("WEBHOOK_SECRET"),
+        amocrm_path_secret=r.secret("AMOCRM_HOOK_PATH_SECRET"),
+        hmac_secret=r.secret("WEBHOOK_HMAC_SECRET"),
+        forward_signing_secret=r.secret("FORWARD_SIGNING_SECRET"),
+        public_base_url=r.url("PUBLIC_BASE_URL", HTTP),
         bitrix24_app_token=r.text("BITRIX24_APP_TOKEN"),
         forward_url=r.url("WEBHOOK_FORWARD_URL", HTTP),
         forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),
@@ -211,7 +245,7 @@ def alert(r: EnvReader) -> AlertSettings:
 
 
 def admin(r: EnvReader) -> AdminSettings:
-    return AdminSettings(token=r.text("ADMIN_TOKEN"))
+    return AdminSettings(token=r.secret("ADMIN_TOKEN"))
 
 
 def log(r: EnvReader) -> LogSettings:

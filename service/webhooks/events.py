@@ -19,13 +19,16 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote_plus
 
 import orjson
 
+from service.errors import BadInput
+from service.intake.bodies import parse_body
 from service.model import Event, LeadChange
 
 MAX_KEY = 200
@@ -39,6 +42,12 @@ AMO_CONTEXT = frozenset({"account"})
 # amoCRM lead actions whose item is the lead itself (notes carry the note, deletes no status)
 AMO_LEAD_ACTIONS = frozenset({"add", "status", "update", "restore"})
 JWT_HEADER = b'{"alg":"HS256","typ":"JWT"}'
+# Bitrix24's credentials, `auth[application_token]=…` (brackets as sent or percent-encoded)
+_B24_TOKEN = re.compile(rb"(?:^|&)auth(?:\[|%5[bB])application_token(?:\]|%5[dD])=([^&]*)")
+_AUTH_PAIR = re.compile(rb"auth(?:[=\[]|%5[bB]|$)")
+_INDEX = re.compile(r"[0-9]{1,18}")  # ASCII digits: str.isdigit also takes "²", int() does not
+# fields parsed before the token is checked, for a body that is not urlencoded
+BITRIX24_AUTH_FIELDS = 1000
 
 
 def body_hash(raw: bytes) -> str:
@@ -111,16 +120,46 @@ def bitrix24_token(body: Mapping[str, Any]) -> str | None:
     return _scalar(auth.get("application_token")) if isinstance(auth, dict) else None
 
 
+def bitrix24_raw_token(content_type: str | None, raw: bytes) -> str | None:
+    """The application token of a delivery, found before the body is parsed: a stranger's
+    1 MiB of 100,000 fields must not cost a full parse before it is refused. Bitrix24 sends
+    urlencoded bodies: the token is searched for in the bytes (the last one wins, as the parser
+    decides); any other body is parsed with a small field cap (JSON is bounded by its size)."""
+    if _media(content_type) == "application/x-www-form-urlencoded":
+        found = _B24_TOKEN.findall(raw)
+        if not found:
+            return None
+        return _scalar(unquote_plus(found[-1].decode("latin-1"), encoding="utf-8"))
+    try:
+        return bitrix24_token(parse_body(content_type, raw, max_fields=BITRIX24_AUTH_FIELDS))
+    except BadInput:
+        return None
+
+
+def bitrix24_without_auth(
+    content_type: str | None, raw: bytes, body: Mapping[str, Any]
+) -> tuple[str | None, bytes]:
+    """(content type, raw body) of a delivery without its whole `auth` block (the application
+    token, and the member id, domain and tokens some events carry): what is stored, spooled and
+    forwarded. An urlencoded body keeps every other pair byte for byte; any other becomes the
+    parsed body as JSON."""
+    if _media(content_type) == "application/x-www-form-urlencoded":
+        return content_type, b"&".join(p for p in raw.split(b"&") if not _AUTH_PAIR.match(p))
+    return "application/json", orjson.dumps({k: v for k, v in body.items() if k != "auth"})
+
+
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def bitrix24_event(body: Mapping[str, Any]) -> Event:
-    """The one event of a Bitrix24 delivery; the application token is not kept (it is a secret)."""
+    """The one event of a Bitrix24 delivery, without its `auth` block (credentials: not kept)."""
     name = (_scalar(body.get("event")) or "unknown").lower()
     data = body.get("data")
     fields = data.get("FIELDS") if isinstance(data, dict) else None
     entity_id = _scalar(fields.get("ID")) if isinstance(fields, dict) else None
     ts = _scalar(body.get("ts"))
-    clean = dict(body)
-    if isinstance(clean.get("auth"), dict):
-        clean["auth"] = {k: v for k, v in clean["auth"].items() if k != "application_token"}
+    clean = {k: v for k, v in body.items() if k != "auth"}
     if entity_id is None or ts is None:
         key = f"{name}:{entity_id or '-'}:{_canonical_hash(clean)}"
     else:
@@ -159,7 +198,7 @@ def dig(body: Mapping[str, Any], path: str) -> Any:
     for part in path.split("."):
         if isinstance(value, dict):
             value = value.get(part)
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        elif isinstance(value, list) and _INDEX.fullmatch(part) and int(part) < len(value):
             value = value[int(part)]
         else:
             return None
@@ -204,25 +243,31 @@ def verify_qstash(
     raw: bytes,
     keys: Sequence[str | None],
     *,
-    path: str | None,
+    url: Callable[[str], bool] | str | None,
     now: float,
     leeway_s: float = QSTASH_LEEWAY_S,
-) -> bool:
-    """Check an `Upstash-Signature` JWT: HS256 with the current or the next signing key,
-    `iss` = Upstash, `nbf`/`exp` (± leeway for clock skew), `body` = base64url SHA-256 of the
-    raw body, and the path of `sub` equal to `path` (hosts differ behind proxies)."""
+) -> dict[str, Any] | None:
+    """The claims of a valid `Upstash-Signature` JWT, else None: HS256 with the current or the
+    next signing key, `iss` = Upstash, `nbf`/`exp` (± leeway for clock skew), `body` = base64url
+    SHA-256 of the raw body, and `sub` the whole URL the request came to (`url`: that URL, or a
+    check of `sub`; None: not checked). Signing keys are per Upstash account: a token made for
+    another endpoint of the account must not be accepted here."""
     claims = _jwt_claims(token, [k for k in keys if k])
     if claims is None or claims.get("iss") != "Upstash":
-        return False
+        return None
     nbf, exp = claims.get("nbf"), claims.get("exp")
     if not isinstance(nbf, int | float) or not isinstance(exp, int | float):
-        return False
+        return None
     if not nbf - leeway_s <= now <= exp + leeway_s:
-        return False
+        return None
     digest = base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).rstrip(b"=").decode()
     if not hmac.compare_digest(str(claims.get("body", "")).rstrip("="), digest):
-        return False
-    return path is None or urlparse(str(claims.get("sub", ""))).path == path
+        return None
+    sub = str(claims.get("sub", ""))
+    matches = url(sub) if callable(url) else url is None or sub == url
+    if not matches:
+        return None
+    return claims
 
 
 def _jwt_claims(token: str | None, keys: list[str]) -> dict[str, Any] | None:
@@ -307,7 +352,7 @@ def lead_change(
 
 def _int(value: Any) -> int | None:
     text = _scalar(value)
-    if text is None or not text.isdigit() or len(text) > 18:
+    if text is None or not _INDEX.fullmatch(text):
         return None
     return int(text)
 

@@ -11,7 +11,9 @@ What is answered what:
 - amoCRM: a wrong secret → 404; anything else within the size limit → 200 (a non-2xx makes amoCRM
   retry and, after 100 in two hours, disable the hook); a body we cannot read is kept raw in
   `rejected`.
-- Bitrix24: `auth[application_token]` ≠ `BITRIX24_APP_TOKEN` (or unreadable) → 401, nothing stored.
+- Bitrix24: `auth[application_token]` ≠ `BITRIX24_APP_TOKEN` (or unreadable) → 401, nothing stored
+  (checked before the body is parsed); the whole `auth` block is removed before anything is
+  stored, spooled or forwarded.
 - generic: a failed signature check → 401, nothing stored; any body is an event (unparsed bodies
   are forwarded base64-encoded).
 """
@@ -21,8 +23,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -38,9 +43,12 @@ from service.model import Event
 from service.settings import GenericSource, WebhookSettings
 from service.web import SETTINGS, UnreadableBody, answer, read_limited, reply, too_large
 from service.webhooks.events import (
+    MAX_KEY,
+    QSTASH_LEEWAY_S,
     amocrm_events,
     bitrix24_event,
-    bitrix24_token,
+    bitrix24_raw_token,
+    bitrix24_without_auth,
     generic_event,
     kept_headers,
     same_secret,
@@ -57,6 +65,8 @@ WEBHOOK_WRITE_TIMEOUT_S = 0.5
 # deliveries per transaction: each carries its raw body (up to webhook_max_body_bytes) and
 # possibly hundreds of events, so fewer to a transaction than form submissions
 MAX_BATCH = 200
+# QStash tokens remembered against replay (each a few hundred bytes): a few minutes of traffic
+MAX_SEEN_TOKENS = 10_000
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,35 @@ def _keep_raw(delivery: PendingDelivery, exc: StoreRefused) -> PendingDelivery:
     return delivery.as_rejected(f"cannot be stored as events: {exc.kind}")
 
 
+class SeenTokens:
+    """QStash token ids (`jti`) that came with a valid signature, each with the event key it
+    first came with, kept until the token expires (plus the clock leeway). Bounded: at most
+    `max_entries`, the oldest dropped first (only validly signed tokens get in)."""
+
+    def __init__(self, max_entries: int = MAX_SEEN_TOKENS) -> None:
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def first_key(self, jti: str, exp: float, key: str, now: float) -> str:
+        """The key `jti` first came with (remembering `key` if it is new)."""
+        while self._seen:
+            oldest = next(iter(self._seen.values()))
+            if oldest[0] + QSTASH_LEEWAY_S >= now:
+                break
+            self._seen.popitem(last=False)
+        jti = jti[:MAX_KEY]
+        found = self._seen.get(jti)
+        if found is not None:
+            return found[1]
+        self._seen[jti] = (exp, key)
+        if len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+        return key
+
+
 class EventIntake:
     """Window → locks → group commit → spool fallback, for webhook deliveries.
 
@@ -127,6 +166,7 @@ class EventIntake:
             max_batch=MAX_BATCH,
             kind="event",
         )
+        self.seen_tokens = SeenTokens()
         self.counts: dict[str, int] = {
             "events": 0,
             "duplicate": 0,
@@ -218,7 +258,7 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
 async def amocrm_hook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS].webhook
     intake = request.app[EVENTS]
-    if not same_secret(settings.secret, request.match_info["secret"]):
+    if not same_secret(settings.hook_path, request.match_info["secret"]):
         raise web.HTTPNotFound()
     raw = await read_body(request, settings.max_body_bytes)
     if raw is None:
@@ -240,14 +280,18 @@ async def bitrix24_hook(request: web.Request) -> web.Response:
     raw = await read_body(request, settings.max_body_bytes)
     if raw is None:
         return too_large(settings.max_body_bytes)
-    try:
-        body = parse_body(request.headers.get("Content-Type"), raw, max_fields=WEBHOOK_MAX_FIELDS)
-    except BadInput:
-        body = {}
-    if not same_secret(settings.bitrix24_app_token, bitrix24_token(body)):
+    content_type = request.headers.get("Content-Type")
+    # the token before the parse: a stranger's 100,000 fields are refused unparsed
+    if not same_secret(settings.bitrix24_app_token, bitrix24_raw_token(content_type, raw)):
         intake.counts["unauthorized"] += 1
         return _refused(401, "auth[application_token] does not match BITRIX24_APP_TOKEN")
-    receipt = await intake.accept(_delivery(request, "bitrix24", raw, [bitrix24_event(body)]))
+    try:
+        body = parse_body(content_type, raw, max_fields=WEBHOOK_MAX_FIELDS)
+    except BadInput:
+        body = {}
+    content_type, raw = bitrix24_without_auth(content_type, raw, body)
+    delivery = _delivery(request, "bitrix24", raw, [bitrix24_event(body)])
+    receipt = await intake.accept(replace(delivery, content_type=content_type))
     return reply(request, receipt.to_json())
 
 
@@ -261,7 +305,8 @@ async def generic_hook(request: web.Request) -> web.Response:
     if raw is None:
         return too_large(settings.max_body_bytes)
     rule = settings.generic_sources.get(name, GenericSource())
-    if not verified(settings, rule, request, raw):
+    verdict = verified(settings, rule, request, raw)
+    if not verdict.ok:
         intake.counts["unauthorized"] += 1
         return _refused(401, "signature missing or invalid")
     try:
@@ -269,35 +314,65 @@ async def generic_hook(request: web.Request) -> web.Response:
     except BadInput:
         body = None  # an opaque payload is still a message: it is forwarded as it came
     event = generic_event(request.headers, body, raw, rule.key_field)
+    event = _replay_keyed(intake, event, verdict)
     receipt = await intake.accept(_delivery(request, f"generic/{name}", raw, [event]))
     return reply(request, receipt.to_json())
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a generic sender passed its check, and the QStash token's claims if one did."""
+
+    ok: bool
+    qstash: dict[str, Any] | None = None
+
+
 def verified(
     settings: WebhookSettings, rule: GenericSource, request: web.Request, raw: bytes
-) -> bool:
-    """Check the sender as `rule.verify` says; "any" requires a valid QStash JWT or HMAC as soon
-    as either key is configured, and lets everything in while none is (a dev setup)."""
-    keys = (settings.qstash_current_signing_key, settings.qstash_next_signing_key)
-
-    def qstash_ok() -> bool:
-        token = request.headers.get("Upstash-Signature")
-        path = request.rel_url.raw_path
-        return verify_qstash(token, raw, keys, path=path, now=time.time())
-
-    def hmac_ok() -> bool:
-        header = next((v for h in HMAC_HEADERS if (v := request.headers.get(h))), None)
-        return bool(settings.secret) and verify_hmac(settings.secret or "", raw, header)
-
+) -> Verdict:
+    """Check the sender as `rule.verify` says: "any" (the default, also for a source name the
+    config does not list) takes a valid QStash JWT or HMAC and fails closed while neither key is
+    configured; only a source configured with `verify = "none"` is let in unsigned."""
     if rule.verify == "none":
-        return True
-    if rule.verify == "qstash":
-        return qstash_ok()
-    if rule.verify == "hmac":
-        return hmac_ok()
-    if not any(keys) and not settings.secret:
-        return True
-    return qstash_ok() or hmac_ok()
+        return Verdict(True)
+    if rule.verify in ("any", "qstash"):
+        keys = (settings.qstash_current_signing_key, settings.qstash_next_signing_key)
+        token = request.headers.get("Upstash-Signature")
+        url = _our_url(request, settings.public_base_url)
+        claims = verify_qstash(token, raw, keys, url=url, now=time.time())
+        if claims is not None:
+            return Verdict(True, claims)
+    if rule.verify in ("any", "hmac"):
+        header = next((v for h in HMAC_HEADERS if (v := request.headers.get(h))), None)
+        key = settings.inbound_hmac
+        return Verdict(key is not None and verify_hmac(key, raw, header))
+    return Verdict(False)
+
+
+def _our_url(request: web.Request, public_base: str | None) -> Callable[[str], bool]:
+    """Whether a QStash token's `sub` is the whole URL this request came to: PUBLIC_BASE_URL and
+    the path (and query) as sent; without PUBLIC_BASE_URL the request's Host instead of it, the
+    scheme left out (TLS usually ends at a proxy in front)."""
+
+    def matches(sub: str) -> bool:
+        if public_base:
+            return sub == public_base.rstrip("/") + request.raw_path
+        parts = urlsplit(sub)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return parts.netloc.lower() == request.host.lower() and path == request.raw_path
+
+    return matches
+
+
+def _replay_keyed(intake: EventIntake, event: Event, verdict: Verdict) -> Event:
+    """A QStash token seen before is a replay (its unsigned headers perhaps changed to look like
+    another message): keyed as the message it first came with, it stores nothing new."""
+    claims = verdict.qstash
+    jti = claims.get("jti") if claims else None
+    if claims is None or not isinstance(jti, str) or not jti:
+        return event
+    key = intake.seen_tokens.first_key(jti, float(claims["exp"]), event.key, time.time())
+    return event if key == event.key else replace(event, key=key)
 
 
 def routes() -> list[web.RouteDef]:

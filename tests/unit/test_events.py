@@ -136,15 +136,17 @@ def test_qstash_current_and_next_keys() -> None:
     url = "https://relay.example/webhooks/generic/q"
     token = qstash_token("next-key", b'{"a":1}', url, now)
     keys = ("current-key", "next-key")
-    path = "/webhooks/generic/q"
-    assert verify_qstash(token, b'{"a":1}', keys, path=path, now=now)
-    assert verify_qstash(qstash_token("current-key", b"", url, now), b"", keys, path=path, now=now)
-    assert not verify_qstash(token, b'{"a":2}', keys, path=path, now=now)
-    assert not verify_qstash(token, b'{"a":1}', ("current-key",), path=path, now=now)
-    assert not verify_qstash(token, b'{"a":1}', keys, path="/elsewhere", now=now)
-    assert not verify_qstash(token, b'{"a":1}', keys, path=path, now=now + 3600)
-    assert not verify_qstash(token, b'{"a":1}', keys, path=path, now=now - 3600)
-    assert not verify_qstash(token, b'{"a":1}', (None, None), path=path, now=now)
+    other = "https://other.example/webhooks/generic/q"
+    assert verify_qstash(token, b'{"a":1}', keys, url=url, now=now)
+    assert verify_qstash(qstash_token("current-key", b"", url, now), b"", keys, url=url, now=now)
+    # another endpoint of the same Upstash account (the keys are per account): refused
+    assert not verify_qstash(token, b'{"a":1}', keys, url=other, now=now)
+    assert not verify_qstash(token, b'{"a":2}', keys, url=url, now=now)
+    assert not verify_qstash(token, b'{"a":1}', ("current-key",), url=url, now=now)
+    assert not verify_qstash(token, b'{"a":1}', keys, url=url + "x", now=now)
+    assert not verify_qstash(token, b'{"a":1}', keys, url=url, now=now + 3600)
+    assert not verify_qstash(token, b'{"a":1}', keys, url=url, now=now - 3600)
+    assert not verify_qstash(token, b'{"a":1}', (None, None), url=url, now=now)
 
 
 def test_qstash_garbage_tokens_never_raise() -> None:
@@ -152,7 +154,7 @@ def test_qstash_garbage_tokens_never_raise() -> None:
     for _ in range(500):
         n = rnd.randrange(0, 80)
         token = "".join(rnd.choice("ab.=-_+/Я\x00 ") for _ in range(n))
-        assert verify_qstash(token, b"", ("k",), path=None, now=time.time()) is False
+        assert verify_qstash(token, b"", ("k",), url=None, now=time.time()) is None
 
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)

@@ -29,10 +29,10 @@ def test_each_part_gets_its_slice_from_the_variables_it_reads() -> None:
         {
             "WORKER_BATCH": "7",
             "RETRY_MAX_ATTEMPTS": "3",
-            "WEBHOOK_SECRET": "w",
+            "WEBHOOK_SECRET": "w" * 31 + "x",
             "BITRIX24_APP_TOKEN": "b",
             "ALERT_LAG_S": "5",
-            "ADMIN_TOKEN": "a",
+            "ADMIN_TOKEN": "a" * 31 + "x",
             "MAX_BODY_BYTES": "2048",
             "WEBHOOK_MAX_BODY_BYTES": "4096",
             "LOG_LEVEL": "debug",
@@ -43,8 +43,8 @@ def test_each_part_gets_its_slice_from_the_variables_it_reads() -> None:
         }
     )
     assert (s.delivery.worker_batch, s.delivery.retry.max_attempts) == (7, 3)
-    assert (s.webhook.secret, s.webhook.bitrix24_app_token) == ("w", "b")
-    assert (s.alert.lag_s, s.admin.token, s.log.level) == (5.0, "a", "DEBUG")
+    assert (s.webhook.secret, s.webhook.bitrix24_app_token) == ("w" * 31 + "x", "b")
+    assert (s.alert.lag_s, s.admin.token, s.log.level) == (5.0, "a" * 31 + "x", "DEBUG")
     assert (s.intake.max_body_bytes, s.webhook.max_body_bytes) == (2048, 4096)
     assert s.cluster.redis_url == "redis://r"
     assert (s.crm.amocrm.base_url, s.crm.amocrm.dedup) == ("https://x.amocrm.ru", "search")

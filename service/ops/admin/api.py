@@ -35,6 +35,7 @@ from service.ops.admin.params import (
     BadQuery,
     choice_param,
     guarded,
+    is_number,
     job_id_param,
     json_body,
     limit_param,
@@ -218,7 +219,7 @@ async def overview(request: web.Request) -> web.Response:
 
 async def timeline(request: web.Request) -> web.Response:
     raw = request.query.get("minutes", "60")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1440:
+    if not is_number(raw) or not 1 <= int(raw) <= 1440:
         raise BadQuery("minutes", "an integer from 1 to 1440")
     points = await _store(request).timeline(int(raw))
     return answer({"ok": True, "points": points})

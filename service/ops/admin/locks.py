@@ -16,6 +16,7 @@ from service.db.admin_store import AdminStore, json_ready
 from service.db.store import Pool
 from service.intake.locks import KeyLocks, person_locks_held
 from service.logs import mask_text
+from service.ops.admin.params import is_number
 
 
 class LockRefused(Exception):
@@ -72,7 +73,7 @@ class PersonLeases:
         return [{"key": str(row["person_id"]), **row} for row in await self.store.person_leases()]
 
     async def release(self, key: str) -> bool:
-        if not key.isdigit():
+        if not is_number(key) or len(key) > 18:
             return False
         return await self.store.release_person(int(key))
 

@@ -37,8 +37,9 @@ def guarded(handler: Handler) -> Handler:
         expected = request.app[SETTINGS].admin.token or ""
         sent = request.headers.get("Authorization", "")
         scheme, _, token = sent.partition(" ")
+        # a header that is not UTF-8 arrives with surrogate escapes: its bytes, never a 500
         ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), expected.encode()
+            token.strip().encode("utf-8", "surrogateescape"), expected.encode()
         )
         if not expected or not ok:
             return web.Response(
@@ -58,6 +59,12 @@ def guarded(handler: Handler) -> Handler:
     return check
 
 
+def is_number(raw: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes "²" and "٣", which `int()` refuses or
+    reads as another number."""
+    return raw.isascii() and raw.isdigit()
+
+
 def text_param(params: Any, name: str) -> str | None:
     value = params.get(name)
     if value is None:
@@ -71,7 +78,7 @@ def limit_param(request: web.Request, default: int = 50) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not is_number(raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadQuery("limit", f"an integer from 1 to {MAX_LIMIT}")
     return int(raw)
 
@@ -97,7 +104,7 @@ def choice_param(params: Any, name: str, options: tuple[str, ...]) -> str | None
 
 def job_id_param(request: web.Request, name: str = "job_id") -> int:
     raw = request.match_info[name]
-    if not raw.isdigit():
+    if not is_number(raw) or len(raw) > 18:
         raise BadQuery(name, "an integer")
     return int(raw)
 
