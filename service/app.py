@@ -29,6 +29,7 @@ from service.crm.protocol import CrmAdapter
 from service.db.database import EmbeddedPostgres, create_pool, migrate
 from service.db.event_store import EventStore
 from service.db.store import Store
+from service.db.token_cipher import TokenCipher
 from service.delivery.cluster_bucket import cluster_gate
 from service.delivery.control import DELIVERY_CONTROL, DeliveryControl
 from service.delivery.limits import RateGate
@@ -44,7 +45,7 @@ from service.ops import alerts, health, metrics
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import CrmSettings, Settings
-from service.web import PROCESS_NAME, SETTINGS, quiet_client_protocol_errors
+from service.web import PROCESS_NAME, SETTINGS, quiet_client_protocol_errors, split_ports
 from service.webhooks import handlers as webhooks
 from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
 
@@ -96,6 +97,8 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     )
     app[metrics.METRICS] = metrics.Metrics(app[RUNTIME])
     app.middlewares.append(metrics.observe)
+    if settings.http.ops_port is not None:
+        app.middlewares.append(split_ports(settings.http.ops_port))
     app.cleanup_ctx.extend([database_ctx, cluster_ctx, crm_ctx, intake_ctx])
     if roles.worker:
         app.cleanup_ctx.append(worker_ctx)
@@ -131,7 +134,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     async with pool.acquire() as conn:
         await migrate(conn)
     app[DSN] = dsn
-    app[STORE] = app[RUNTIME].store = Store(pool)
+    keys = settings.crm.token_keys
+    app[STORE] = app[RUNTIME].store = Store(pool, token_cipher=TokenCipher(keys) if keys else None)
     app[DELIVERY_CONTROL] = DeliveryControl(pool, dsn)
     yield
     await pool.close()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_
 from service.db.event_store import EventStore
 from service.db.store import Store
 from service.errors import RelayError, SettingsError
-from service.settings import Settings
+from service.settings import HttpSettings, Settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,14 +80,20 @@ def serve(settings: Settings, roles: Roles) -> int:
     # runs cleanup contexts (the worker finishes in-flight CRM calls): exit well within 10 s
     web.run_app(
         app,
-        host=settings.http.host,
-        port=settings.http.port,
+        sock=listening_sockets(settings.http),
         shutdown_timeout=2.0,
         print=None,
         access_log=None,
         handle_signals=True,
     )
     return 0
+
+
+def listening_sockets(http: HttpSettings) -> list[socket.socket]:
+    """PORT, and OPS_PORT when set (the app's middleware decides what each serves), on HOST."""
+    ports = [http.port] if http.ops_port is None else [http.port, http.ops_port]
+    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+    return [socket.create_server((http.host, port), family=family, backlog=128) for port in ports]
 
 
 async def _freeze_startup_heap(_app: web.Application) -> None:

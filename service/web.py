@@ -7,11 +7,13 @@ ones every room's handlers use, so they sit below all of them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
 from service.errors import BadInput, FieldError
@@ -25,6 +27,35 @@ PROCESS_NAME = web.AppKey("process_name", str)
 
 # (rejected?, submission id) of an intake or webhook answer, for the request log and metrics
 OUTCOME = web.RequestKey("outcome", tuple[bool, str | None])
+
+
+# With OPS_PORT set, what is served on that internal port alone; the probes on both ports (a
+# load balancer may check the public one), forms and webhooks on the public port alone.
+PROBES = frozenset({"/healthz", "/readyz"})
+OPS_PATHS = frozenset({"/health", "/metrics", "/admin"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_ops_path(path: str) -> bool:
+    return path in OPS_PATHS or path.startswith("/admin/")
+
+
+def split_ports(ops_port: int) -> Middleware:
+    """A middleware: 404 for an ops path on the public port and for anything else but the
+    probes on `ops_port` (the connection's own local port decides, not a header)."""
+
+    @web.middleware
+    async def split(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path not in PROBES:
+            transport = request.transport
+            local = transport.get_extra_info("sockname") if transport is not None else None
+            on_ops = isinstance(local, tuple) and len(local) >= 2 and local[1] == ops_port
+            if on_ops != is_ops_path(path):
+                raise web.HTTPNotFound()
+        return await handler(request)
+
+    return split
 
 
 def answer(data: dict[str, Any], status: int = 200) -> web.Response:

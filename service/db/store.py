@@ -21,6 +21,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from service.db.token_cipher import TokenCipher, is_sealed, seal, unseal
 from service.errors import StoreConflict, StoreRefused, StoreUnavailable
 from service.model import Lead
 
@@ -184,9 +185,10 @@ class StoredTokens:
 class Store:
     """Typed access to the database; takes the pool but does not own its lifecycle."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, token_cipher: TokenCipher | None = None) -> None:
         self.pool = pool
         self.q = load_queries()
+        self.token_cipher = token_cipher  # OAuth tokens encrypted at rest when one is given
 
     async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         return await run_on(self.pool, fn)
@@ -317,19 +319,31 @@ class Store:
     # --- OAuth tokens -------------------------------------------------------------------
 
     async def seed_tokens(self, crm: str, tokens: StoredTokens) -> None:
-        await self._run(
-            lambda c: c.execute(
-                self.q["token_seed"],
-                crm,
-                tokens.access_token,
-                tokens.refresh_token,
-                tokens.expires_at,
-            )
+        """Store the pair unless one is stored; with a cipher, a pair stored in plain text before
+        it is written again sealed."""
+        async with self.transaction() as c:
+            await c.execute(self.q["token_seed"], crm, *self._sealed(tokens))
+            row = await c.fetchrow(self.q["token_for_update"], crm)
+            assert row is not None, "seeded just above"
+            stored = self._opened(row)  # raises TokenKeyError when the key cannot open it
+            if self.token_cipher is not None and not is_sealed(row["refresh_token"]):
+                await c.execute(self.q["token_save"], crm, *self._sealed(stored))
+
+    def _sealed(self, t: StoredTokens) -> tuple[str, str, float]:
+        cipher = self.token_cipher
+        return seal(cipher, t.access_token), seal(cipher, t.refresh_token), t.expires_at
+
+    def _opened(self, row: Any) -> StoredTokens:
+        cipher = self.token_cipher
+        return StoredTokens(
+            unseal(cipher, row["access_token"]),
+            unseal(cipher, row["refresh_token"]),
+            row["expires_at"],
         )
 
     async def tokens(self, crm: str) -> StoredTokens | None:
         row = await self._run(lambda c: c.fetchrow(self.q["token_get"], crm))
-        return None if row is None else StoredTokens(**{k: row[k] for k in row.keys()})
+        return None if row is None else self._opened(row)
 
     async def refresh_tokens(
         self,
@@ -344,10 +358,9 @@ class Store:
             row = await c.fetchrow(self.q["token_for_update"], crm)
             if row is None:
                 raise StoreUnavailable(f"no OAuth tokens stored for {crm}")
-            if row["access_token"] != stale_access_token:
-                return StoredTokens(row["access_token"], row["refresh_token"], row["expires_at"])
-            fresh = await exchange(row["refresh_token"])
-            await c.execute(
-                self.q["token_save"], crm, fresh.access_token, fresh.refresh_token, fresh.expires_at
-            )
+            stored = self._opened(row)
+            if stored.access_token != stale_access_token:
+                return stored
+            fresh = await exchange(stored.refresh_token)
+            await c.execute(self.q["token_save"], crm, *self._sealed(fresh))
             return fresh

@@ -108,6 +108,23 @@ class EnvReader:
             raise SettingsError(name, "a random value, not a placeholder")
         return value
 
+    def fernet_keys(self, name: str) -> tuple[str, ...]:
+        """Comma-separated Fernet keys (`Fernet.generate_key()`); never echoed."""
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+        from cryptography.fernet import Fernet  # only this setting needs it
+
+        try:
+            for key in keys:
+                Fernet(key)
+        except ValueError:
+            raise SettingsError(
+                name, "Fernet keys, comma-separated (32 url-safe base64-encoded bytes each)"
+            ) from None
+        return keys
+
     def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
         raw = self.text(name)
         if raw is None:
@@ -151,6 +168,7 @@ def crm(r: EnvReader, kind: str) -> CrmSettings:
         kind=kind,
         rate_limit=r.number("CRM_RATE_LIMIT", float, DEFAULT_RATES[kind], 0.1, 1000),
         timeout_s=r.number("CRM_TIMEOUT_S", float, 30.0, 0.1, 600),
+        token_keys=r.fernet_keys("OAUTH_TOKEN_KEY"),
         amocrm=amocrm,
         bitrix24=bitrix24,
     )
@@ -257,7 +275,10 @@ def log(r: EnvReader) -> LogSettings:
 
 def http(r: EnvReader) -> HttpSettings:
     port = r.number("PORT", int, 8080, 0, 65535)
-    return HttpSettings(host=r.text("HOST") or "0.0.0.0", port=port)
+    ops_port = r.number("OPS_PORT", int, 0, 0, 65535) or None
+    if ops_port is not None and ops_port == port:
+        raise SettingsError("OPS_PORT", f"a port other than PORT ({port}), or unset")
+    return HttpSettings(host=r.text("HOST") or "0.0.0.0", port=port, ops_port=ops_port)
 
 
 # --- the CRM account ------------------------------------------------------------------------

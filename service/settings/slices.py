@@ -63,10 +63,12 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Where the HTTP server listens (`HOST`, `PORT`)."""
+    """Where the HTTP server listens (`HOST`, `PORT`), and the internal port (`OPS_PORT`) that
+    then alone serves /health, /metrics and /admin."""
 
     host: str = "0.0.0.0"
     port: int = 8080
+    ops_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,9 @@ class CrmSettings:
     kind: str = "simulator"  # amocrm | bitrix24 | simulator
     rate_limit: float = 6.0  # requests/second, shared by every process
     timeout_s: float = 30.0
+    # OAUTH_TOKEN_KEY: Fernet key(s), comma-separated (the first encrypts): OAuth tokens stored
+    # encrypted; None: stored as they are
+    token_keys: tuple[str, ...] = ()
     amocrm: AmoCrmSettings = field(default_factory=AmoCrmSettings)
     bitrix24: Bitrix24Settings = field(default_factory=Bitrix24Settings)
 

@@ -256,7 +256,11 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
             headers["X-Relay-Signature"] = sign(key, body)
         async with self._limiter(job.destination):
             try:
-                async with self._session.post(job.destination, data=body, headers=headers) as r:
+                # as the CRM client: a redirect is an answer (dead, "HTTP 302"), never followed
+                # (it would carry the signed event to wherever the destination points)
+                async with self._session.post(
+                    job.destination, data=body, headers=headers, allow_redirects=False
+                ) as r:
                     status, retry_after = r.status, r.headers.get("Retry-After")
                     await r.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
