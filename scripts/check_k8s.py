@@ -6,8 +6,8 @@ Usage: python scripts/check_k8s.py RENDERED.yaml ...   (scripts/check_deploy ren
   service-account token;
 - every volume has exactly one source (a patch that adds one without removing the other renders
   and passes the schema, and the API server then refuses it);
-- the Service is ClusterIP and the Ingress routes only the intake and webhook paths, since
-  /metrics, /health and /admin share the one port;
+- the Service is ClusterIP and exposes no ops port (OPS_PORT: /metrics, /health, /admin), and
+  the Ingress routes only the intake and webhook paths;
 - a Deployment of more than one replica takes DATABASE_URL from a Secret and mounts no claim;
 - a PodDisruptionBudget selects the pods.
 """
@@ -79,9 +79,14 @@ def check(docs: list[dict[str, Any]]) -> list[str]:
         kinds.setdefault(doc["kind"], []).append(doc)
     for doc in kinds.get("Deployment", []):
         out += deployment_problems(doc)
+    configs = [d.get("data", {}) for d in kinds.get("ConfigMap", [])]
+    ops_ports = {data["OPS_PORT"] for data in configs if "OPS_PORT" in data}
     for doc in kinds.get("Service", []):
         if doc["spec"].get("type", "ClusterIP") != "ClusterIP":
             out.append(f"Service/{doc['metadata']['name']}: must be ClusterIP")
+        for port in doc["spec"].get("ports", []):
+            if port.get("targetPort") == "ops" or str(port.get("targetPort")) in ops_ports:
+                out.append(f"Service/{doc['metadata']['name']}: exposes the ops port")
     for doc in kinds.get("Ingress", []):
         paths = {p["path"] for r in doc["spec"]["rules"] for p in r["http"]["paths"]}
         if not paths <= PUBLIC_PATHS:
