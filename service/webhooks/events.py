@@ -43,7 +43,9 @@ AMO_CONTEXT = frozenset({"account"})
 AMO_LEAD_ACTIONS = frozenset({"add", "status", "update", "restore"})
 JWT_HEADER = b'{"alg":"HS256","typ":"JWT"}'
 # Bitrix24's credentials, `auth[application_token]=…` (brackets as sent or percent-encoded)
-_B24_TOKEN = re.compile(rb"(?:^|&)auth(?:\[|%5[bB])application_token(?:\]|%5[dD])=([^&]*)")
+# (a pattern that starts with a literal is searched for as fast as bytes.find: 0.3 ms in 1 MiB,
+# where a leading `(?:^|&)` took 30 ms; the pair's start is checked on each match instead)
+_B24_TOKEN = re.compile(rb"auth(?:\[|%5[bB])application_token(?:\]|%5[dD])=([^&]*)")
 _AUTH_PAIR = re.compile(rb"auth(?:[=\[]|%5[bB]|$)")
 _INDEX = re.compile(r"[0-9]{1,18}")  # ASCII digits: str.isdigit also takes "²", int() does not
 # fields parsed before the token is checked, for a body that is not urlencoded
@@ -126,7 +128,11 @@ def bitrix24_raw_token(content_type: str | None, raw: bytes) -> str | None:
     urlencoded bodies: the token is searched for in the bytes (the last one wins, as the parser
     decides); any other body is parsed with a small field cap (JSON is bounded by its size)."""
     if _media(content_type) == "application/x-www-form-urlencoded":
-        found = _B24_TOKEN.findall(raw)
+        found = [
+            m.group(1)
+            for m in _B24_TOKEN.finditer(raw)
+            if m.start() == 0 or raw[m.start() - 1] == ord("&")
+        ]
         if not found:
             return None
         return _scalar(unquote_plus(found[-1].decode("latin-1"), encoding="utf-8"))
