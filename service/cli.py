@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from typing import Any
 
 from aiohttp import web
 
@@ -19,7 +20,7 @@ from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_
 from service.db.event_store import EventStore
 from service.db.store import Store
 from service.errors import RelayError, SettingsError
-from service.settings import HttpSettings, Settings
+from service.settings import Settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,9 +79,16 @@ def serve(settings: Settings, roles: Roles) -> int:
     app.on_startup.append(_freeze_startup_heap)  # after the cleanup contexts have started
     # SIGTERM/SIGINT: aiohttp stops accepting, waits up to shutdown_timeout for requests, then
     # runs cleanup contexts (the worker finishes in-flight CRM calls): exit well within 10 s
+    http = settings.http
+    # OPS_PORT: two listening sockets, the app's middleware decides what each serves
+    where: dict[str, Any] = (
+        {"host": http.host, "port": http.port}
+        if http.ops_port is None
+        else {"sock": [_listen(http.host, http.port), _listen(http.host, http.ops_port)]}
+    )
     web.run_app(
         app,
-        sock=listening_sockets(settings.http),
+        **where,
         shutdown_timeout=2.0,
         print=None,
         access_log=None,
@@ -89,11 +97,9 @@ def serve(settings: Settings, roles: Roles) -> int:
     return 0
 
 
-def listening_sockets(http: HttpSettings) -> list[socket.socket]:
-    """PORT, and OPS_PORT when set (the app's middleware decides what each serves), on HOST."""
-    ports = [http.port] if http.ops_port is None else [http.port, http.ops_port]
-    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
-    return [socket.create_server((http.host, port), family=family, backlog=128) for port in ports]
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
 
 
 async def _freeze_startup_heap(_app: web.Application) -> None:
