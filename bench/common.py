@@ -172,7 +172,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     prefixes = (
         "DATABASE_URL", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
         "WEBHOOK_", "TELEGRAM_", "ALERT_", "LOG_", "DEFAULT_PHONE", "HOST", "PORT", "MAX_BODY",
-        "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_",
+        "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_", "OPS_PORT", "FORWARD_", "OAUTH_",
+        "PUBLIC_BASE_URL",
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(extra, PYTHONUNBUFFERED="1")

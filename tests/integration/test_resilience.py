@@ -199,7 +199,7 @@ def free_port() -> int:
 SERVICE_VAR_PREFIXES = (
     "DATABASE_URL", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
     "WEBHOOK_", "TELEGRAM_", "ALERT_", "LOG_", "DEFAULT_PHONE", "HOST", "PORT", "MAX_BODY",
-    "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_",
+    "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_", "OPS_PORT", "FORWARD_", "OAUTH_", "PUBLIC_BASE_URL",
 )  # fmt: skip
 
 
