@@ -235,7 +235,6 @@ def webhook(r: EnvReader) -> WebhookSettings:
         secret=r.secret("WEBHOOK_SECRET"),
         amocrm_path_secret=r.secret("AMOCRM_HOOK_PATH_SECRET"),
         hmac_secret=r.secret("WEBHOOK_HMAC_SECRET"),
-        forward_signing_secret=r.secret("FORWARD_SIGNING_SECRET"),
         public_base_url=r.url("PUBLIC_BASE_URL", HTTP),
         bitrix24_app_token=r.text("BITRIX24_APP_TOKEN"),
         forward_url=r.url("WEBHOOK_FORWARD_URL", HTTP),

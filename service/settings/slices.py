@@ -185,13 +185,12 @@ class DeliverySettings:
 class WebhookSettings:
     """Incoming CRM and generic webhooks (who may send them, how big) and forwarding them."""
 
-    # Three secrets for three purposes, each falling back to the older single WEBHOOK_SECRET
-    # (`secret`): the amoCRM hook's path, the key generic senders sign with, the key we sign
-    # forwarded events with. Read them through the properties below.
+    # One secret per purpose, each falling back to the older single WEBHOOK_SECRET (`secret`):
+    # the amoCRM hook's path and the key generic senders sign with (read them through the
+    # properties below); forwarded events are signed with WEBHOOK_SECRET.
     secret: str | None = None  # WEBHOOK_SECRET
     amocrm_path_secret: str | None = None  # AMOCRM_HOOK_PATH_SECRET
     hmac_secret: str | None = None  # WEBHOOK_HMAC_SECRET
-    forward_signing_secret: str | None = None  # FORWARD_SIGNING_SECRET
     # PUBLIC_BASE_URL: where senders reach us; a QStash token's `sub` must be it plus the path
     public_base_url: str | None = None
     bitrix24_app_token: str | None = None  # what Bitrix24's outbound events must carry
@@ -216,11 +215,6 @@ class WebhookSettings:
     def inbound_hmac(self) -> str | None:
         """The key generic senders sign their bodies with (`X-Relay-Signature` in)."""
         return self.hmac_secret or self.secret
-
-    @property
-    def outbound_signing(self) -> str | None:
-        """The key forwarded events are signed with (`X-Relay-Signature` out)."""
-        return self.forward_signing_secret or self.secret
 
 
 @dataclass(frozen=True)

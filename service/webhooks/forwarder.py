@@ -6,7 +6,7 @@ heartbeat keeps alive, woken by LISTEN `relay_events`:
   deal when a fetcher is configured, and create one `forward` job per destination — all in one
   transaction with the job's completion, so an event is processed once.
 - `forward` (one per event and destination): POST the event as JSON with
-  `X-Relay-Signature: sha256=<hex HMAC-SHA256 of the body with FORWARD_SIGNING_SECRET>` and
+  `X-Relay-Signature: sha256=<hex HMAC-SHA256 of the body with WEBHOOK_SECRET>` and
   `X-Relay-Event-Id` (the same on every retry: receivers dedupe by it); 2xx → done; 408/425/429/5xx,
   timeouts and connection errors → retry with `settings.retry` backoff and jitter; other answers
   or exhausted attempts → dead (replayable). Each destination has its own aiolimiter bucket.
@@ -252,8 +252,8 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
             "X-Relay-Event-Id": str(job.event_id),
             "X-Relay-Source": job.source,
         }
-        if key := self.webhook.outbound_signing:
-            headers["X-Relay-Signature"] = sign(key, body)
+        if self.webhook.secret:
+            headers["X-Relay-Signature"] = sign(self.webhook.secret, body)
         async with self._limiter(job.destination):
             try:
                 # as the CRM client: a redirect is an answer (dead, "HTTP 302"), never followed

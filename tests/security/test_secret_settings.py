@@ -18,7 +18,6 @@ OURS = (
     "WEBHOOK_SECRET",
     "AMOCRM_HOOK_PATH_SECRET",
     "WEBHOOK_HMAC_SECRET",
-    "FORWARD_SIGNING_SECRET",
 )
 GOOD = "9f2c4e1a7b3d5f60a8c2e4f6b1d3a5c7"  # 32 characters
 
@@ -59,16 +58,12 @@ def test_placeholder_admin_token_exits_2_with_one_line_and_no_value() -> None:
 
 def test_one_leaked_webhook_secret_no_longer_opens_all_three_doors() -> None:
     """The amoCRM path secret travels in URLs (amoCRM's settings, proxies' logs); it was also
-    the inbound HMAC key and the outbound signing key. Each purpose now has its own variable;
-    the single WEBHOOK_SECRET is still read as the fallback of each."""
-    path, hmac_key, signing = "p" * 31 + "1", "h" * 31 + "2", "f" * 31 + "3"
+    the inbound HMAC key and the outbound signing key. The path and the inbound key now have
+    variables of their own; the single WEBHOOK_SECRET is still read as the fallback of each."""
+    path, hmac_key = "p" * 31 + "1", "h" * 31 + "2"
     s = Settings.from_env(
-        {
-            "AMOCRM_HOOK_PATH_SECRET": path,
-            "WEBHOOK_HMAC_SECRET": hmac_key,
-            "FORWARD_SIGNING_SECRET": signing,
-        }
+        {"AMOCRM_HOOK_PATH_SECRET": path, "WEBHOOK_HMAC_SECRET": hmac_key, "WEBHOOK_SECRET": GOOD}
     ).webhook
-    assert (s.hook_path, s.inbound_hmac, s.outbound_signing) == (path, hmac_key, signing)
+    assert (s.hook_path, s.inbound_hmac, s.secret) == (path, hmac_key, GOOD)
     legacy = Settings.from_env({"WEBHOOK_SECRET": GOOD}).webhook
-    assert (legacy.hook_path, legacy.inbound_hmac, legacy.outbound_signing) == (GOOD,) * 3
+    assert (legacy.hook_path, legacy.inbound_hmac, legacy.secret) == (GOOD,) * 3

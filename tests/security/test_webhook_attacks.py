@@ -104,11 +104,11 @@ async def test_leaked_path_secret_neither_signs_generic_events_nor_forged_forwar
 ) -> None:
     """One WEBHOOK_SECRET was the path, the inbound HMAC key and the outbound signing key: the
     path (in amoCRM's settings, in proxies' logs) let anyone sign generic events and forge what
-    receivers trust. Three keys for three purposes."""
+    receivers trust. A key per purpose (forwards: WEBHOOK_SECRET, the older single one)."""
     svc = await service_factory(
         amocrm_path_secret=PATH_SECRET,
         hmac_secret=HMAC_KEY,
-        forward_signing_secret=SIGNING_KEY,
+        webhook_secret=SIGNING_KEY,
         webhook_forward_url=f"{receiver.url}/hook",
     )
     body = b'{"type": "order.paid", "id": 1}'
