@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-
 from service.errors import RelayError
 
 PREFIX = "fernet:"
@@ -29,12 +27,17 @@ class TokenCipher:
     """Seals and opens token values; `None` in its place (no key) stores them as they are."""
 
     def __init__(self, keys: Sequence[str]) -> None:
+        # imported here: a process without OAUTH_TOKEN_KEY never loads cryptography
+        from cryptography.fernet import Fernet, MultiFernet
+
         self._fernet = MultiFernet([Fernet(k) for k in keys])
 
     def seal(self, value: str) -> str:
         return PREFIX + self._fernet.encrypt(value.encode()).decode("ascii")
 
     def open(self, stored: str) -> str:
+        from cryptography.fernet import InvalidToken
+
         if not is_sealed(stored):
             return stored
         try:
