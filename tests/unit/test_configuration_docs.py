@@ -16,7 +16,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
-READS = {"text", "number", "url", "choice", "flag", "region"}  # the settings reader's methods
+READS = {"text", "number", "url", "choice", "flag", "region", "networks"}  # the settings reader's methods
 NO_DEFAULT = "–"
 # Defaults the code computes rather than states; the docs describe them in words.
 DESCRIBED = {
