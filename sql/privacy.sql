@@ -132,24 +132,27 @@ DELETE FROM people WHERE id = ANY($1::bigint[]);
 -- name: forget_spam
 DELETE FROM spam WHERE identities && $1::text[];
 
+-- name: forget_identities_of
+SELECT coalesce(array_agg(DISTINCT identity), '{}')
+  FROM identities WHERE person_id = ANY($1::bigint[]);
+
 -- name: forget_rejected
-DELETE FROM rejected
- WHERE ($2::text IS NOT NULL
-        AND (strpos(lower(encode(body, 'escape')), $2) > 0
-             OR strpos(lower(encode(body, 'escape')), $3) > 0))
-    OR ($1::text IS NOT NULL
-        AND strpos(regexp_replace(encode(body, 'escape'), '[^0-9]', '', 'g'), $1) > 0);
+-- $1 phones' national digits, $2 emails (lower case), $3 the same percent-encoded
+DELETE FROM rejected r
+ WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) AS d
+                WHERE strpos(relay_digits(encode(r.body, 'escape')), d) > 0)
+    OR EXISTS (SELECT 1 FROM unnest($2::text[] || $3::text[]) AS m
+                WHERE strpos(lower(encode(r.body, 'escape')), m) > 0);
 
 -- name: forget_events
 SELECT coalesce(array_agg(e.id), '{}') FROM webhook_events e
   LEFT JOIN webhook_deliveries w ON w.id = e.delivery_id
- WHERE ($2::text IS NOT NULL
-        AND (strpos(lower(e.payload::text), $2) > 0
-             OR strpos(lower(encode(w.raw, 'escape')), $2) > 0
-             OR strpos(lower(encode(w.raw, 'escape')), $3) > 0))
-    OR ($1::text IS NOT NULL
-        AND (strpos(regexp_replace(e.payload::text, '[^0-9]', '', 'g'), $1) > 0
-             OR strpos(regexp_replace(encode(w.raw, 'escape'), '[^0-9]', '', 'g'), $1) > 0));
+ WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) AS d
+                WHERE strpos(relay_digits(e.payload::text), d) > 0
+                   OR strpos(relay_digits(encode(w.raw, 'escape')), d) > 0)
+    OR EXISTS (SELECT 1 FROM unnest($2::text[] || $3::text[]) AS m
+                WHERE strpos(lower(e.payload::text), m) > 0
+                   OR strpos(lower(encode(w.raw, 'escape')), m) > 0);
 
 -- name: forget_event_rows
 WITH unlinked AS (

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+import phonenumbers
 
 from service.db.admin_store import Row, json_ready
 from service.db.store import Connection, load_queries, run_on
@@ -48,16 +49,26 @@ class Release:
 
 @dataclass(frozen=True)
 class Person:
-    """Whom to erase: identities as intake stores them, and what finds them in raw bodies."""
+    """Whom to erase: identities as intake stores them ("phone:+7…", "email:…"). Erasure adds
+    every other identity the same person has here, and finds raw bodies and payloads by text:
+    a phone's national digits among a body's digits (however it was typed), an email in lower
+    case or percent-encoded."""
 
     identities: list[str]
-    phone_digits: str | None = None  # national significant number: "7011234567"
-    email: str | None = None  # lower case
 
-    @property
-    def contacts(self) -> list[str]:
-        """The identities without their kind: how the contact index stores them."""
-        return [i.split(":", 1)[1] for i in self.identities]
+
+def _national_digits(e164: str) -> str:
+    try:
+        return str(phonenumbers.parse(e164).national_number)
+    except phonenumbers.NumberParseException:
+        return e164.lstrip("+")
+
+
+def _texts(identities: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(phones' national digits, emails, emails percent-encoded) of `identities`."""
+    phones = [_national_digits(i[6:]) for i in identities if i.startswith("phone:")]
+    emails = [i[6:] for i in identities if i.startswith("email:")]
+    return phones, emails, [e.replace("@", "%40") for e in emails]
 
 
 class PrivacyStore:
@@ -132,39 +143,40 @@ class PrivacyStore:
 
     async def forget(self, person: Person) -> dict[str, int]:
         """Erase one person's data here, in one transaction; the rows deleted, per table."""
-        email = person.email
-        encoded = email.replace("@", "%40") if email else None
-        ids = person.identities
 
         async def run(c: Connection) -> dict[str, int]:
             async with c.transaction():
-                people = await c.fetchval(self.q["forget_people"], ids)
-                subs = await c.fetchval(self.q["forget_submissions"], people)
-                await c.execute(self.q["forget_discards"], subs)
-                counts = {"jobs": _n(await c.execute(self.q["forget_jobs"], subs, people))}
-                counts["submissions"] = _n(
-                    await c.execute(self.q["forget_delete_submissions"], subs)
-                )
-                counts["identities"] = _n(
-                    await c.execute(self.q["forget_identities"], people, ids)
-                )
-                counts["people"] = _n(await c.execute(self.q["forget_person_rows"], people))
+                people = await c.fetchval(self.q["forget_people"], person.identities)
+                known = await c.fetchval(self.q["forget_identities_of"], people)
+                ids = sorted({*person.identities, *known})
+                counts = await self._forget_submissions(c, people, ids)
                 counts["spam"] = _n(await c.execute(self.q["forget_spam"], ids))
-                digits = person.phone_digits
-                counts["rejected"] = _n(
-                    await c.execute(self.q["forget_rejected"], digits, email, encoded)
-                )
-                events = await c.fetchval(self.q["forget_events"], digits, email, encoded)
+                texts = _texts(ids)
+                counts["rejected"] = _n(await c.execute(self.q["forget_rejected"], *texts))
+                events = await c.fetchval(self.q["forget_events"], *texts)
                 gone = await c.fetchrow(self.q["forget_event_rows"], events)
-                assert gone is not None
+                assert gone is not None, "an aggregate always answers one row"
                 counts["webhook_events"] = int(gone["events"])
                 counts["webhook_deliveries"] = int(gone["deliveries"])
+                contacts = [i.split(":", 1)[1] for i in ids]
                 counts["contact_index"] = _n(
-                    await c.execute(self.q["forget_contact_index"], person.contacts)
+                    await c.execute(self.q["forget_contact_index"], contacts)
                 )
                 return counts
 
         return await self._run(run)
+
+    async def _forget_submissions(
+        self, c: Connection, people: list[int], ids: list[str]
+    ) -> dict[str, int]:
+        subs = await c.fetchval(self.q["forget_submissions"], people)
+        await c.execute(self.q["forget_discards"], subs)
+        return {
+            "jobs": _n(await c.execute(self.q["forget_jobs"], subs, people)),
+            "submissions": _n(await c.execute(self.q["forget_delete_submissions"], subs)),
+            "identities": _n(await c.execute(self.q["forget_identities"], people, ids)),
+            "people": _n(await c.execute(self.q["forget_person_rows"], people)),
+        }
 
 
 def _n(status: str) -> int:

@@ -30,3 +30,9 @@ CREATE INDEX IF NOT EXISTS webhook_events_received ON webhook_events (received_a
 CREATE INDEX IF NOT EXISTS webhook_deliveries_received ON webhook_deliveries (received_at);
 CREATE INDEX IF NOT EXISTS forward_jobs_event ON forward_jobs (event_id);
 CREATE INDEX IF NOT EXISTS jobs_submission ON jobs (submission_id);
+
+-- The digits of a raw body as a person wrote them, for finding a phone however it was typed:
+-- percent-escapes go first (the "20" of a urlencoded space is not part of the number).
+CREATE FUNCTION relay_digits(body text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT regexp_replace(regexp_replace(body, '%[0-9A-Fa-f]{2}', '', 'g'), '[^0-9]', '', 'g') $$;

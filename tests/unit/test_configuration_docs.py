@@ -16,7 +16,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
-READS = {"text", "number", "url", "choice", "flag", "region", "networks"}  # the settings reader's methods
+# the settings reader's methods
+READS = {"text", "number", "url", "choice", "flag", "region", "networks"}
 NO_DEFAULT = "–"
 # Defaults the code computes rather than states; the docs describe them in words.
 DESCRIBED = {

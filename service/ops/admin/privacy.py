@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import uuid
 
-import phonenumbers
 from aiohttp import web
 
 from service.db.privacy_store import Person, PrivacyStore, SpamQuery
@@ -36,17 +35,14 @@ SPAM_REASONS = (
 def person(phone: str | None, email: str | None, region: str | None) -> Person:
     """Whom `forget` erases, normalised exactly as intake stores people; BadInput when neither
     is given or one is not a phone / an email."""
-    identities, digits, address = [], None, None
+    identities = []
     if phone:
-        e164 = normalize_phone(phone, region)
-        identities.append(f"phone:{e164}")
-        digits = str(phonenumbers.parse(e164).national_number)
+        identities.append(f"phone:{normalize_phone(phone, region)}")
     if email:
-        address = normalize_email(email)
-        identities.append(f"email:{address}")
+        identities.append(f"email:{normalize_email(email)}")
     if not identities:
         raise BadInput([])
-    return Person(sorted(identities), digits, address)
+    return Person(sorted(identities))
 
 
 def _store(request: web.Request) -> PrivacyStore:
