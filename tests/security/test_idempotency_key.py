@@ -14,7 +14,7 @@ from service.intake.forms import INTAKE
 from service.model import Lead
 from tests.conftest import ServiceFactory
 
-KEY = {"Idempotency-Key": "order-1842"}  # the README's own example: easy to guess
+KEY = {"Idempotency-Key": "order-1842"}  # an order number: easy to guess
 
 
 async def test_guessed_idempotency_key_does_not_swallow_another_persons_submission(

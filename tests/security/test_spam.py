@@ -4,6 +4,7 @@ and never reaches the CRM (the amoCRM simulator); what a person sends still does
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import asyncpg
@@ -196,3 +197,29 @@ async def test_clients_behind_a_trusted_proxy_are_counted_apart(
     assert await spam_rows(db) == [("rate_limited", "+77014440000")]
     client = await db.fetchval("SELECT client FROM spam")
     assert client == "198.51.100.0"
+
+
+async def test_caught_submission_during_a_database_stall_is_spooled_not_lost_nor_late(
+    service_factory: ServiceFactory, db: asyncpg.Connection, db_dsn: str
+) -> None:
+    """It may be a real person: kept like a lead is, in the spool while the database stalls
+    (answered within the write timeout), in the spam table once it answers again."""
+    svc = await service_factory(forms=forms(honeypot="website"), db_write_timeout_s=0.5)
+    blocker = await asyncpg.connect(db_dsn)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE spam IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        status, body = await svc.submit("course", person(1, website="x"))
+        assert time.monotonic() - started < 2.0
+        assert status == 200 and body["ok"] and body.get("spooled") is True, body
+        await tx.rollback()
+    finally:
+        await blocker.close()
+
+    async def kept() -> bool:
+        return await spam_rows(db) == [("honeypot", "+77014440001")]
+
+    await wait_for(kept)
+    assert await db.fetchval("SELECT id FROM spam") == uuid.UUID(body["id"])
