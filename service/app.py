@@ -261,7 +261,7 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         if any(rule.spam.captcha for rule in settings.leads.forms.values()):
             session = await stack.enter_async_context(aiohttp.ClientSession())
             captcha = Captcha(session, settings.spam)
-        app[intake.SPAM_GUARD] = SpamGuard(settings.spam, captcha)
+        service.guard = SpamGuard(settings.spam, captcha)
         await stack.enter_async_context(background(service.commit.run(), "group-commit"))
         await stack.enter_async_context(background(events.commit.run(), "event-commit"))
         await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))

@@ -17,13 +17,12 @@ from service.errors import BadInput, FieldError, StoreUnavailable
 from service.intake.bodies import parse_body
 from service.intake.ingest import Intake
 from service.intake.normalize import normalize
-from service.intake.spam import SpamGuard, take_controls
+from service.intake.spam import take_controls
 from service.web import SETTINGS, read_limited, reply, too_large
 
 log = logging.getLogger(__name__)
 
 INTAKE = web.AppKey("intake", Intake)
-SPAM_GUARD = web.AppKey("spam_guard", SpamGuard)
 
 
 async def submit_form(request: web.Request) -> web.Response:
@@ -45,7 +44,7 @@ async def submit_form(request: web.Request) -> web.Response:
         header_key = request.headers.get("Idempotency-Key")
         reason = client = None
         if rule.active:
-            guard = request.app[SPAM_GUARD]
+            guard = intake.guard
             client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
             reason = await guard.reason(lead.form, rule, controls, client)
         if reason is None:

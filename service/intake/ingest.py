@@ -23,6 +23,7 @@ from service.intake.group_commit import GroupCommit
 from service.intake.keys import IdempotencyWindow, bound_key, content_key, submission_key
 from service.intake.locks import KeyLocks
 from service.intake.shared_keys import NoSharedKeys, SharedKeys
+from service.intake.spam import SpamGuard
 from service.intake.spool import Spool
 from service.model import Lead
 
@@ -91,6 +92,8 @@ class Intake:
             kind="submission",
         )
         self.write_timeout_s = write_timeout_s
+        # the forms' spam controls; the app gives it its CAPTCHA client and shared settings
+        self.guard = SpamGuard()
         self.counts: dict[str, int] = {
             "accepted": 0,
             "duplicate": 0,

@@ -223,11 +223,18 @@ def _passed(rule: SpamRule, answer: dict[str, Any]) -> bool:
 class SpamGuard:
     """The checks of one process: its client limit and its CAPTCHA client."""
 
-    def __init__(self, settings: SpamSettings, captcha: Captcha | None) -> None:
+    def __init__(
+        self, settings: SpamSettings | None = None, captcha: Captcha | None = None
+    ) -> None:
+        settings = settings or SpamSettings()
         self.limit = ClientLimit(settings.client_rate_max_clients)
         self.trusted = networks(settings.trusted_proxies)
         self.captcha = captcha
         self.counts: dict[str, int] = {}
+
+    def stats(self) -> dict[str, Any]:
+        """For /health: spam by reason, CAPTCHA outages, client addresses remembered."""
+        return {"caught": dict(self.counts), "clients": len(self.limit)}
 
     def client(self, peer: str | None, forwarded_for: str | None) -> str:
         return client_address(peer, forwarded_for, self.trusted)
