@@ -106,6 +106,13 @@ SELECT count(*) FROM gone;
 -- text: the phone's national digits among a body's digits (however it was written), the email
 -- in lower case, or percent-encoded as a urlencoded body carries it.
 
+-- name: forget_lock
+-- The person locks ingest takes (010_person_locks_in_ingest.sql), in key order: a submission
+-- of this person being written now either commits before the erasure reads, or waits for it.
+SELECT count(pg_advisory_xact_lock(72811978, k.key))
+  FROM (SELECT DISTINCT relay_person_lock_key(v) AS key
+          FROM unnest($1::text[]) AS v ORDER BY 1) AS k;
+
 -- name: forget_people
 SELECT coalesce(array_agg(DISTINCT person_id), '{}')
   FROM identities WHERE identity = ANY($1::text[]);

@@ -8,6 +8,7 @@ still owed; erasure deletes one person's rows here (not in the CRM) and counts t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,10 +20,12 @@ import phonenumbers
 
 from service.db.admin_store import Row, json_ready
 from service.db.store import Connection, load_queries, run_on
+from service.errors import StoreConflict
 
 T = TypeVar("T")
 PURGE_BATCH = 1000  # rows per statement: short transactions, never one long one
 DAY_S = 86400.0
+FORGET_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,11 @@ class PrivacyStore:
 
         async def run(c: Connection) -> dict[str, int]:
             async with c.transaction():
+                await c.fetchval(self.q["forget_lock"], person.identities)
                 people = await c.fetchval(self.q["forget_people"], person.identities)
                 known = await c.fetchval(self.q["forget_identities_of"], people)
                 ids = sorted({*person.identities, *known})
+                await c.fetchval(self.q["forget_lock"], ids)
                 counts = await self._forget_submissions(c, people, ids)
                 counts["spam"] = _n(await c.execute(self.q["forget_spam"], ids))
                 texts = _texts(ids)
@@ -164,6 +169,10 @@ class PrivacyStore:
                 )
                 return counts
 
+        for _ in range(FORGET_TRIES - 1):
+            # a deadlock with an ingest holding the person's other identity: try again
+            with contextlib.suppress(StoreConflict):
+                return await self._run(run)
         return await self._run(run)
 
     async def _forget_submissions(

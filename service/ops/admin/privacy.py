@@ -13,7 +13,7 @@ import uuid
 from aiohttp import web
 
 from service.db.privacy_store import Person, PrivacyStore, SpamQuery
-from service.errors import BadInput, StoreUnavailable
+from service.errors import BadInput, StoreConflict, StoreUnavailable
 from service.intake.normalize import normalize_email, normalize_phone
 from service.ops.admin import params
 from service.ops.runtime import RUNTIME
@@ -98,7 +98,10 @@ async def forget(request: web.Request) -> web.Response:
         if not exc.errors:
             raise params.BadQuery("body", 'give {"phone": …} or {"email": …} or both') from None
         raise params.BadQuery(exc.errors[0].field, exc.errors[0].message) from None
-    removed = await _store(request).forget(who)
+    try:
+        removed = await _store(request).forget(who)
+    except StoreConflict as exc:  # deadlocked with that person's ingest three times: not now
+        raise StoreUnavailable(str(exc)) from exc
     # what was asked is itself personal data: the log says only how much was removed
     log.warning(
         "personal data erased", extra={"action": "admin_forget", "rows": sum(removed.values())}
