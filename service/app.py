@@ -40,8 +40,9 @@ from service.intake.ingest import Intake
 from service.intake.keys import IdempotencyWindow
 from service.intake.locks import KeyLocks
 from service.intake.shared_keys import SharedKeys
+from service.intake.spam import Captcha, SpamGuard
 from service.intake.spool import Spool
-from service.ops import alerts, health, metrics
+from service.ops import alerts, health, metrics, retention
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import CrmSettings, Settings
@@ -103,7 +104,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     if roles.worker:
         app.cleanup_ctx.append(worker_ctx)
         app.cleanup_ctx.append(forwarder_ctx)
-    app.cleanup_ctx.extend([admin.admin_ctx, alerts.alerts_ctx])
+    app.cleanup_ctx.extend([admin.admin_ctx, alerts.alerts_ctx, retention.retention_ctx])
     app.on_shutdown.append(_mark_shutting_down)
     app.add_routes(health.routes())
     app.add_routes(metrics.routes())
@@ -260,8 +261,14 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         "submission": service.drain_spooled,
         "rejected": _rejected_handler(store),
         "event": events.drain_spooled,
+        "spam": service.drain_spam,
     }
     async with contextlib.AsyncExitStack() as stack:
+        captcha = None
+        if any(rule.spam.captcha for rule in settings.leads.forms.values()):
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            captcha = Captcha(session, settings.spam)
+        service.guard = SpamGuard(settings.spam, captcha)
         await stack.enter_async_context(background(service.commit.run(), "group-commit"))
         await stack.enter_async_context(background(events.commit.run(), "event-commit"))
         await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))

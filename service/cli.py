@@ -1,4 +1,4 @@
-"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, fake-crm."""
+"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, forget, fake-crm."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from service import logs
 from service.app import Roles, create_app
 from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
 from service.db.event_store import EventStore
+from service.db.privacy_store import PrivacyStore
 from service.db.store import Store
-from service.errors import RelayError, SettingsError
+from service.errors import BadInput, RelayError, SettingsError
+from service.ops.admin.privacy import person
 from service.settings import Settings
 
 
@@ -40,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--forwards", action="store_true", help="dead forward jobs (webhook outbox) instead"
     )
+    forget = sub.add_parser(
+        "forget", help="erase one person's data here (not in the CRM); says what it removed"
+    )
+    forget.add_argument("--phone", help="any way of writing it (DEFAULT_PHONE_REGION applies)")
+    forget.add_argument("--email")
     fake = sub.add_parser("fake-crm", help="run the CRM simulator")
     fake.add_argument("--kind", choices=["amocrm", "bitrix24"], default="amocrm")
     fake.add_argument("--host", default="127.0.0.1")
@@ -52,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "fake-crm":
         return fake_crm(args)
+    if args.command == "forget" and not (args.phone or args.email):
+        print("crm-relay forget: give --phone, --email or both", file=sys.stderr)
+        return 2
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
@@ -67,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "migrate": lambda store: _noop(),
             "status": lambda store: status(store, args.limit),
             "replay": lambda store: replay(store, args.job_ids or None, forwards=args.forwards),
+            "forget": lambda store: forget(store, args.phone, args.email, settings),
         }
         return asyncio.run(with_store(settings, commands[args.command]))
     except RelayError as exc:
@@ -184,6 +195,20 @@ async def replay(store: Store, job_ids: list[int] | None, *, forwards: bool = Fa
         return 0
     n = await store.replay(job_ids)
     print(f"replayed {n} dead job(s)")
+    return 0
+
+
+async def forget(store: Store, phone: str | None, email: str | None, settings: Settings) -> int:
+    """Erase one person's rows here; print how many went from each table."""
+    try:
+        who = person(phone, email, settings.intake.default_phone_region)
+    except BadInput as exc:
+        print(f"crm-relay forget: {exc}", file=sys.stderr)
+        return 2
+    removed = await PrivacyStore(store.pool).forget(who)
+    for table, n in removed.items():
+        print(f"{table:>18}: {n}")
+    print(f"removed {sum(removed.values())} row(s); the CRM is not changed")
     return 0
 
 

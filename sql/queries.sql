@@ -122,6 +122,23 @@ SELECT j.id, j.submission_id, j.attempts, j.last_error, j.updated_at, s.form,
 -- name: save_rejected
 INSERT INTO rejected (id, endpoint, content_type, body, errors) VALUES ($1, $2, $3, $4, $5::jsonb);
 
+-- name: save_spam
+-- A repeat of the same content (`content_key`) is kept once: the first one's id answers.
+WITH added AS (
+    INSERT INTO spam (id, content_key, idem_key, form, reason, client, lead, identities,
+                      received_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::text[], $9)
+    ON CONFLICT (content_key) DO NOTHING
+    RETURNING id
+)
+SELECT id FROM added
+UNION ALL
+SELECT id FROM spam WHERE content_key = $2
+LIMIT 1;
+
+-- name: submission_lead
+SELECT lead FROM submissions WHERE id = $1;
+
 -- name: token_for_update
 SELECT access_token, refresh_token, extract(epoch FROM expires_at) AS expires_at
   FROM oauth_tokens WHERE crm = $1 FOR UPDATE;

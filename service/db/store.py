@@ -130,6 +130,41 @@ class Pending(NamedTuple):
         )
 
 
+class SpamEntry(NamedTuple):
+    """A submission a form's spam controls caught, ready to be stored (or spooled)."""
+
+    id: uuid.UUID
+    content_key: str  # repeats of the same content are kept once
+    idem_key: str  # the key a release stores it under
+    reason: str
+    client: str | None
+    lead: Lead
+    received_at: dt.datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "content_key": self.content_key,
+            "idem_key": self.idem_key,
+            "reason": self.reason,
+            "client": self.client,
+            "lead": self.lead.to_json(),
+            "received_at": self.received_at.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpamEntry:
+        return cls(
+            id=uuid.UUID(data["id"]),
+            content_key=data["content_key"],
+            idem_key=data["idem_key"],
+            reason=data["reason"],
+            client=data.get("client"),
+            lead=Lead.from_json(data["lead"]),
+            received_at=dt.datetime.fromisoformat(data["received_at"]),
+        )
+
+
 class Accepted(NamedTuple):
     """What the database made of one submission (a tuple: one is made per request)."""
 
@@ -230,6 +265,30 @@ class Store:
             )
         )
         return rid
+
+    async def save_spam(self, entry: SpamEntry) -> uuid.UUID:
+        """Keep a caught submission (never delivered); a repeat of its content keeps the first."""
+        lead = orjson.dumps(entry.lead.to_json()).decode()
+        found: uuid.UUID = await self._run(
+            lambda c: c.fetchval(
+                self.q["save_spam"],
+                entry.id,
+                entry.content_key,
+                entry.idem_key,
+                entry.lead.form,
+                entry.reason,
+                entry.client,
+                lead,
+                entry.lead.identities(),
+                entry.received_at,
+            )
+        )
+        return found
+
+    async def submission_lead(self, sid: uuid.UUID) -> Lead | None:
+        """The lead stored under submission `sid` (None when there is none)."""
+        raw = await self._run(lambda c: c.fetchval(self.q["submission_lead"], sid))
+        return None if raw is None else Lead.from_json(orjson.loads(raw))
 
     # --- delivery -----------------------------------------------------------------------
 

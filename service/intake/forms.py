@@ -2,6 +2,8 @@
 
 `{"ok": true, "id", "duplicate"}` once the submission is durable (database or spool);
 `{"ok": false, "errors": [...]}` for bad input, with the raw request kept; 413 over the size limit.
+A submission the form's spam controls catch (service.intake.spam) is stored as spam and answered
+exactly as a real one is.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from service.errors import BadInput, FieldError, StoreUnavailable
 from service.intake.bodies import parse_body
 from service.intake.ingest import Intake
 from service.intake.normalize import normalize
+from service.intake.spam import take_controls
 from service.web import SETTINGS, read_limited, reply, too_large
 
 log = logging.getLogger(__name__)
 
 INTAKE = web.AppKey("intake", Intake)
+
+
 async def submit_form(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS].intake
+    spam_rule = request.app[SETTINGS].leads.spam_rule
     intake = request.app[INTAKE]
     form = request.match_info["form"]
     content_type = request.headers.get("Content-Type")
@@ -32,8 +38,19 @@ async def submit_form(request: web.Request) -> web.Response:
             return too_large(settings.max_body_bytes)
         raw = read
         data = parse_body(content_type, raw)
+        rule = spam_rule(form)
+        data, controls = take_controls(rule, data)
         lead = normalize(form, data, default_region=settings.default_phone_region)
-        receipt = await intake.submit(lead, request.headers.get("Idempotency-Key"))
+        header_key = request.headers.get("Idempotency-Key")
+        reason = client = None
+        if rule.active:
+            guard = intake.guard
+            client = guard.client(request.remote, request.headers.get("X-Forwarded-For"))
+            reason = await guard.reason(lead.form, rule, controls, client)
+        if reason is None:
+            receipt = await intake.submit(lead, header_key)
+        else:
+            receipt = await intake.keep_spam(lead, header_key, reason, client)
     except BadInput as exc:
         await keep_rejected(intake, f"forms/{form}", content_type, raw, exc.errors)
         return reply(request, {"ok": False, "errors": [e.__dict__ for e in exc.errors]})

@@ -32,8 +32,22 @@ def submission_key(form: str, lead: Lead, header_key: str | None) -> str:
     """
     if header_key:
         return f"h:{form}:{header_key.strip()[:MAX_HEADER_KEY]}"
+    return content_key(form, lead)
+
+
+def content_key(form: str, lead: Lead) -> str:
+    """The hash of the normalised lead, scoped to the form: equal content, equal key."""
     body = orjson.dumps(lead.to_json(), option=orjson.OPT_SORT_KEYS)
     return f"c:{form}:{hashlib.sha256(body).hexdigest()}"
+
+
+def bound_key(key: str, lead: Lead) -> str:
+    """The key the window and Redis know a submission by: a sender's key bound to the content
+    it came with, so only the same key with the same content is a repeat there. (The database
+    keeps the sender's key alone; a repeat it finds is compared with what it stored.)"""
+    if not key.startswith("h:"):
+        return key  # a content key is its content already
+    return f"{key}\x1f{content_key('', lead)[3:]}"
 
 
 def event_key(source: str, key: str) -> str:

@@ -117,7 +117,7 @@ class RuntimeCollector:
             "crm_relay_submissions", "Submissions by outcome", labels=["outcome"]
         )
         counts = dict(intake.counts) if intake else {}
-        for outcome in ("accepted", "duplicate", "spooled"):
+        for outcome in ("accepted", "duplicate", "spooled", "spam", "key_reused"):
             subs.add_metric([outcome], counts.get(outcome, 0))
         subs.add_metric(["rejected"], self.m.rejected)
         yield subs

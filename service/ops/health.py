@@ -84,6 +84,7 @@ async def health(request: web.Request) -> web.Response:
         "queue": queue,
         "spool": {"bytes": rt.intake.spool.pending_bytes()} if rt.intake else None,
         "intake": rt.intake.counts if rt.intake else None,
+        "spam": rt.intake.guard.stats() if rt.intake else None,
         "idempotency_window": rt.intake.window.stats() if rt.intake else None,
         "limiter": _limiter(rt.gate),
         "circuit": {rt.crm: _circuit(rt.gate)} if rt.gate else None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from service.settings import env as _env
-from service.settings.config_file import read_config
+from service.settings.config_file import read_config, with_secret
 from service.settings.slices import (
     AdminSettings,
     AlertSettings,
@@ -30,7 +30,10 @@ from service.settings.slices import (
     IntakeSettings,
     LeadSettings,
     LogSettings,
+    RetentionSettings,
     RetryPolicy,
+    SpamRule,
+    SpamSettings,
     WebhookSettings,
 )
 
@@ -50,8 +53,11 @@ __all__ = [
     "IntakeSettings",
     "LeadSettings",
     "LogSettings",
+    "RetentionSettings",
     "RetryPolicy",
     "Settings",
+    "SpamRule",
+    "SpamSettings",
     "WebhookSettings",
     "load_config",
 ]
@@ -74,6 +80,8 @@ class Settings:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     alert: AlertSettings = field(default_factory=AlertSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    spam: SpamSettings = field(default_factory=SpamSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def spool_dir(self) -> Path:
@@ -97,6 +105,8 @@ class Settings:
             delivery=_env.delivery(r),
             leads=_env.leads(r),
             admin=_env.admin(r),
+            spam=_env.spam(r),
+            retention=_env.retention(r),
         )
         _env.check_crm(s.crm)
         path = r.text("CRM_RELAY_CONFIG")
@@ -108,7 +118,7 @@ def load_config(s: Settings, path: Path) -> Settings:
     found = read_config(path)
     leads = replace(
         s.leads,
-        forms=found.forms,
+        forms={name: with_secret(name, rule, s.spam) for name, rule in found.forms.items()},
         default_pipeline_id=found.pipeline_id or s.leads.default_pipeline_id,
         default_status_id=found.status_id or s.leads.default_status_id,
     )

@@ -8,13 +8,20 @@ slices that use it (`leads`, `webhook`). A wrong entry raises `SettingsError` na
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from service.errors import SettingsError
-from service.settings.slices import FormRule, ForwardRule, GenericSource
+from service.settings.slices import (
+    CAPTCHA_VENDORS,
+    FormRule,
+    ForwardRule,
+    GenericSource,
+    SpamRule,
+    SpamSettings,
+)
 
 GENERIC_VERIFY = ("any", "hmac", "qstash", "none")
 
@@ -62,7 +69,59 @@ def _form_rule(name: str, raw: Any) -> FormRule:
         tags=tuple(tags),
         field_map={str(k): _int(v, f"{where}.fields.{k}") or 0 for k, v in fields.items()},
         lead_name=str(raw.get("lead_name", FormRule.lead_name)),
+        spam=_spam_rule(where, raw),
     )
+
+
+def _spam_rule(where: str, raw: dict[str, Any]) -> SpamRule:
+    """The spam keys of `[forms.<name>]` (docs/configuration.md)."""
+    d = SpamRule()
+    captcha = raw.get("captcha")
+    if captcha is not None and captcha not in CAPTCHA_VENDORS:
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.captcha to be one of {CAPTCHA_VENDORS}")
+    outage = raw.get("captcha_outage", d.captcha_outage)
+    if outage not in ("accept", "spam"):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.captcha_outage to be accept or spam")
+    return SpamRule(
+        honeypot=_text(raw, "honeypot", where),
+        min_fill_s=_number(raw, "min_fill_s", where, d.min_fill_s, 3600),
+        rendered_at_field=_text(raw, "rendered_at_field", where) or d.rendered_at_field,
+        submitted_at_field=_text(raw, "submitted_at_field", where) or d.submitted_at_field,
+        captcha=captcha,
+        captcha_field=_text(raw, "captcha_field", where),
+        captcha_secret=_text(raw, "captcha_secret", where),
+        captcha_min_score=_number(raw, "captcha_min_score", where, 0.0, 1),
+        captcha_outage=outage,
+        client_rate=int(_number(raw, "client_rate", where, 0, 1_000_000)),
+    )
+
+
+def _text(raw: dict[str, Any], key: str, where: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.{key} to be a non-empty string")
+    return value.strip() if value else None
+
+
+def _number(raw: dict[str, Any], key: str, where: str, default: float, hi: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= hi:
+        raise SettingsError("CRM_RELAY_CONFIG", f"{where}.{key} to be a number from 0 to {hi:g}")
+    return float(value)
+
+
+def with_secret(name: str, rule: FormRule, spam: SpamSettings) -> FormRule:
+    """A form that asks for a CAPTCHA gets its vendor's secret from the environment unless the
+    file gives one; with neither, start-up stops (a check that cannot be made is no check)."""
+    vendor = rule.spam.captcha
+    if vendor is None or rule.spam.captcha_secret:
+        return rule
+    secret = getattr(spam, f"{vendor}_secret")
+    if not secret:
+        raise SettingsError(
+            f"{vendor.upper()}_SECRET", f"the {vendor} secret key, which [forms.{name}] asks for"
+        )
+    return replace(rule, spam=replace(rule.spam, captcha_secret=secret))
 
 
 def _int(value: Any, where: str) -> int | None:

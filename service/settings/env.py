@@ -6,6 +6,7 @@ number is named before a missing credential, as it always was.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -13,7 +14,10 @@ from urllib.parse import urlparse
 from service.errors import SettingsError
 from service.settings.slices import (
     BITRIX24_OAUTH_URL,
+    RECAPTCHA_VERIFY_URL,
+    SMARTCAPTCHA_VERIFY_URL,
     TELEGRAM_API_URL,
+    TURNSTILE_VERIFY_URL,
     AdminSettings,
     AlertSettings,
     AmoCrmSettings,
@@ -26,7 +30,9 @@ from service.settings.slices import (
     IntakeSettings,
     LeadSettings,
     LogSettings,
+    RetentionSettings,
     RetryPolicy,
+    SpamSettings,
     WebhookSettings,
 )
 
@@ -133,6 +139,19 @@ class EnvReader:
         if parsed.scheme not in schemes or not (parsed.netloc or parsed.path):
             raise SettingsError(name, f"a {'/'.join(schemes)} URL, got {raw!r}")
         return raw
+
+    def networks(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of CIDRs (or single addresses), each checked."""
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        found = []
+        for part in raw.split(","):
+            try:
+                found.append(str(ipaddress.ip_network(part.strip(), strict=False)))
+            except ValueError:
+                raise SettingsError(name, f"CIDRs such as 10.0.0.0/8,::1, got {part!r}") from None
+        return tuple(found)
 
     def region(self, name: str) -> str | None:
         raw = self.text(name)
@@ -241,9 +260,7 @@ def webhook(r: EnvReader) -> WebhookSettings:
         forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),
         forward_timeout_s=r.number("FORWARD_TIMEOUT_S", float, 10.0, 0.1, 600),
         echo_window_s=r.number("ECHO_WINDOW_S", float, 60.0, 0, 86400),
-        max_body_bytes=r.number(
-            "WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024
-        ),
+        max_body_bytes=r.number("WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024),
         qstash_current_signing_key=r.text("QSTASH_CURRENT_SIGNING_KEY"),
         qstash_next_signing_key=r.text("QSTASH_NEXT_SIGNING_KEY"),
     )
@@ -258,6 +275,30 @@ def alert(r: EnvReader) -> AlertSettings:
         check_s=r.number("ALERT_CHECK_S", float, 15.0, 0.05, 3600),
         interval_s=r.number("ALERT_INTERVAL_S", float, 900.0, 0, 86400),
         lag_s=r.number("ALERT_LAG_S", float, 600.0, 0, 86400),
+    )
+
+
+def spam(r: EnvReader) -> SpamSettings:
+    """The spam controls' shared settings; each form's rule comes from the TOML file."""
+    return SpamSettings(
+        turnstile_secret=r.text("TURNSTILE_SECRET"),
+        recaptcha_secret=r.text("RECAPTCHA_SECRET"),
+        smartcaptcha_secret=r.text("SMARTCAPTCHA_SECRET"),
+        turnstile_verify_url=r.url("TURNSTILE_VERIFY_URL", HTTP) or TURNSTILE_VERIFY_URL,
+        recaptcha_verify_url=r.url("RECAPTCHA_VERIFY_URL", HTTP) or RECAPTCHA_VERIFY_URL,
+        smartcaptcha_verify_url=r.url("SMARTCAPTCHA_VERIFY_URL", HTTP) or SMARTCAPTCHA_VERIFY_URL,
+        captcha_timeout_s=r.number("CAPTCHA_TIMEOUT_S", float, 3.0, 0.1, 60),
+        trusted_proxies=r.networks("TRUSTED_PROXIES"),
+        client_rate_max_clients=r.number("CLIENT_RATE_MAX_CLIENTS", int, 10_000, 1, 10_000_000),
+    )
+
+
+def retention(r: EnvReader) -> RetentionSettings:
+    return RetentionSettings(
+        days=r.number("RETENTION_DAYS", float, 0.0, 0, 36500),
+        spam_days=r.number("SPAM_RETENTION_DAYS", float, 30.0, 0.01, 36500),
+        spam_max_rows=r.number("SPAM_MAX_ROWS", int, 100_000, 1, 100_000_000),
+        check_s=r.number("RETENTION_CHECK_S", float, 3600.0, 0.05, 86400),
     )
 
 

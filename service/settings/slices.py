@@ -14,6 +14,37 @@ from dataclasses import dataclass, field, replace
 
 BITRIX24_OAUTH_URL = "https://oauth.bitrix.info/oauth/token/"
 TELEGRAM_API_URL = "https://api.telegram.org"
+# the CAPTCHA vendors' documented server-side verification endpoints
+TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
+RECAPTCHA_VERIFY_URL = "https://www.google.com/recaptcha/api/siteverify"
+SMARTCAPTCHA_VERIFY_URL = "https://smartcaptcha.yandexcloud.net/validate"
+CAPTCHA_VENDORS = ("turnstile", "recaptcha", "smartcaptcha")
+
+
+@dataclass(frozen=True)
+class SpamRule:
+    """A form's spam controls (keys of `[forms.<name>]` in the TOML); every one off by default.
+
+    A submission caught by one is stored as spam (the `spam` table), answered like a real one,
+    and never delivered unless an operator releases it."""
+
+    honeypot: str | None = None  # a field people never see: filled means a bot filled it
+    min_fill_s: float = 0.0  # faster than this from the page's render to its submit: a bot
+    rendered_at_field: str = "_rendered_at"  # the page's render time (Unix ms), sent with the form
+    submitted_at_field: str = "_submitted_at"  # optional: its submit time, on the same clock
+    captcha: str | None = None  # turnstile | recaptcha | smartcaptcha
+    captcha_field: str | None = None  # None: the vendor widget's own field name
+    captcha_secret: str | None = None  # None: the vendor's *_SECRET variable
+    captcha_min_score: float = 0.0  # reCAPTCHA v3: a lower score is spam
+    captcha_outage: str = "accept"  # the vendor cannot be asked: "accept" | "spam"
+    client_rate: int = 0  # submissions per client address per minute for this form; 0: no limit
+
+    @property
+    def active(self) -> bool:
+        return bool(self.honeypot or self.min_fill_s > 0 or self.captcha or self.client_rate)
+
+
+NO_SPAM_RULE = SpamRule()
 
 
 @dataclass(frozen=True)
@@ -26,6 +57,7 @@ class FormRule:
     # our field name (e.g. "utm_source", "fields.course") -> CRM custom field id
     field_map: Mapping[str, int] = field(default_factory=dict)
     lead_name: str = "{form}: {name}"
+    spam: SpamRule = field(default_factory=SpamRule)
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,12 @@ class LeadSettings:
     forms: Mapping[str, FormRule] = field(default_factory=dict)
     default_pipeline_id: int | None = None
     default_status_id: int | None = None
+
+    def spam_rule(self, form: str) -> SpamRule:
+        """The spam controls of `form` (its own rule's, else the `*` rule's): per request, so
+        no copy is made."""
+        rule = self.forms.get(form) or self.forms.get("*")
+        return rule.spam if rule is not None else NO_SPAM_RULE
 
     def form_rule(self, form: str) -> FormRule:
         """The rule for `form`, falling back to the `*` rule and then to the defaults."""
@@ -228,6 +266,33 @@ class AlertSettings:
     check_s: float = 15.0  # how often alert conditions are evaluated
     interval_s: float = 900.0  # at most one message per condition per this many seconds
     lag_s: float = 600.0  # the oldest due job waiting longer than this is an alert
+
+
+@dataclass(frozen=True)
+class SpamSettings:
+    """What every form's spam controls share: CAPTCHA secrets and endpoints, the client limit's
+    memory and the proxies whose `X-Forwarded-For` is believed."""
+
+    turnstile_secret: str | None = None
+    recaptcha_secret: str | None = None
+    smartcaptcha_secret: str | None = None
+    turnstile_verify_url: str = TURNSTILE_VERIFY_URL
+    recaptcha_verify_url: str = RECAPTCHA_VERIFY_URL
+    smartcaptcha_verify_url: str = SMARTCAPTCHA_VERIFY_URL
+    captcha_timeout_s: float = 3.0
+    # CIDRs of our own reverse proxies / load balancers; nobody else's X-Forwarded-For counts
+    trusted_proxies: tuple[str, ...] = ()
+    client_rate_max_clients: int = 10_000  # addresses remembered (LRU), ~350 bytes each
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long personal data is kept here; delivered work only, never what is still owed."""
+
+    days: float = 0.0  # RETENTION_DAYS: 0 keeps everything
+    spam_days: float = 30.0
+    spam_max_rows: int = 100_000
+    check_s: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
 # the settings reader's methods
-READS = {"text", "secret", "fernet_keys", "number", "url", "choice", "flag", "region"}
+READS = {"text", "secret", "fernet_keys", "number", "url", "choice", "flag", "region", "networks"}
 NO_DEFAULT = "–"
 # Defaults the code computes rather than states; the docs describe them in words.
 DESCRIBED = {

@@ -20,6 +20,7 @@ from service.db.admin_store import ADMIN_STORE, AdminStore, DeadFilter, Submissi
 from service.delivery.control import DELIVERY_CONTROL
 from service.errors import BadInput, FieldError
 from service.intake.normalize import normalize_email, normalize_phone
+from service.ops.admin import privacy as admin_privacy
 from service.ops.admin import webhooks as admin_webhooks
 from service.ops.admin.dashboard import dashboard
 from service.ops.admin.locks import (
@@ -263,6 +264,7 @@ def routes(enabled: bool) -> list[web.RouteDef]:
     api = "/admin/api"
     return [
         *admin_webhooks.routes(api),
+        *admin_privacy.routes(api),
         web.get("/admin", to_dashboard),
         web.get("/admin/", dashboard),
         web.get("/admin/openapi.json", openapi),

@@ -194,6 +194,69 @@ def _paths() -> Json:
             )
         },
         **_webhook_paths(api),
+        **_privacy_paths(api),
+    }
+
+
+def _privacy_paths(api: str) -> Json:
+    """service/ops/admin/privacy.py: spam review and release, erasure."""
+    counts = {"type": "object", "additionalProperties": INT}
+    return {
+        f"{api}/spam": {
+            "get": _op(
+                "Submissions the spam controls caught (never delivered unless released), "
+                "newest first",
+                "list",
+                params=[
+                    _query("form", "form name"),
+                    _query(
+                        "reason",
+                        "honeypot | too_fast | no_render_time | rate_limited | captcha_missing "
+                        "| captcha_failed | captcha_unavailable",
+                    ),
+                    _query("since", "received at or after (ISO 8601)", TIME),
+                    _query("until", "received before (ISO 8601)", TIME),
+                    _query("released", "true | false"),
+                    LIMIT,
+                ],
+                errors=BAD,
+            )
+        },
+        f"{api}/spam/{{spam_id}}/release": {
+            "post": _op(
+                "Release a caught submission: it becomes a normal lead, delivered once (a second "
+                "release changes nothing)",
+                "submission_id (the spam id, or the original's when its key was already a "
+                "submission: duplicate true), already_released",
+                params=[_path("spam_id", "the spam row's id", {"type": "string"})],
+                errors={
+                    **BAD,
+                    "404": {"description": "no such spam row", "content": _error()},
+                },
+            )
+        },
+        f"{api}/forget": {
+            "post": _op(
+                "Erase one person's data here (not in the CRM): submissions and their jobs, "
+                "identities, spam, rejected bodies and webhook events that mention them, "
+                "contact index rows",
+                "removed: rows deleted per table",
+                {
+                    "type": "object",
+                    "required": ["ok", "removed"],
+                    "properties": {"ok": {"const": True}, "removed": counts},
+                },
+                body={
+                    "type": "object",
+                    "properties": {
+                        "phone": {"type": "string", "description": "any way of writing it"},
+                        "email": {"type": "string"},
+                    },
+                    "description": "phone, email or both",
+                },
+                errors=BAD,
+            )
+        },
     }
 
 
