@@ -38,7 +38,7 @@ from service.crm.amocrm.api import (
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
 from service.crm.amocrm.index import ContactIndex, account_of, national_number, phone_identity
 from service.crm.amocrm.sparing import no_answer, send_sparing
-from service.crm.base import Delivery, Link
+from service.crm.base import Deferred, Delivery, Link
 from service.crm.contact_guard import ContactClaims
 from service.db.contact_locks import ContactGuard
 from service.db.store import Pool
@@ -150,7 +150,7 @@ class AmoCrmAdapter:
             return _Found(item.link.contact_id)
         if lookup == "index":
             contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id])
-            return _Found() if contact is None else _Found(contact.id, contact, indexed=True)
+            return _Found() if contact is None else _Found(contact.id, contact)
         contact = None if lookup == "trust" else await self.find_contact(item.lead)
         if contact is None:
             return _Found()
@@ -168,9 +168,7 @@ class AmoCrmAdapter:
             return None
         if found.contact is None:
             return await self._linked(item, plan, rule, claims)
-        if found.indexed:
-            return await self._from_index(found.contact, item, plan, rule, claims)
-        return await self._existing(found.contact, item, plan, rule, claims)
+        return await self._written(found.contact, item, plan, rule, claims)
 
     async def _linked(
         self, item: Delivery, plan: Plan, rule: FormRule, claims: ContactClaims
@@ -188,9 +186,9 @@ class AmoCrmAdapter:
         if contact is None:
             plan.new.append(item)
             return None
-        return await self._existing(contact, item, plan, rule, claims)
+        return await self._written(contact, item, plan, rule, claims)
 
-    async def _from_index(
+    async def _written(
         self,
         contact: AmoContact,
         item: Delivery,
@@ -198,16 +196,27 @@ class AmoCrmAdapter:
         rule: FormRule,
         claims: ContactClaims,
     ) -> Link | None:
-        """An index hit is written to like a search hit; a contact deleted in the CRM since
-        we read it (400/404 on linking or updating it) leaves the index and the person is new
-        (one deleted before, 404 on reading it, was left out by `_indexed_contact`)."""
+        """Write to a contact we found (link, search or index). A contact deleted in the CRM
+        since we read it — amoCRM refuses linking or updating it ("Contact is not found": a
+        400/404, and reading it back finds nothing) — is not a dead letter: what we remembered
+        of it is dropped and the person resolved again. A search finding nobody makes them new
+        (no claim needed: nobody else can have read a contact that does not exist); finding
+        another contact (a manager merged the two) defers them to the next round, which reads
+        that contact under the contact claims."""
         try:
             return await self._existing(contact, item, plan, rule, claims)
         except CrmPermanent as exc:
             if exc.status not in (400, 404) or await self.api.get_contact(contact.id) is not None:
                 raise
-        assert self.index is not None
-        await self.index.forget_contact(contact.id)
+        log.info(
+            "amoCRM contact gone before our write: resolving the person again",
+            extra={"action": "contact_gone", "contact_id": contact.id, "job_id": item.job_id},
+        )
+        if self.index is not None:
+            await self.index.forget_contact(contact.id)
+        again = None if self.dedup == "trust" else await self.find_contact(item.lead)
+        if again is not None and again.id != contact.id:
+            raise Deferred(f"CRM contact {contact.id} is gone; {again.id} holds the person now")
         plan.new.append(item)
         return None
 
@@ -359,7 +368,6 @@ class _Found:
 
     contact_id: int | None = None
     contact: AmoContact | None = None
-    indexed: bool = False  # found through the index: a contact deleted meanwhile is handled
 
 
 async def _each(

@@ -40,7 +40,14 @@ from service.crm.http import (
     send_json,
     send_with_token,
 )
-from service.errors import CrmBlocked, CrmPermanent, CrmRateLimited, CrmRetryable, CrmUnauthorized
+from service.errors import (
+    CrmBlocked,
+    CrmError,
+    CrmPermanent,
+    CrmRateLimited,
+    CrmRetryable,
+    CrmUnauthorized,
+)
 
 __all__ = [  # what callers import from here, parsed types included
     "CLOSED_STATUSES",
@@ -230,13 +237,16 @@ class AmoCrmApi:
             raise CrmRetryable(f"amoCRM answered lead {lead_id} without id/pipeline_id/status_id")
         return lead
 
-    async def create_complex(self, leads: Sequence[Mapping[str, Any]]) -> list[ComplexResult]:
-        """Create leads with their embedded contact in one call; results in request order."""
+    async def create_complex(
+        self, leads: Sequence[Mapping[str, Any]]
+    ) -> list[ComplexResult | CrmError]:
+        """Create leads with their embedded contact in one call; one answer per lead in
+        request order: its result, or `CrmRetryable` for a lead the answer left out."""
         _check_batch(leads)
         if not leads:
             return []
         body = await self._call("POST", "/api/v4/leads/complex", json_body=list(leads))
-        if not isinstance(body, list) or len(body) != len(leads):
+        if not isinstance(body, list):
             raise CrmRetryable(
                 f"amoCRM answered leads/complex for {len(leads)} leads with an unexpected body"
             )
