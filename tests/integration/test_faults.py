@@ -132,7 +132,9 @@ async def test_permanent_error_goes_dead_and_replay_delivers_after_the_fix(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sim = simulator[0]
+    sim.add_pipeline(777, [77701])  # there at start-up (which checks it), deleted afterwards
     svc = await service_factory(forms={"promo": FormRule(pipeline_id=777)})
+    del sim.store.pipelines[777]
     _, answer = await svc.submit("promo", lead_of(1))
 
     async def dead() -> bool:

@@ -59,6 +59,7 @@ __all__ = [  # what callers import from here, parsed types included
     "AmoValidation",
     "ComplexResult",
     "ContactPage",
+    "Funnels",
     "StaticToken",
     "TokenPair",
     "TokenSource",
@@ -81,6 +82,14 @@ class TokenPair:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: float  # unix seconds
+
+
+@dataclass
+class Funnels:
+    """The account's pipelines: id → its status ids, and the main pipeline's id."""
+
+    statuses: dict[int, set[int]]
+    main: int | None
 
 
 class AmoValidation(CrmPermanent):
@@ -279,13 +288,20 @@ class AmoCrmApi:
 
     async def pipelines(self) -> dict[int, set[int]]:
         """Every pipeline id with the ids of its statuses."""
+        return (await self.funnels()).statuses
+
+    async def funnels(self) -> Funnels:
+        """Every pipeline id with the ids of its statuses, and which one is the main pipeline
+        (where a lead without `pipeline_id` goes)."""
         body = await self._call("GET", "/api/v4/leads/pipelines")
-        result: dict[int, set[int]] = {}
+        found = Funnels({}, None)
         for pipeline in embedded_list(body, "pipelines", strict=True):
             pipeline_id = as_int(pipeline.get("id"))
             if pipeline_id is not None:
-                result[pipeline_id] = set(ids(embedded_list(pipeline, "statuses")))
-        return result
+                found.statuses[pipeline_id] = set(ids(embedded_list(pipeline, "statuses")))
+                if pipeline.get("is_main") is True:
+                    found.main = pipeline_id
+        return found
 
     async def _patch(self, path: str, patches: Sequence[Mapping[str, Any]]) -> None:
         _check_batch(patches)
