@@ -23,6 +23,7 @@ from service.cluster.processes import Cluster, connect_redis, process_name
 from service.crm.amocrm.adapter import AmoCrmAdapter
 from service.crm.amocrm.api import AmoCrmApi, StaticToken, TokenSource
 from service.crm.amocrm.funnels import check_pipelines
+from service.crm.amocrm.index import reuse_window
 from service.crm.bitrix24.adapter import Bitrix24Adapter
 from service.crm.bitrix24.api import Bitrix24Api
 from service.crm.bitrix24.funnels import check_stages
@@ -172,12 +173,26 @@ async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
         else:
             base_url, tokens = await _crm_endpoint(app, crm, session, gate, stack)
             api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=crm.timeout_s)
-            region = settings.intake.default_phone_region
-            app[ADAPTER] = AmoCrmAdapter(
-                api, crm.amocrm, settings.leads, app[STORE].pool, region=region
-            )
+            adapter = app[ADAPTER] = _amocrm_adapter(app, api)
             await _checked(check_pipelines(api, settings.leads))
+            if adapter.index is not None and app[RUNTIME].worker_expected:
+                # the first full read of the account, in the background at the index's share
+                await stack.enter_async_context(background(adapter.index.scan(), "index-scan"))
         yield
+
+
+def _amocrm_adapter(app: web.Application, api: AmoCrmApi) -> AmoCrmAdapter:
+    settings = app[SETTINGS]
+    amo, delivery = settings.crm.amocrm, settings.delivery
+    return AmoCrmAdapter(
+        api,
+        amo,
+        settings.leads,
+        app[STORE].pool,
+        region=settings.intake.default_phone_region,
+        index_rate=settings.crm.rate_limit * amo.index_share,
+        index_reuse_s=reuse_window(amo.index_refresh_s, delivery.retry, delivery.lease_s),
+    )
 
 
 async def _checked(check: Coroutine[Any, Any, None]) -> None:

@@ -136,6 +136,8 @@ def _amocrm(r: EnvReader) -> AmoCrmSettings:
         refresh_token=r.text("AMOCRM_REFRESH_TOKEN"),
         redirect_uri=r.text("AMOCRM_REDIRECT_URI"),
         dedup=_amocrm_dedup(r),
+        index_share=r.number("AMOCRM_INDEX_SHARE", float, 0.33, 0.01, 1),
+        index_refresh_s=r.number("AMOCRM_INDEX_REFRESH_S", float, 2.0, 0, 3600),
     )
 
 

@@ -165,6 +165,10 @@ class AmoCrmSettings:
     # phone/email) or "trust" (no lookup: the account's own duplicate control merges contacts;
     # a crash between create and commit can then leave a second lead for the person)
     dedup: str = "index"
+    # the contact index's own share of CRM_RATE_LIMIT for its list reads, and how long a sync
+    # that reached the end answers later batches (see service.crm.amocrm.index)
+    index_share: float = 0.33
+    index_refresh_s: float = 2.0
 
 
 @dataclass(frozen=True)

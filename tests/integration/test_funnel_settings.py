@@ -29,7 +29,7 @@ PERSON = {"name": "Aigerim", "phone": "+77011234567"}
 @pytest.fixture
 async def portal() -> AsyncIterator[tuple[BitrixSimulator, str]]:
     async with roomy_simulator() as started:
-        started[0].store.add_category(1, ["NEW", "PREPARATION", "UC_PAID"], "Courses")
+        started[0].store.funnels.add_category(1, ["NEW", "PREPARATION", "UC_PAID"], "Courses")
         yield started
 
 

@@ -136,7 +136,7 @@ async def test_returning_person_inside_a_batch_gets_stage_and_comment(
 ) -> None:
     leads = LeadSettings(forms={"course": FormRule(category_id=2, stage_id="C2:UC_PAID")})
     portal = await start_portal(leads)
-    portal.sim.store.add_category(2, ["NEW", "UC_PAID"])
+    portal.sim.store.funnels.add_category(2, ["NEW", "UC_PAID"])
     [first] = await portal.deliver([delivery(0)])
     assert isinstance(first, Link)
     deal = portal.report()["deals"][0]

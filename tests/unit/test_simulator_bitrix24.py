@@ -147,7 +147,7 @@ async def test_unknown_stage_or_category_lands_in_the_first_stage_silently(bx: B
     """CCrmDeal::Add: an unknown CATEGORY_ID is category 0, a STAGE_ID that is not one of the
     category's stages (an integer "5", another category's, a prefix without CATEGORY_ID) is
     the category's first stage — and the answer is a plain success (CRM_FACTS.md)."""
-    bx.sim.store.add_category(1, ["NEW", "PREPARATION", "UC_X1Y2"])
+    bx.sim.store.funnels.add_category(1, ["NEW", "PREPARATION", "UC_X1Y2"])
     cases = [
         ({"CATEGORY_ID": 1, "STAGE_ID": "C1:UC_X1Y2"}, ("1", "C1:UC_X1Y2")),
         ({"CATEGORY_ID": 1, "STAGE_ID": "5"}, ("1", "C1:NEW")),
@@ -181,7 +181,7 @@ async def test_deals_open_and_closed_list_and_pages(bx: Bx) -> None:
     deal = {"TITLE": "Course", "CONTACT_IDS": [contact_id], "UTM_SOURCE": "google"}
     open_id = await bx.ok("crm.deal.add", {"fields": deal})
     won_id = await bx.ok("crm.deal.add", {"fields": deal | {"STAGE_ID": "WON"}})
-    bx.sim.store.add_category(2, ["NEW", "PREPARATION"])
+    bx.sim.store.funnels.add_category(2, ["NEW", "PREPARATION"])
     c2_id = await bx.ok("crm.deal.add", {"fields": deal | {"CATEGORY_ID": 2}})
 
     got = await bx.ok("crm.deal.get", {"id": open_id})

@@ -4,8 +4,9 @@ Order of lookups: our link table (what we created before), then — for a person
 for — by `AMOCRM_DEDUP`:
 
 - `index` (default): the local contact index (`amocrm_index`), brought up to date with the
-  CRM's list endpoint once per batch; a hit is read back (`GET /contacts/{id}`) and re-checked,
-  a miss goes straight into the batch's `leads/complex`. Until the index is complete and caught
+  CRM's list endpoint at most every `AMOCRM_INDEX_REFRESH_S`, at its own share of the limit;
+  a hit is read back (`GET /contacts/{id}`) and re-checked, a miss goes straight into the
+  batch's `leads/complex`. Until the index is complete and caught
   up, people are searched for as below.
 - `search`: a CRM search by phone, then by email (fuzzy: every hit is re-checked).
 - `trust`: no lookup; amoCRM's own duplicate control merges contacts.
@@ -73,6 +74,8 @@ class AmoCrmAdapter:
         pool: Pool | None = None,
         *,
         region: str | None = None,
+        index_rate: float | None = None,
+        index_reuse_s: float = 0.0,
     ) -> None:
         self.api = api
         self.dedup = settings.dedup
@@ -86,7 +89,13 @@ class AmoCrmAdapter:
                     extra={"action": "contact_index_off"},
                 )
             else:
-                self.index = ContactIndex(api, pool, default_region=self.region)
+                self.index = ContactIndex(
+                    api,
+                    pool,
+                    default_region=self.region,
+                    rate=index_rate,
+                    reuse_s=index_reuse_s,
+                )
 
     async def deliver_batch(
         self, items: Sequence[Delivery], guard: ContactGuard | None = None
@@ -125,9 +134,8 @@ class AmoCrmAdapter:
         unknown = [d for d in items if not _known(d)]
         if self.index is None or not unknown:
             return "search"
-        searches = sum(bool(d.lead.phone) + bool(d.lead.email) for d in unknown)
         try:
-            if not await self.index.refresh(budget=searches):
+            if not await self.index.refresh():
                 return "search"
             found = await self.index.candidates([d.lead for d in unknown])
             plan.indexed = {d.job_id: ids for d, ids in zip(unknown, found, strict=True)}

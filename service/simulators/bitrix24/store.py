@@ -25,6 +25,7 @@ from service.simulators.bitrix24.entities import (
     not_found,
     stamp,
 )
+from service.simulators.bitrix24.funnels import Funnels
 from service.simulators.common import duplicates_report
 
 __all__ = ["MAX_COMM_VALUES", "PAGE_SIZE", "BitrixStore"]
@@ -46,21 +47,11 @@ _LIST_FILTERS = frozenset(
 )
 
 
-# A portal's deal funnels: the default category 0 and its stages, as a new portal has them;
-# `add_category` adds more (configuration: kept by `clear`). Stage ids are strings, prefixed
-# `C<n>:` outside category 0 (CRM_FACTS.md, "Bitrix24 stages").
-DEFAULT_STAGES = ("NEW", "PREPARATION", "PREPAYMENT_INVOICE", "EXECUTING", "FINAL_INVOICE")
-FINAL_STAGES = ("WON", "LOSE")
-DEAL_ENTITY_TYPE = 2  # crm.category.list's entityTypeId of deals
-
-
 class BitrixStore:
     """One portal's CRM data; each public method is one REST method."""
 
     def __init__(self) -> None:
-        self.categories: dict[int, tuple[str, list[str]]] = {
-            0: ("General", [*DEFAULT_STAGES, *FINAL_STAGES])
-        }
+        self.funnels = Funnels()  # configuration: kept by `clear`
         self.contacts: dict[int, Contact] = {}
         self.deals: dict[int, Deal] = {}
         self.comments: dict[int, Comment] = {}
@@ -78,15 +69,6 @@ class BitrixStore:
     def _new_id(self, kind: str) -> int:
         self._next[kind] += 1
         return self._next[kind] - 1
-
-    def add_category(self, category_id: int, stages: list[str], name: str = "") -> list[str]:
-        """A deal category (funnel) with its stages, named without the `C<n>:` prefix (added
-        here); WON and LOSE are appended if missing. Returns the stage ids."""
-        names = [s for s in stages if s not in FINAL_STAGES] + list(FINAL_STAGES)
-        prefix = f"C{category_id}:" if category_id else ""
-        ids = [f"{prefix}{stage}" for stage in names]
-        self.categories[category_id] = (name or f"Funnel {category_id}", ids)
-        return ids
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -114,54 +96,6 @@ class BitrixStore:
             if found is None:
                 found = self._identities[key] = identity(kind, item["VALUE"])
             yield found
-
-    def category_list(self, params: dict[str, Any]) -> dict[str, Any]:
-        """`crm.category.list {entityTypeId: 2}`: the deal categories, the default (0) first
-        (dev.1c-bitrix.ru rest_help crm_category_list / crm_category_get: `{"categories":
-        [{id, name, sort, entityTypeId, isDefault}]}`)."""
-        if str(params.get("entityTypeId", "")) != str(DEAL_ENTITY_TYPE):
-            raise bad_arg("entityTypeId: the simulator keeps deal categories only (2)")
-        return {
-            "categories": [
-                {
-                    "id": cid,
-                    "name": name,
-                    "sort": 100 * (n + 1),
-                    "entityTypeId": DEAL_ENTITY_TYPE,
-                    "isDefault": "Y" if cid == 0 else "N",
-                }
-                for n, (cid, (name, _)) in enumerate(sorted(self.categories.items()))
-            ]
-        }
-
-    def status_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """`crm.status.list {filter: {ENTITY_ID}}`: a category's stages — `DEAL_STAGE` for
-        category 0, `DEAL_STAGE_<n>` for category n (apidocs.bitrix24.com, "How to Retrieve a
-        List of Stages with Semantics"); an ENTITY_ID of no category answers nothing."""
-        wanted = (
-            (params.get("filter") or {}).get("ENTITY_ID")
-            if isinstance(params.get("filter"), dict)
-            else None
-        )
-        rows: list[dict[str, Any]] = []
-        for cid, (_, stages) in sorted(self.categories.items()):
-            entity = f"DEAL_STAGE_{cid}" if cid else "DEAL_STAGE"
-            if wanted is not None and str(wanted) != entity:
-                continue
-            for n, stage in enumerate(stages):
-                semantics = {"WON": "S", "LOSE": "F"}.get(stage.rpartition(":")[2])
-                rows.append(
-                    {
-                        "ID": str(len(rows) + 1),
-                        "ENTITY_ID": entity,
-                        "STATUS_ID": stage,
-                        "NAME": stage.rpartition(":")[2].title(),
-                        "SORT": str(10 * (n + 1)),
-                        "SEMANTICS": semantics,
-                        "CATEGORY_ID": str(cid),
-                    }
-                )
-        return rows
 
     def contact_get(self, params: dict[str, Any]) -> dict[str, Any]:
         return self._contact(params.get("id")).to_json()
@@ -225,8 +159,8 @@ class BitrixStore:
         replaced by the category's first stage (CRM_FACTS.md, "Bitrix24 stages"). No error."""
         fields = _fields(params)
         category = _as_id(fields.get("CATEGORY_ID", 0), "CATEGORY_ID", True)
-        category = category if category in self.categories else 0
-        stages = self.categories[category][1]
+        category = category if category in self.funnels.categories else 0
+        stages = self.funnels.stages(category)
         stage = fields.get("STAGE_ID")
         stage = stage if stage in stages else stages[0]
         deal = Deal(
@@ -242,7 +176,7 @@ class BitrixStore:
         Update` does ("Ignore if the received stage_id is not exists")."""
         deal = self._deal(params.get("id"))
         fields = _fields(params)
-        stages = self.categories.get(deal.category_id, ("", []))[1]
+        stages = self.funnels.stages(deal.category_id)
         stage = fields.get("STAGE_ID")
         stage = stage if isinstance(stage, str) and stage in stages else None
         contact_ids = self._contact_ids(fields)
