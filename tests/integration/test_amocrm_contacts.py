@@ -94,3 +94,36 @@ async def test_a_contact_deleted_before_our_write_is_resolved_again(
     [lead] = report["leads"]
     assert [c["id"] for c in lead["_embedded"]["contacts"]] == [contact["id"]]
     no_duplicates(report)
+
+
+async def test_a_deleted_contact_whose_person_another_contact_holds_goes_there(
+    service_factory: ServiceFactory,
+    simulator: tuple[AmoCrmSimulator, str],
+    db: asyncpg.Connection,
+) -> None:
+    """Two contacts hold the phone (a manager is merging them): the older is found, then
+    deleted before our write. The search now finds the other one: the delivery waits for the
+    next round (no attempt counted) and goes to that contact — no third contact is made."""
+    sim = simulator[0]
+    older = seeded(sim, ("PHONE", PHONE))
+    newer = seeded(sim, ("PHONE", PHONE), ("EMAIL", EMAIL))
+    deleted: list[bool] = []
+    original = sim.store.search_contacts
+
+    def search_then_delete(query: str) -> Any:
+        found = original(query)
+        if found and not deleted:
+            deleted.append(sim.delete_contact(older))
+        return found
+
+    sim.store.search_contacts = search_then_delete  # type: ignore[method-assign]
+    svc = await service_factory(amocrm_dedup="search")
+    assert (await svc.submit("course", {"name": "Ivan", "phone": PHONE, "email": EMAIL}))[1]["ok"]
+    await wait_for(lambda: all_delivered(db, 1))
+
+    report = sim.report()
+    assert [c["id"] for c in report["contacts"]] == [newer]
+    [lead] = report["leads"]
+    assert [c["id"] for c in lead["_embedded"]["contacts"]] == [newer]
+    assert await db.fetchval("SELECT attempts FROM jobs") == 1
+    no_duplicates(report)
