@@ -37,7 +37,13 @@ from service.crm.amocrm.api import (
     digits,
 )
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
-from service.crm.amocrm.index import ContactIndex, account_of, national_number, phone_identity
+from service.crm.amocrm.index import (
+    SCAN_DEFER_S,
+    ContactIndex,
+    account_of,
+    national_number,
+    phone_identity,
+)
 from service.crm.amocrm.sparing import no_answer, send_sparing
 from service.crm.base import Deferred, Delivery, Link
 from service.crm.contact_guard import ContactClaims
@@ -136,6 +142,10 @@ class AmoCrmAdapter:
             return "search"
         try:
             if not await self.index.refresh():
+                if self.index.worth_waiting:  # a new account being read: its people wait
+                    for d in unknown:
+                        why = "the contact index is still reading the account"
+                        out[plan.slot[d.job_id]] = Deferred(why, delay_s=SCAN_DEFER_S)
                 return "search"
             found = await self.index.candidates([d.lead for d in unknown])
             plan.indexed = {d.job_id: ids for d, ids in zip(unknown, found, strict=True)}

@@ -61,6 +61,12 @@ log = logging.getLogger(__name__)
 SPACING_MARGIN = 1.02  # as the rate gate spaces its calls (delivery.limits)
 PAGES_PER_ROUND = 4  # 1,000 contacts per round
 SYNC_WAIT_S = 60.0  # for another process's round; then this batch searches instead
+# While the background read of a new account is under way, new people wait for it (without an
+# attempt counted) rather than being searched for one by one, for at most this long after it
+# began: a bigger account (~70,000 contacts at 2 pages/s) leaves the rest of its read to run
+# while they are searched for.
+SCAN_PATIENCE_S = 120.0
+SCAN_DEFER_S = 3.0  # how long such a delivery waits before it looks again
 SCAN_RETRY_S = 5.0  # the background read after a failure: then doubling, up to SCAN_RETRY_MAX_S
 SCAN_RETRY_MAX_S = 60.0
 
@@ -106,6 +112,14 @@ class ContactIndex:
         self._fresh_from = 0  # the number of the last round that ended without an error
         self._fresh_at = float("-inf")  # when that round started (clock)
         self._trusted = False
+        self._scan_began: float | None = None  # while `scan` runs: when it began (clock)
+
+    @property
+    def worth_waiting(self) -> bool:
+        """The background read is under way and young enough that new people should wait for
+        it (`SCAN_PATIENCE_S`) rather than be searched for one by one."""
+        began = self._scan_began
+        return began is not None and self.clock() - began < SCAN_PATIENCE_S
 
     async def refresh(self) -> bool:
         """Bring the index up to date; True when its lookups can replace the CRM search.
@@ -132,18 +146,22 @@ class ContactIndex:
         batches. It resumes from the stored position (a restart, another process's rounds);
         a failed round is tried again after SCAN_RETRY_S, doubling up to SCAN_RETRY_MAX_S."""
         delay = SCAN_RETRY_S
-        while True:
-            try:
-                if await self.refresh():
-                    return
-                delay = SCAN_RETRY_S
-            except (CrmError, StoreUnavailable) as exc:
-                log.warning(
-                    "contact index: the background read failed; it resumes where it stopped",
-                    extra={"action": "contact_index_scan_error", "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, SCAN_RETRY_MAX_S)
+        self._scan_began = self.clock()
+        try:
+            while True:
+                try:
+                    if await self.refresh():
+                        return
+                    delay = SCAN_RETRY_S
+                except (CrmError, StoreUnavailable) as exc:
+                    log.warning(
+                        "contact index: the background read failed; it resumes where it stopped",
+                        extra={"action": "contact_index_scan_error", "error": str(exc)},
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, SCAN_RETRY_MAX_S)
+        finally:
+            self._scan_began = None
 
     async def _round(self, pages: int) -> bool:
         async with self.store.sync_session(self.sync_wait_s) as session:
