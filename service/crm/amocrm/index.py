@@ -63,7 +63,7 @@ PAGES_PER_ROUND = 4  # 1,000 contacts per round
 SYNC_WAIT_S = 60.0  # for another process's round; then this batch searches instead
 # While the background read of a new account is under way, new people wait for it (without an
 # attempt counted) rather than being searched for one by one, for at most this long after it
-# began: a bigger account (~70,000 contacts at 2 pages/s) leaves the rest of its read to run
+# began: a bigger account (~60,000 contacts at 2 pages/s) leaves the rest of its read to run
 # while they are searched for.
 SCAN_PATIENCE_S = 120.0
 SCAN_DEFER_S = 3.0  # how long such a delivery waits before it looks again
