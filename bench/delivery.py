@@ -100,9 +100,9 @@ async def warm_index(sim: Any, url: str, dsn: str, rate: float) -> None:
     try:
         async with aiohttp.ClientSession() as http:
             api = AmoCrmApi(http, url, StaticToken(sim.config.access_token), RateGate(rate))
-            index = ContactIndex(api, pool)
+            index = ContactIndex(api, pool, pages_per_round=100)
             for _ in range(10_000):  # bounded: 250 contacts a page
-                if await index.refresh(budget=100):
+                if await index.refresh():
                     break
     finally:
         await pool.close()

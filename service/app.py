@@ -22,8 +22,11 @@ from aiohttp import web
 from service.cluster.processes import Cluster, connect_redis, process_name
 from service.crm.amocrm.adapter import AmoCrmAdapter
 from service.crm.amocrm.api import AmoCrmApi, StaticToken, TokenSource
+from service.crm.amocrm.funnels import check_pipelines
+from service.crm.amocrm.index import reuse_window
 from service.crm.bitrix24.adapter import Bitrix24Adapter
 from service.crm.bitrix24.api import Bitrix24Api
+from service.crm.bitrix24.funnels import check_stages
 from service.crm.oauth import Bitrix24OAuthTokens, OAuthTokens
 from service.crm.protocol import CrmAdapter
 from service.db.database import EmbeddedPostgres, create_pool, migrate
@@ -34,7 +37,7 @@ from service.delivery.cluster_bucket import cluster_gate
 from service.delivery.control import DELIVERY_CONTROL, DeliveryControl
 from service.delivery.limits import RateGate
 from service.delivery.worker import Worker
-from service.errors import StoreUnavailable
+from service.errors import CrmError, StoreUnavailable
 from service.intake import forms as intake
 from service.intake.ingest import Intake
 from service.intake.keys import IdempotencyWindow
@@ -174,14 +177,43 @@ async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
         if crm.kind == "bitrix24":
             b24 = await _bitrix24_api(app, crm, session, gate)
             app[ADAPTER] = Bitrix24Adapter(b24, crm.bitrix24, settings.leads)
+            await _checked(check_stages(b24, settings.leads))
         else:
             base_url, tokens = await _crm_endpoint(app, crm, session, gate, stack)
             api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=crm.timeout_s)
-            region = settings.intake.default_phone_region
-            app[ADAPTER] = AmoCrmAdapter(
-                api, crm.amocrm, settings.leads, app[STORE].pool, region=region
-            )
+            adapter = app[ADAPTER] = _amocrm_adapter(app, api)
+            await _checked(check_pipelines(api, settings.leads))
+            if adapter.index is not None and app[RUNTIME].worker_expected:
+                # the first full read of the account, in the background at the index's share
+                await stack.enter_async_context(background(adapter.index.scan(), "index-scan"))
         yield
+
+
+def _amocrm_adapter(app: web.Application, api: AmoCrmApi) -> AmoCrmAdapter:
+    settings = app[SETTINGS]
+    amo, delivery = settings.crm.amocrm, settings.delivery
+    return AmoCrmAdapter(
+        api,
+        amo,
+        settings.leads,
+        app[STORE].pool,
+        region=settings.intake.default_phone_region,
+        index_rate=settings.crm.rate_limit * amo.index_share,
+        index_reuse_s=reuse_window(amo.index_refresh_s, delivery.retry, delivery.lease_s),
+    )
+
+
+async def _checked(check: Coroutine[Any, Any, None]) -> None:
+    """The start-up check of the lead settings against the CRM (a wrong id raises
+    SettingsError and stops start-up). A CRM that cannot answer now must not keep intake from
+    starting: that is logged, and the first deliveries will say the rest."""
+    try:
+        await check
+    except CrmError as exc:
+        log.warning(
+            "could not check the pipeline/stage settings against the CRM at start-up",
+            extra={"action": "crm_settings_unchecked", "error": str(exc)},
+        )
 
 
 async def _bitrix24_api(

@@ -184,7 +184,11 @@ async def service_factory(
         settings = make_settings(db_dsn, simulator[1], tmp_path / "var", **merged)
         app = create_app(settings, roles)
         runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
+        try:
+            await runner.setup()
+        except BaseException:
+            await runner.cleanup()  # what started before the failure (a start-up check's)
+            raise
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]

@@ -4,6 +4,13 @@
 `{"ok": false, "errors": [...]}` for bad input, with the raw request kept; 413 over the size limit.
 A submission the form's spam controls catch (service.intake.spam) is stored as spam and answered
 exactly as a real one is.
+
+Tilda posts every form of a site to one webhook URL, urlencoded, with `tranid` (one id per
+submission: our idempotency key when no `Idempotency-Key` header is sent, so Tilda's own retries
+are duplicates) and `formid` (kept with the other fields). When the hook is connected it posts
+`test=test` alone and wants 200: that request is answered `ok` and stored nowhere
+(help-ru.tilda.cc/formsscript: "test=test (POST) … expects 200 OK"; the fields: the Tilda
+webhook format, Kommo + Tilda integration notes).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ async def submit_form(request: web.Request) -> web.Response:
     form = request.match_info["form"]
     content_type = request.headers.get("Content-Type")
     raw = b""
+    data: dict[str, Any] = {}
     try:
         read = await read_limited(request, settings.max_body_bytes)
         if read is None:
@@ -41,7 +49,7 @@ async def submit_form(request: web.Request) -> web.Response:
         rule = spam_rule(form)
         data, controls = take_controls(rule, data)
         lead = normalize(form, data, default_region=settings.default_phone_region)
-        header_key = request.headers.get("Idempotency-Key")
+        header_key = request.headers.get("Idempotency-Key") or tilda_key(data)
         reason = client = None
         if rule.active:
             guard = intake.guard
@@ -52,12 +60,26 @@ async def submit_form(request: web.Request) -> web.Response:
         else:
             receipt = await intake.keep_spam(lead, header_key, reason, client)
     except BadInput as exc:
+        if is_tilda_test(data):
+            return web.Response(text="ok")
         await keep_rejected(intake, f"forms/{form}", content_type, raw, exc.errors)
         return reply(request, {"ok": False, "errors": [e.__dict__ for e in exc.errors]})
     body: dict[str, Any] = {"ok": True, "id": str(receipt.id), "duplicate": receipt.duplicate}
     if receipt.spooled:
         body["spooled"] = True
     return reply(request, body)
+
+
+def tilda_key(data: dict[str, Any]) -> str | None:
+    """A Tilda submission's idempotency key: its `tranid`, one per submission."""
+    tranid = data.get("tranid")
+    return f"tilda:{tranid.strip()}" if isinstance(tranid, str) and tranid.strip() else None
+
+
+def is_tilda_test(data: dict[str, Any]) -> bool:
+    """Tilda's request when a webhook is connected: `test=test`, no contact (it is checked only
+    for a submission without a usable one, so a real lead that carries `test` is still a lead)."""
+    return data.get("test") == "test"
 
 
 async def keep_rejected(

@@ -35,6 +35,7 @@ from service.settings.slices import (
     SpamRule,
     SpamSettings,
     WebhookSettings,
+    setting_name,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "SpamSettings",
     "WebhookSettings",
     "load_config",
+    "setting_name",
 ]
 
 
@@ -110,7 +112,9 @@ class Settings:
         )
         _env.check_crm(s.crm)
         path = r.text("CRM_RELAY_CONFIG")
-        return load_config(s, Path(path)) if path else s
+        s = load_config(s, Path(path)) if path else s
+        _env.check_lead_fields(s.crm.kind, s.leads)
+        return s
 
 
 def load_config(s: Settings, path: Path) -> Settings:
@@ -121,6 +125,10 @@ def load_config(s: Settings, path: Path) -> Settings:
         forms={name: with_secret(name, rule, s.spam) for name, rule in found.forms.items()},
         default_pipeline_id=found.pipeline_id or s.leads.default_pipeline_id,
         default_status_id=found.status_id or s.leads.default_status_id,
+        default_category_id=(
+            found.category_id if found.category_id is not None else s.leads.default_category_id
+        ),
+        default_stage_id=found.stage_id or s.leads.default_stage_id,
     )
     webhook = replace(
         s.webhook, forward_rules=found.forward_rules, generic_sources=found.generic_sources

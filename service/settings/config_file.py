@@ -35,6 +35,8 @@ class ConfigFile:
     generic_sources: dict[str, GenericSource] = field(default_factory=dict)
     pipeline_id: int | None = None  # [amocrm] pipeline_id
     status_id: int | None = None  # [amocrm] status_id
+    category_id: int | None = None  # [bitrix24] category_id
+    stage_id: str | None = None  # [bitrix24] stage_id
 
 
 def read_config(path: Path) -> ConfigFile:
@@ -43,13 +45,15 @@ def read_config(path: Path) -> ConfigFile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError("CRM_RELAY_CONFIG", f"a readable TOML file ({exc})") from None
-    amo = data.get("amocrm", {})
+    amo, b24 = data.get("amocrm", {}), data.get("bitrix24", {})
     return ConfigFile(
         forms={name: _form_rule(name, raw) for name, raw in data.get("forms", {}).items()},
         forward_rules=_forward_rules(data.get("forward", {})),
         generic_sources=_generic_sources(data.get("generic", {})),
         pipeline_id=_int(amo.get("pipeline_id"), "amocrm.pipeline_id"),
         status_id=_int(amo.get("status_id"), "amocrm.status_id"),
+        category_id=_int(b24.get("category_id"), "bitrix24.category_id"),
+        stage_id=_stage(b24.get("stage_id"), "bitrix24.stage_id"),
     )
 
 
@@ -66,6 +70,8 @@ def _form_rule(name: str, raw: Any) -> FormRule:
     return FormRule(
         pipeline_id=_int(raw.get("pipeline_id"), f"{where}.pipeline_id"),
         status_id=_int(raw.get("status_id"), f"{where}.status_id"),
+        category_id=_int(raw.get("category_id"), f"{where}.category_id"),
+        stage_id=_stage(raw.get("stage_id"), f"{where}.stage_id"),
         tags=tuple(tags),
         field_map={str(k): _int(v, f"{where}.fields.{k}") or 0 for k, v in fields.items()},
         lead_name=str(raw.get("lead_name", FormRule.lead_name)),
@@ -130,6 +136,18 @@ def _int(value: Any, where: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SettingsError("CRM_RELAY_CONFIG", f"{where} to be an integer, got {value!r}")
     return value
+
+
+def _stage(value: Any, where: str) -> str | None:
+    """A Bitrix24 stage id: a string ("NEW", "C1:PREPARATION"); an integer is refused, since
+    Bitrix24 would silently put the deal in the category's first stage instead."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(
+            "CRM_RELAY_CONFIG", f'{where} to be a stage id string such as "C1:NEW", got {value!r}'
+        )
+    return value.strip()
 
 
 def _forward_rules(raw: Any) -> dict[str, tuple[ForwardRule, ...]]:

@@ -34,6 +34,7 @@ from service.settings.slices import (
     RetryPolicy,
     SpamSettings,
     WebhookSettings,
+    setting_name,
 )
 
 T = TypeVar("T")
@@ -202,6 +203,8 @@ def _amocrm(r: EnvReader) -> AmoCrmSettings:
         refresh_token=r.text("AMOCRM_REFRESH_TOKEN"),
         redirect_uri=r.text("AMOCRM_REDIRECT_URI"),
         dedup=_amocrm_dedup(r),
+        index_share=r.number("AMOCRM_INDEX_SHARE", float, 0.33, 0.01, 1),
+        index_refresh_s=r.number("AMOCRM_INDEX_REFRESH_S", float, 2.0, 0, 3600),
     )
 
 
@@ -225,11 +228,30 @@ def intake(r: EnvReader) -> IntakeSettings:
 
 
 def leads(r: EnvReader) -> LeadSettings:
-    """The default pipeline and status; the per-form rules come from the TOML file."""
+    """The default pipeline and status (amoCRM) or category and stage (Bitrix24); the per-form
+    rules come from the TOML file."""
+    category = r.number("BITRIX24_CATEGORY_ID", int, -1, 0, 2**31)
     return LeadSettings(
         default_pipeline_id=r.number("AMOCRM_PIPELINE_ID", int, 0, 0, 2**62) or None,
         default_status_id=r.number("AMOCRM_STATUS_ID", int, 0, 0, 2**62) or None,
+        default_category_id=None if category < 0 else category,
+        default_stage_id=r.text("BITRIX24_STAGE_ID"),
     )
+
+
+def check_lead_fields(kind: str, leads: LeadSettings) -> None:
+    """Each CRM's own names for where a lead goes: amoCRM's pipeline/status are no Bitrix24
+    category/stage (a Bitrix24 stage is a string; a number there would silently land every deal
+    in the first stage), nor the other way round."""
+    theirs = ("pipeline_id", "status_id") if kind == "bitrix24" else ("category_id", "stage_id")
+    ours = ("category_id", "stage_id") if kind == "bitrix24" else ("pipeline_id", "status_id")
+    for where, rule in leads.configured():
+        for name in theirs:
+            if getattr(rule, name) is not None:
+                variable = setting_name(where, name)
+                raise SettingsError(
+                    variable, f"unset with CRM={kind}, which takes {' and '.join(ours)}"
+                )
 
 
 def delivery(r: EnvReader) -> DeliverySettings:

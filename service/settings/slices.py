@@ -49,10 +49,17 @@ NO_SPAM_RULE = SpamRule()
 
 @dataclass(frozen=True)
 class FormRule:
-    """How submissions of one form become a lead: pipeline, status, tags, custom fields."""
+    """How submissions of one form become a lead: where it goes, tags, custom fields.
+
+    Where: amoCRM's `pipeline_id`/`status_id` (integers), or Bitrix24's deal `category_id`
+    (CATEGORY_ID, an integer; 0 is the default category) and `stage_id` (STAGE_ID, a string
+    such as "NEW", "C1:PREPARATION" or "C1:UC_…"). Start-up checks them against the CRM.
+    """
 
     pipeline_id: int | None = None
     status_id: int | None = None
+    category_id: int | None = None
+    stage_id: str | None = None
     tags: tuple[str, ...] = ()
     # our field name (e.g. "utm_source", "fields.course") -> CRM custom field id
     field_map: Mapping[str, int] = field(default_factory=dict)
@@ -144,6 +151,8 @@ class LeadSettings:
     forms: Mapping[str, FormRule] = field(default_factory=dict)
     default_pipeline_id: int | None = None
     default_status_id: int | None = None
+    default_category_id: int | None = None  # Bitrix24
+    default_stage_id: str | None = None  # Bitrix24
 
     def spam_rule(self, form: str) -> SpamRule:
         """The spam controls of `form` (its own rule's, else the `*` rule's): per request, so
@@ -153,12 +162,32 @@ class LeadSettings:
 
     def form_rule(self, form: str) -> FormRule:
         """The rule for `form`, falling back to the `*` rule and then to the defaults."""
-        rule = self.forms.get(form) or self.forms.get("*") or FormRule()
+        return self._filled(self.forms.get(form) or self.forms.get("*") or FormRule())
+
+    def configured(self) -> list[tuple[str, FormRule]]:
+        """Every rule in force, with where it comes from: `forms.<name>` of the TOML file, or
+        `default` (the environment, or the file's `[amocrm]`/`[bitrix24]`)."""
+        rules = [("default", self._filled(FormRule()))]
+        return rules + [(f"forms.{name}", self._filled(rule)) for name, rule in self.forms.items()]
+
+    def _filled(self, rule: FormRule) -> FormRule:
+        category = rule.category_id if rule.category_id is not None else self.default_category_id
         return replace(
             rule,
             pipeline_id=rule.pipeline_id or self.default_pipeline_id,
             status_id=rule.status_id or self.default_status_id,
+            category_id=category,
+            stage_id=rule.stage_id or self.default_stage_id,
         )
+
+
+def setting_name(where: str, name: str) -> str:
+    """The variable (or TOML key) a rule's value came from (`LeadSettings.configured`), for
+    an error message: `AMOCRM_STATUS_ID`, or `CRM_RELAY_CONFIG forms.course.stage_id`."""
+    if where != "default":
+        return f"CRM_RELAY_CONFIG {where}.{name}"
+    crm = "BITRIX24" if name in ("category_id", "stage_id") else "AMOCRM"
+    return f"{crm}_{name.upper()}"
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,10 @@ class AmoCrmSettings:
     # phone/email) or "trust" (no lookup: the account's own duplicate control merges contacts;
     # a crash between create and commit can then leave a second lead for the person)
     dedup: str = "index"
+    # the contact index's own share of CRM_RATE_LIMIT for its list reads, and how long a sync
+    # that reached the end answers later batches (see service.crm.amocrm.index)
+    index_share: float = 0.33
+    index_refresh_s: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -223,10 +223,10 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
         return is_echo(change, writes, window)
 
     def _status_we_set(self, crm: str, form: str) -> str | None:
+        rule = self.leads.form_rule(form)
         if crm != "amocrm":
-            return None  # a Bitrix24 deal event shows no stage to compare with
-        status = self.leads.form_rule(form).status_id
-        return None if status is None else str(status)
+            return rule.stage_id  # compared with the fetched deal's STAGE_ID, when there is one
+        return None if rule.status_id is None else str(rule.status_id)
 
     async def _settling(self, job: ForwardJob) -> bool:
         """Put a young event back for a moment while deliveries are in flight (see above)."""

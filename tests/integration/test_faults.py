@@ -56,7 +56,12 @@ async def test_backlog_drains_at_the_limit_without_a_single_429(
         )
     assert await db.fetchval("SELECT count(*) FROM jobs WHERE state = 'pending'") == 300
 
-    await service_factory(Roles(http=False), crm_rate_limit=5.0, worker_concurrency=4)
+    # retries as slow as by default: the contact index's sync then answers the batches of the
+    # next 0.8 s (with the quick test retries every tiny batch would re-read at the index's
+    # own third of the limit)
+    await service_factory(
+        Roles(http=False), crm_rate_limit=5.0, worker_concurrency=4, retry_base_s=1.0
+    )
     await wait_for(lambda: _requests_after_first(sim, 10.5), timeout=30)
 
     times = sorted(e.t for e in sim.log.entries)
@@ -132,7 +137,9 @@ async def test_permanent_error_goes_dead_and_replay_delivers_after_the_fix(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sim = simulator[0]
+    sim.add_pipeline(777, [77701])  # there at start-up (which checks it), deleted afterwards
     svc = await service_factory(forms={"promo": FormRule(pipeline_id=777)})
+    del sim.store.pipelines[777]
     _, answer = await svc.submit("promo", lead_of(1))
 
     async def dead() -> bool:

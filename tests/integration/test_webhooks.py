@@ -485,3 +485,41 @@ async def test_bitrix24_deal_is_fetched_and_our_echo_skipped(
     assert forwarded["entity"]["ID"] == str(deal_id) and forwarded["entity"]["STAGE_ID"]
     state = await db.fetchrow("SELECT status_id FROM crm_lead_state WHERE crm = 'bitrix24'")
     assert state["status_id"] == forwarded["entity"]["STAGE_ID"]
+
+
+async def test_bitrix24_stage_change_right_after_our_delivery_is_not_taken_for_our_echo(
+    service_factory: ServiceFactory, receiver: Receiver, db: asyncpg.Connection
+) -> None:
+    """The form puts deals in PREPARATION. An event whose fetched deal stands there, close to
+    our delivery, is our echo; a manager moving the deal on within the echo window is not."""
+    sim = BitrixSimulator(BitrixSimulatorConfig(drain_per_s=100, burst=100))
+    runner, base = await start_bitrix_simulator(sim)
+    try:
+        hook = sim.webhook_url(base)
+        svc = await start(
+            service_factory,
+            receiver,
+            crm_kind="bitrix24",
+            bitrix24_webhook_url=hook,
+            default_stage_id="PREPARATION",
+        )
+        status, answer = await svc.submit("course", {"phone": "+77051234568", "name": "Даурен"})
+        assert status == 200 and answer["ok"]
+        await wait_for(lambda: _delivered(db))
+        deal_id = await db.fetchval("SELECT crm_lead_id FROM submissions")
+        now = int(time.time())
+        assert (await post(svc, "/webhooks/bitrix24", bitrix_body(deal_id, now), FORM))[0] == 200
+        await wait_for(lambda: _outcomes(db, 1))
+        sim.store.deals[deal_id].stage_id = "EXECUTING"  # a manager, seconds later
+        body = bitrix_body(deal_id, now + 5)
+        assert (await post(svc, "/webhooks/bitrix24", body, FORM))[0] == 200
+        await settled(db, receiver, 1)
+    finally:
+        await runner.cleanup()
+    outcomes = await db.fetch("SELECT outcome FROM webhook_events ORDER BY received_at")
+    assert [r["outcome"] for r in outcomes] == ["echo", "applied"]
+    assert orjson.loads(receiver.accepted[0][1])["entity"]["STAGE_ID"] == "EXECUTING"
+
+
+async def _outcomes(db: asyncpg.Connection, n: int) -> bool:
+    return await count(db, "SELECT count(*) FROM webhook_events WHERE outcome IS NOT NULL") == n

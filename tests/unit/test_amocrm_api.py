@@ -28,6 +28,7 @@ from service.crm.amocrm.api import (
     AmoContact,
     AmoCrmApi,
     AmoLead,
+    ComplexResult,
     StaticToken,
     TokenPair,
     contact_fields,
@@ -235,6 +236,24 @@ async def test_create_complex_without_request_ids_trusts_position(
         (5, 6, None),
         (4, 7, None),
     ]
+
+
+async def test_create_complex_shorter_answer_is_matched_by_request_id(
+    api: AmoCrmApi, mocked: aioresponses
+) -> None:
+    """Duplicate control merged "b" into another lead of the request: the answer has two items
+    for three leads. Position would give "b" the lead of "c"; request_id gives "c" its own and
+    "b" a retryable error (its retry finds the contact and its open lead)."""
+    answer = [
+        {"id": 1, "contact_id": 10, "request_id": ["a"], "merged": False},
+        {"id": 3, "contact_id": 30, "request_id": ["c", "b"], "merged": True},
+    ]
+    mocked.post(COMPLEX, payload=answer)
+    leads = [{"name": f"lead {tag}", "request_id": tag} for tag in "abc"]
+    first, second, third = await api.create_complex(leads)
+    assert isinstance(first, ComplexResult) and first.lead_id == 1
+    assert isinstance(second, CrmRetryable)
+    assert isinstance(third, ComplexResult) and (third.lead_id, third.contact_id) == (3, 30)
 
 
 async def test_create_complex_count_mismatch_is_retryable(

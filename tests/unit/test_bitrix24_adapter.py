@@ -134,12 +134,13 @@ async def test_fifty_new_people_cost_three_requests(portal: Portal) -> None:
 async def test_returning_person_inside_a_batch_gets_stage_and_comment(
     start_portal: StartPortal,
 ) -> None:
-    leads = LeadSettings(forms={"course": FormRule(pipeline_id=2, status_id=7)})
+    leads = LeadSettings(forms={"course": FormRule(category_id=2, stage_id="C2:UC_PAID")})
     portal = await start_portal(leads)
+    portal.sim.store.funnels.add_category(2, ["NEW", "UC_PAID"])
     [first] = await portal.deliver([delivery(0)])
     assert isinstance(first, Link)
     deal = portal.report()["deals"][0]
-    assert (deal["CATEGORY_ID"], deal["STAGE_ID"]) == ("2", "C2:7")
+    assert (deal["CATEGORY_ID"], deal["STAGE_ID"]) == ("2", "C2:UC_PAID")
     portal.sim.store.deals[first.lead_id or 0].stage_id = "C2:NEW"  # a manager moved it back
 
     again = [delivery(0), *(delivery(n) for n in range(1, 30))]
@@ -149,7 +150,7 @@ async def test_returning_person_inside_a_batch_gets_stage_and_comment(
     assert portal.gate.slots == 4  # look, recheck of the one hit, two write batches
     report = portal.report()
     assert len(report["contacts"]) == 30 and len(report["deals"]) == 30
-    assert portal.sim.store.deals[first.lead_id or 0].stage_id == "C2:7"
+    assert portal.sim.store.deals[first.lead_id or 0].stage_id == "C2:UC_PAID"
     [comment] = report["comments"]
     assert comment["ENTITY_ID"] == str(first.lead_id)
     assert str(again[0].submission_id) in comment["COMMENT"]

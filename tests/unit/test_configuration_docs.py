@@ -25,6 +25,8 @@ DESCRIBED = {
     "CRM": "guessed",  # unset: from which credentials are set
     "AMOCRM_PIPELINE_ID": "account default",  # 0 or unset: the CRM account's own
     "AMOCRM_STATUS_ID": "account default",
+    "BITRIX24_CATEGORY_ID": "portal default",  # unset: category 0, its first stage
+    "BITRIX24_STAGE_ID": "portal default",
 }
 
 

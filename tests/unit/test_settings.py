@@ -150,6 +150,70 @@ def test_config_file_with_wrong_types_is_refused(tmp_path: Path) -> None:
         Settings.from_env({"CRM_RELAY_CONFIG": str(path)})
 
 
+BITRIX24 = {"CRM": "bitrix24", "BITRIX24_WEBHOOK_URL": "https://p.example/rest/1/s/"}
+
+
+def test_bitrix24_rules_take_a_category_and_a_string_stage(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[bitrix24]\nstage_id = "PREPARATION"\n\n'
+        '[forms.course]\ncategory_id = 1\nstage_id = "C1:UC_PAID"\n'
+    )
+    env = {**BITRIX24, "CRM_RELAY_CONFIG": str(path), "BITRIX24_CATEGORY_ID": "0"}
+    s = Settings.from_env(env)
+    course, other = s.leads.form_rule("course"), s.leads.form_rule("other")
+    assert (course.category_id, course.stage_id) == (1, "C1:UC_PAID")
+    assert (other.category_id, other.stage_id) == (0, "PREPARATION")
+    assert [where for where, _ in s.leads.configured()] == ["default", "forms.course"]
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "variable"),
+    [
+        (BITRIX24, "[forms.course]\nstage_id = 5\n", "CRM_RELAY_CONFIG"),  # not a string
+        (BITRIX24, "[forms.course]\nstatus_id = 5\n", "CRM_RELAY_CONFIG forms.course.status_id"),
+        ({**BITRIX24, "AMOCRM_PIPELINE_ID": "10"}, "", "AMOCRM_PIPELINE_ID"),
+        ({}, '[forms.course]\nstage_id = "NEW"\n', "CRM_RELAY_CONFIG forms.course.stage_id"),
+        ({"BITRIX24_CATEGORY_ID": "1"}, "", "BITRIX24_CATEGORY_ID"),
+    ],
+    ids=[
+        "integer-stage",
+        "amocrm-key-on-bitrix24",
+        "amocrm-env-on-bitrix24",
+        "stage-on-amocrm",
+        "category-on-amocrm",
+    ],
+)
+def test_each_crm_takes_its_own_lead_fields(
+    tmp_path: Path, env: dict[str, str], toml: str, variable: str
+) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(toml)
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_env({**env, "CRM_RELAY_CONFIG": str(path)})
+    assert exc.value.variable == variable, exc.value
+
+
+def test_a_start_up_check_refusal_exits_like_a_bad_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pipeline or stage the CRM does not have is found while the app starts (not while the
+    environment is read): the same one line and exit code 2."""
+    from service import cli
+
+    def refused(*_: object) -> int:
+        raise SettingsError("BITRIX24_STAGE_ID", "a stage of deal category 0 (NEW), got 'X'")
+
+    monkeypatch.setattr(cli, "serve", refused)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nowhere/x")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "crm-relay: bad setting BITRIX24_STAGE_ID: expected a stage of deal category"
+        " 0 (NEW), got 'X'"
+    ]
+
+
 def test_start_up_refuses_a_bad_value_in_one_line_with_exit_code_2() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "service", "serve"],

@@ -312,6 +312,20 @@ async def test_merge_duplicates_links_the_existing_contact(start_amo: StartAmo) 
     assert third["merged"] is False and third["contact_id"] != first["contact_id"]
 
 
+async def test_merged_in_one_request_answers_fewer_items(start_amo: StartAmo) -> None:
+    """Two leads of one request whose contacts duplicate control merges: one lead, one answer
+    entry; the answer is shorter than the request, so only its request_ids tell whose it is."""
+    amo = await start_amo(merge_duplicates=True, rate_limit=1000)
+    a = complex_lead(request_id="a", contact=contact(PHONE, "a@x.ru"))
+    b = complex_lead(request_id="b", contact=contact(PHONE, "b@x.ru"))
+    c = complex_lead(request_id="c", contact=contact("+77011112233"))
+    status, answer = await amo.call("POST", "/api/v4/leads/complex", [a, b, c])
+    assert status == 200
+    assert [item["request_id"] for item in answer] == [["a"], ["c"]]
+    report = amo.sim.report()
+    assert len(report["leads"]) == 2 and len(report["contacts"]) == 2
+
+
 # ---- tokens -------------------------------------------------------------------------------------
 
 

@@ -143,11 +143,45 @@ async def test_contact_add_get_update_appends_multifields(bx: Bx) -> None:
     assert status == 400 and body["error_description"]
 
 
+async def test_unknown_stage_or_category_lands_in_the_first_stage_silently(bx: Bx) -> None:
+    """CCrmDeal::Add: an unknown CATEGORY_ID is category 0, a STAGE_ID that is not one of the
+    category's stages (an integer "5", another category's, a prefix without CATEGORY_ID) is
+    the category's first stage — and the answer is a plain success (CRM_FACTS.md)."""
+    bx.sim.store.funnels.add_category(1, ["NEW", "PREPARATION", "UC_X1Y2"])
+    cases = [
+        ({"CATEGORY_ID": 1, "STAGE_ID": "C1:UC_X1Y2"}, ("1", "C1:UC_X1Y2")),
+        ({"CATEGORY_ID": 1, "STAGE_ID": "5"}, ("1", "C1:NEW")),
+        ({"CATEGORY_ID": 1, "STAGE_ID": "PREPARATION"}, ("1", "C1:NEW")),
+        ({"STAGE_ID": "C1:PREPARATION"}, ("0", "NEW")),
+        ({"CATEGORY_ID": 7, "STAGE_ID": "C7:NEW"}, ("0", "NEW")),
+        ({"STAGE_ID": "PREPARATION"}, ("0", "PREPARATION")),
+    ]
+    for fields, (category, stage) in cases:
+        deal_id = await bx.ok("crm.deal.add", {"fields": {"TITLE": "x", **fields}})
+        got = await bx.ok("crm.deal.get", {"id": deal_id})
+        assert (got["CATEGORY_ID"], got["STAGE_ID"]) == (category, stage), fields
+
+    categories = await bx.ok("crm.category.list", {"entityTypeId": 2})
+    assert [(c["id"], c["isDefault"]) for c in categories["categories"]] == [(0, "Y"), (1, "N")]
+    stages = await bx.ok("crm.status.list", {"filter": {"ENTITY_ID": "DEAL_STAGE_1"}})
+    assert [s["STATUS_ID"] for s in stages] == [
+        "C1:NEW",
+        "C1:PREPARATION",
+        "C1:UC_X1Y2",
+        "C1:WON",
+        "C1:LOSE",
+    ]
+    main = await bx.ok("crm.status.list", {"filter": {"ENTITY_ID": "DEAL_STAGE"}})
+    assert [s["STATUS_ID"] for s in main][:2] == ["NEW", "PREPARATION"]
+    assert await bx.ok("crm.status.list", {"filter": {"ENTITY_ID": "DEAL_STAGE_9"}}) == []
+
+
 async def test_deals_open_and_closed_list_and_pages(bx: Bx) -> None:
     contact_id = await bx.ok("crm.contact.add", person())
     deal = {"TITLE": "Course", "CONTACT_IDS": [contact_id], "UTM_SOURCE": "google"}
     open_id = await bx.ok("crm.deal.add", {"fields": deal})
     won_id = await bx.ok("crm.deal.add", {"fields": deal | {"STAGE_ID": "WON"}})
+    bx.sim.store.funnels.add_category(2, ["NEW", "PREPARATION"])
     c2_id = await bx.ok("crm.deal.add", {"fields": deal | {"CATEGORY_ID": 2}})
 
     got = await bx.ok("crm.deal.get", {"id": open_id})
@@ -158,8 +192,9 @@ async def test_deals_open_and_closed_list_and_pages(bx: Bx) -> None:
     await bx.ok("crm.deal.update", {"id": c2_id, "fields": {"STAGE_ID": "C2:LOSE"}})
     c2 = await bx.ok("crm.deal.get", {"id": c2_id})
     assert (c2["CLOSED"], c2["STAGE_SEMANTIC_ID"]) == ("Y", "F")
-    bad_stage = {"id": open_id, "fields": {"STAGE_ID": "C2:WON"}}
-    assert (await bx.call("crm.deal.update", bad_stage))[0] == 400
+    bad_stage = {"id": open_id, "fields": {"STAGE_ID": "C2:WON"}}  # another category's
+    assert (await bx.call("crm.deal.update", bad_stage))[0] == 200  # ignored, as Bitrix24 does
+    assert (await bx.ok("crm.deal.get", {"id": open_id}))["STAGE_ID"] == "NEW"
 
     status, listed = await bx.call(
         "crm.deal.list",

@@ -4,8 +4,9 @@ Order of lookups: our link table (what we created before), then — for a person
 for — by `AMOCRM_DEDUP`:
 
 - `index` (default): the local contact index (`amocrm_index`), brought up to date with the
-  CRM's list endpoint once per batch; a hit is read back (`GET /contacts/{id}`) and re-checked,
-  a miss goes straight into the batch's `leads/complex`. Until the index is complete and caught
+  CRM's list endpoint at most every `AMOCRM_INDEX_REFRESH_S`, at its own share of the limit;
+  a hit is read back (`GET /contacts/{id}`) and re-checked, a miss goes straight into the
+  batch's `leads/complex`. Until the index is complete and caught
   up, people are searched for as below.
 - `search`: a CRM search by phone, then by email (fuzzy: every hit is re-checked).
 - `trust`: no lookup; amoCRM's own duplicate control merges contacts.
@@ -36,9 +37,15 @@ from service.crm.amocrm.api import (
     digits,
 )
 from service.crm.amocrm.bodies import Plan, complex_body, linked_lead_body
-from service.crm.amocrm.index import ContactIndex, account_of, national_number, phone_identity
+from service.crm.amocrm.index import (
+    SCAN_DEFER_S,
+    ContactIndex,
+    account_of,
+    national_number,
+    phone_identity,
+)
 from service.crm.amocrm.sparing import no_answer, send_sparing
-from service.crm.base import Delivery, Link
+from service.crm.base import Deferred, Delivery, Link
 from service.crm.contact_guard import ContactClaims
 from service.db.contact_locks import ContactGuard
 from service.db.store import Pool
@@ -73,6 +80,8 @@ class AmoCrmAdapter:
         pool: Pool | None = None,
         *,
         region: str | None = None,
+        index_rate: float | None = None,
+        index_reuse_s: float = 0.0,
     ) -> None:
         self.api = api
         self.dedup = settings.dedup
@@ -86,7 +95,13 @@ class AmoCrmAdapter:
                     extra={"action": "contact_index_off"},
                 )
             else:
-                self.index = ContactIndex(api, pool, default_region=self.region)
+                self.index = ContactIndex(
+                    api,
+                    pool,
+                    default_region=self.region,
+                    rate=index_rate,
+                    reuse_s=index_reuse_s,
+                )
 
     async def deliver_batch(
         self, items: Sequence[Delivery], guard: ContactGuard | None = None
@@ -125,9 +140,12 @@ class AmoCrmAdapter:
         unknown = [d for d in items if not _known(d)]
         if self.index is None or not unknown:
             return "search"
-        searches = sum(bool(d.lead.phone) + bool(d.lead.email) for d in unknown)
         try:
-            if not await self.index.refresh(budget=searches):
+            if not await self.index.refresh():
+                if self.index.worth_waiting:  # a new account being read: its people wait
+                    for d in unknown:
+                        why = "the contact index is still reading the account"
+                        out[plan.slot[d.job_id]] = Deferred(why, delay_s=SCAN_DEFER_S)
                 return "search"
             found = await self.index.candidates([d.lead for d in unknown])
             plan.indexed = {d.job_id: ids for d, ids in zip(unknown, found, strict=True)}
@@ -150,7 +168,7 @@ class AmoCrmAdapter:
             return _Found(item.link.contact_id)
         if lookup == "index":
             contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id])
-            return _Found() if contact is None else _Found(contact.id, contact, indexed=True)
+            return _Found() if contact is None else _Found(contact.id, contact)
         contact = None if lookup == "trust" else await self.find_contact(item.lead)
         if contact is None:
             return _Found()
@@ -168,9 +186,7 @@ class AmoCrmAdapter:
             return None
         if found.contact is None:
             return await self._linked(item, plan, rule, claims)
-        if found.indexed:
-            return await self._from_index(found.contact, item, plan, rule, claims)
-        return await self._existing(found.contact, item, plan, rule, claims)
+        return await self._written(found.contact, item, plan, rule, claims)
 
     async def _linked(
         self, item: Delivery, plan: Plan, rule: FormRule, claims: ContactClaims
@@ -188,9 +204,9 @@ class AmoCrmAdapter:
         if contact is None:
             plan.new.append(item)
             return None
-        return await self._existing(contact, item, plan, rule, claims)
+        return await self._written(contact, item, plan, rule, claims)
 
-    async def _from_index(
+    async def _written(
         self,
         contact: AmoContact,
         item: Delivery,
@@ -198,16 +214,27 @@ class AmoCrmAdapter:
         rule: FormRule,
         claims: ContactClaims,
     ) -> Link | None:
-        """An index hit is written to like a search hit; a contact deleted in the CRM since
-        we read it (400/404 on linking or updating it) leaves the index and the person is new
-        (one deleted before, 404 on reading it, was left out by `_indexed_contact`)."""
+        """Write to a contact we found (link, search or index). A contact deleted in the CRM
+        since we read it — amoCRM refuses linking or updating it ("Contact is not found": a
+        400/404, and reading it back finds nothing) — is not a dead letter: what we remembered
+        of it is dropped and the person resolved again. A search finding nobody makes them new
+        (no claim needed: nobody else can have read a contact that does not exist); finding
+        another contact (a manager merged the two) defers them to the next round, which reads
+        that contact under the contact claims."""
         try:
             return await self._existing(contact, item, plan, rule, claims)
         except CrmPermanent as exc:
             if exc.status not in (400, 404) or await self.api.get_contact(contact.id) is not None:
                 raise
-        assert self.index is not None
-        await self.index.forget_contact(contact.id)
+        log.info(
+            "amoCRM contact gone before our write: resolving the person again",
+            extra={"action": "contact_gone", "contact_id": contact.id, "job_id": item.job_id},
+        )
+        if self.index is not None:
+            await self.index.forget_contact(contact.id)
+        again = None if self.dedup == "trust" else await self.find_contact(item.lead)
+        if again is not None and again.id != contact.id:
+            raise Deferred(f"CRM contact {contact.id} is gone; {again.id} holds the person now")
         plan.new.append(item)
         return None
 
@@ -359,7 +386,6 @@ class _Found:
 
     contact_id: int | None = None
     contact: AmoContact | None = None
-    indexed: bool = False  # found through the index: a contact deleted meanwhile is handled
 
 
 async def _each(

@@ -40,7 +40,14 @@ from service.crm.http import (
     send_json,
     send_with_token,
 )
-from service.errors import CrmBlocked, CrmPermanent, CrmRateLimited, CrmRetryable, CrmUnauthorized
+from service.errors import (
+    CrmBlocked,
+    CrmError,
+    CrmPermanent,
+    CrmRateLimited,
+    CrmRetryable,
+    CrmUnauthorized,
+)
 
 __all__ = [  # what callers import from here, parsed types included
     "CLOSED_STATUSES",
@@ -52,6 +59,7 @@ __all__ = [  # what callers import from here, parsed types included
     "AmoValidation",
     "ComplexResult",
     "ContactPage",
+    "Funnels",
     "StaticToken",
     "TokenPair",
     "TokenSource",
@@ -74,6 +82,14 @@ class TokenPair:
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
     expires_at: float  # unix seconds
+
+
+@dataclass
+class Funnels:
+    """The account's pipelines: id → its status ids, and the main pipeline's id."""
+
+    statuses: dict[int, set[int]]
+    main: int | None
 
 
 class AmoValidation(CrmPermanent):
@@ -230,13 +246,16 @@ class AmoCrmApi:
             raise CrmRetryable(f"amoCRM answered lead {lead_id} without id/pipeline_id/status_id")
         return lead
 
-    async def create_complex(self, leads: Sequence[Mapping[str, Any]]) -> list[ComplexResult]:
-        """Create leads with their embedded contact in one call; results in request order."""
+    async def create_complex(
+        self, leads: Sequence[Mapping[str, Any]]
+    ) -> list[ComplexResult | CrmError]:
+        """Create leads with their embedded contact in one call; one answer per lead in
+        request order: its result, or `CrmRetryable` for a lead the answer left out."""
         _check_batch(leads)
         if not leads:
             return []
         body = await self._call("POST", "/api/v4/leads/complex", json_body=list(leads))
-        if not isinstance(body, list) or len(body) != len(leads):
+        if not isinstance(body, list):
             raise CrmRetryable(
                 f"amoCRM answered leads/complex for {len(leads)} leads with an unexpected body"
             )
@@ -269,13 +288,20 @@ class AmoCrmApi:
 
     async def pipelines(self) -> dict[int, set[int]]:
         """Every pipeline id with the ids of its statuses."""
+        return (await self.funnels()).statuses
+
+    async def funnels(self) -> Funnels:
+        """Every pipeline id with the ids of its statuses, and which one is the main pipeline
+        (where a lead without `pipeline_id` goes)."""
         body = await self._call("GET", "/api/v4/leads/pipelines")
-        result: dict[int, set[int]] = {}
+        found = Funnels({}, None)
         for pipeline in embedded_list(body, "pipelines", strict=True):
             pipeline_id = as_int(pipeline.get("id"))
             if pipeline_id is not None:
-                result[pipeline_id] = set(ids(embedded_list(pipeline, "statuses")))
-        return result
+                found.statuses[pipeline_id] = set(ids(embedded_list(pipeline, "statuses")))
+                if pipeline.get("is_main") is True:
+                    found.main = pipeline_id
+        return found
 
     async def _patch(self, path: str, patches: Sequence[Mapping[str, Any]]) -> None:
         _check_batch(patches)

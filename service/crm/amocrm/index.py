@@ -6,18 +6,31 @@ for every person of a batch in one local lookup; keeping it current costs one li
 batch (more only when many contacts changed), shared by up to 50 people.
 
 How: `GET /api/v4/contacts?filter[updated_at][from]=…&order[updated_at]=asc` from the newest
-change seen minus one second, page after page until a short page. A round reads at most
-`pages_per_round` pages, or as many as the batch's searches would cost (its people's phones and
-emails) if that is more: a first scan of a big account then delays a batch no longer than
-searching for its people would, and those requests build the index instead. Every page is
-stored with the new position in one transaction. One process per account syncs at a time (an
-advisory lock); another waits for that round and then reads only what changed after it. Until a
-round has reached the end after a complete first scan, `refresh()` answers False and the
-adapter searches as before, so no answer ever comes from an incomplete index.
+change seen minus one second, page after page until a short page. Every page is stored with the
+new position in one transaction, so a read that stopped (a restart, a failed request) resumes
+where it stopped. One process per account syncs at a time (an advisory lock); another waits for
+that round and then reads only what changed after it. Until a round has reached the end after a
+complete first scan, `refresh()` answers False and the adapter searches as before, so no answer
+ever comes from an incomplete index.
 
-Every answer comes from a round that started after the caller asked: that is what lets the
-retry of a `leads/complex` whose answer was lost (the write landed) find the contact it made,
-as the search did. Callers that arrive during a round wait for the next one, which they share.
+Politeness (CRM_FACTS.md, "amoCRM politeness": Kommo restricts by IP, then answers 403 to
+everything, clients that iterate over all data without need or read the same data again and
+again):
+
+- the index has its own small share of the rate limit (`AMOCRM_INDEX_SHARE`, a third by
+  default): its list requests are spaced to that share of `CRM_RATE_LIMIT`, so deliveries keep
+  the rest whatever the index reads;
+- a batch's round reads at most `pages_per_round` pages; the first full read of a big account
+  goes on in the background (`scan`) at that share, resuming from the stored position after a
+  restart or a failure, rather than inside batches;
+- a batch re-reads changes only when the last round that reached the end started more than
+  `reuse_s` ago (`AMOCRM_INDEX_REFRESH_S`, capped by `reuse_window`), not before every batch.
+
+Every answer comes from a round that started at most `reuse_s` before the caller asked, and
+`reuse_s` is shorter than the shortest retry delay and half a lease: that is what lets the retry
+of a `leads/complex` whose answer was lost (the write landed), or of a delivery whose worker died
+after writing, find the contact it made, as the search did. Callers that arrive during a round
+wait for it or the next one, which they share.
 
 Identities are normalised as intake does (`service.intake.normalize`): a phone a manager typed as
 "8 (916) 123-45-67" is +79161234567; values that are no valid phone/email are not indexed.
@@ -27,23 +40,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from urllib.parse import urlparse
 
 import phonenumbers
+from aiolimiter import AsyncLimiter
 
 from service.crm.amocrm.api import LIST_LIMIT, AmoContact, AmoCrmApi, ContactPage, digits
 from service.db.contact_index_store import ContactIndexStore, SyncState
 from service.db.store import Pool
-from service.errors import BadInput
+from service.errors import BadInput, CrmError, StoreUnavailable
 from service.intake.normalize import normalize_email, normalize_phone
 from service.model import Lead
+from service.settings import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-PAGES_PER_ROUND = 4  # 1,000 contacts: ~0.6 s of a 7/s account before delivery goes on
+SPACING_MARGIN = 1.02  # as the rate gate spaces its calls (delivery.limits)
+PAGES_PER_ROUND = 4  # 1,000 contacts per round
 SYNC_WAIT_S = 60.0  # for another process's round; then this batch searches instead
+# While the background read of a new account is under way, new people wait for it (without an
+# attempt counted) rather than being searched for one by one, for at most this long after it
+# began: a bigger account (~60,000 contacts at 2 pages/s) leaves the rest of its read to run
+# while they are searched for.
+SCAN_PATIENCE_S = 120.0
+SCAN_DEFER_S = 3.0  # how long such a delivery waits before it looks again
+SCAN_RETRY_S = 5.0  # the background read after a failure: then doubling, up to SCAN_RETRY_MAX_S
+SCAN_RETRY_MAX_S = 60.0
+
+
+def reuse_window(refresh_s: float, retry: RetryPolicy, lease_s: float) -> float:
+    """How long a round that reached the end answers later batches: `refresh_s`, but shorter
+    than the shortest retry delay (`base_s` less its jitter) and half a lease. A write whose
+    answer was lost is retried no sooner than that, and one whose worker died is re-claimed
+    only when its lease ran out (at least two thirds of a lease after its last heartbeat): the
+    retry then always reads from a round that started after the write."""
+    return max(0.0, min(refresh_s, retry.base_s * (1 - retry.jitter), lease_s / 2))
 
 
 class ContactIndex:
@@ -58,6 +92,9 @@ class ContactIndex:
         pages_per_round: int = PAGES_PER_ROUND,
         page_limit: int = LIST_LIMIT,
         sync_wait_s: float = SYNC_WAIT_S,
+        rate: float | None = None,
+        reuse_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
         self.store = ContactIndexStore(pool, account_of(api.base_url))
@@ -65,30 +102,66 @@ class ContactIndex:
         self.pages_per_round = pages_per_round
         self.page_limit = page_limit
         self.sync_wait_s = sync_wait_s
+        self.reuse_s = reuse_s
+        self.clock = clock
+        # the index's own share of the limit: list requests spaced 1/rate apart (the shared
+        # gate still admits each of them too)
+        self._pace = AsyncLimiter(1, SPACING_MARGIN / rate) if rate else None
         self._local = asyncio.Lock()  # one round at a time in this process
         self._started = 0  # rounds this process started
         self._fresh_from = 0  # the number of the last round that ended without an error
+        self._fresh_at = float("-inf")  # when that round started (clock)
         self._trusted = False
+        self._scan_began: float | None = None  # while `scan` runs: when it began (clock)
 
-    async def refresh(self, budget: int = 0) -> bool:
+    @property
+    def worth_waiting(self) -> bool:
+        """The background read is under way and young enough that new people should wait for
+        it (`SCAN_PATIENCE_S`) rather than be searched for one by one."""
+        began = self._scan_began
+        return began is not None and self.clock() - began < SCAN_PATIENCE_S
+
+    async def refresh(self) -> bool:
         """Bring the index up to date; True when its lookups can replace the CRM search.
 
-        `budget`: the requests the caller would spend searching instead; a round may read that
-        many pages when there is that much to read.
-
         Raises the `CrmError` of a failed list request and `StoreUnavailable` when the database
-        is not there. A round that started after this call and got to the end answers callers
-        that waited for it; else (none yet, more to read, or it failed) the caller runs its own.
+        is not there. A round that started after this call, or at most `reuse_s` before it, and
+        got to the end answers the caller; else (none, more to read, or it failed) the caller
+        runs its own.
         """
-        arrived = self._started
+        arrived, arrived_at = self._started, self.clock()
         async with self._local:
-            if self._fresh_from > arrived and self._trusted:
+            recent = self._fresh_from > arrived or self._fresh_at >= arrived_at - self.reuse_s
+            if self._trusted and recent:
                 return True
             self._started += 1
-            number = self._started
-            self._trusted = await self._round(max(self.pages_per_round, budget))
-            self._fresh_from = number
+            number, started_at = self._started, self.clock()
+            self._trusted = await self._round(self.pages_per_round)
+            self._fresh_from, self._fresh_at = number, started_at
             return self._trusted
+
+    async def scan(self) -> None:
+        """Read the account until the index can answer, in rounds at the index's own pace, and
+        return: the first full read of a big account, done in the background instead of inside
+        batches. It resumes from the stored position (a restart, another process's rounds);
+        a failed round is tried again after SCAN_RETRY_S, doubling up to SCAN_RETRY_MAX_S."""
+        delay = SCAN_RETRY_S
+        self._scan_began = self.clock()
+        try:
+            while True:
+                try:
+                    if await self.refresh():
+                        return
+                    delay = SCAN_RETRY_S
+                except (CrmError, StoreUnavailable) as exc:
+                    log.warning(
+                        "contact index: the background read failed; it resumes where it stopped",
+                        extra={"action": "contact_index_scan_error", "error": str(exc)},
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, SCAN_RETRY_MAX_S)
+        finally:
+            self._scan_began = None
 
     async def _round(self, pages: int) -> bool:
         async with self.store.sync_session(self.sync_wait_s) as session:
@@ -100,6 +173,8 @@ class ContactIndex:
                 return False
             state = await session.state()
             for _ in range(pages):
+                if self._pace is not None:
+                    await self._pace.acquire()
                 page = await self.api.list_contacts(
                     max(0, state.max_updated_at - 1), state.page, self.page_limit
                 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.crm.base import as_int
-from service.errors import CrmRetryable
+from service.errors import CrmError, CrmRetryable
 
 CLOSED_STATUSES = frozenset({142, 143})  # won, lost: the same ids in every amoCRM pipeline
 
@@ -78,15 +78,30 @@ def parse_contact_page(body: Any) -> ContactPage:
 
 def in_request_order(
     leads: Sequence[Mapping[str, Any]], results: list[ComplexResult]
-) -> list[ComplexResult]:
-    """`leads/complex` results matched to the request's leads."""
-    # amoCRM answers in request order; when the caller tagged every lead with a distinct
-    # request_id and the answer echoes them all, match on those instead of trusting position.
+) -> list[ComplexResult | CrmError]:
+    """`leads/complex` results matched to the request's leads, one per lead.
+
+    When every lead carries a distinct `request_id`, results are matched on it and never by
+    position: amoCRM's duplicate control may merge leads of one request and answer fewer items
+    than were sent. A lead no result names (only a result's first `request_id` owns it: a
+    merged lead's note would be lost otherwise) is `CrmRetryable`: its retry finds the contact
+    and its open lead. Without request ids, positions are all there is: a count mismatch is
+    then `CrmRetryable` for the whole call.
+    """
     wanted = [lead.get("request_id") for lead in leads]
-    by_id = {result.request_id: result for result in results}
-    if len(set(wanted)) == len(wanted) and all(isinstance(w, str) and w in by_id for w in wanted):
-        return [by_id[w] for w in wanted]
-    return results
+    by_id: dict[str, ComplexResult] = {}
+    for result in results:
+        if result.request_id is not None:
+            by_id.setdefault(result.request_id, result)
+    tagged = len(set(wanted)) == len(wanted) and all(isinstance(w, str) for w in wanted)
+    if tagged and by_id:
+        missing = CrmRetryable("amoCRM answered leads/complex without this lead (merged?)")
+        return [by_id.get(str(w), missing) for w in wanted]
+    if len(results) != len(leads):
+        raise CrmRetryable(
+            f"amoCRM answered leads/complex for {len(leads)} leads with an unexpected body"
+        )
+    return list(results)
 
 
 def parse_complex(item: Any) -> ComplexResult:

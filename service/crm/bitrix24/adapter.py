@@ -85,8 +85,8 @@ class Person:
 class Bitrix24Adapter:
     """Delivers batches of submissions to Bitrix24 through `Bitrix24Api` (one gate slot each).
 
-    The form rule's amoCRM-named fields are mapped: `pipeline_id` is the deal category
-    (CATEGORY_ID) and `status_id` the stage (STAGE_ID, see `stage_for`).
+    A form rule's `category_id` is the new deal's CATEGORY_ID and its `stage_id` the STAGE_ID
+    (a string, see `stage_for`); start-up checked both against the portal (`check_stages`).
     """
 
     name = "bitrix24"
@@ -387,6 +387,6 @@ def _holds(contact: BitrixContact, lead: Lead) -> bool:
 def _open_deal(rows: list[Any], rule: FormRule) -> BitrixDeal | None:
     """The newest open deal, in the form's category when it names one."""
     deals = [d for d in map(parse_deal, rows) if d is not None and d.is_open]
-    if rule.pipeline_id is not None:
-        deals = [d for d in deals if d.category_id == rule.pipeline_id]
+    if rule.category_id is not None:
+        deals = [d for d in deals if d.category_id == rule.category_id]
     return max(deals, key=lambda d: d.id, default=None)

@@ -42,11 +42,10 @@ def deal_fields(lead: Lead, rule: FormRule, sid: uuid.UUID, contact: int) -> dic
         "COMMENTS": submission_text(lead, sid),
         "CONTACT_IDS": [contact],
     }
-    if rule.pipeline_id is not None:
-        fields["CATEGORY_ID"] = rule.pipeline_id
-    stage = stage_for(rule, rule.pipeline_id or 0)
-    if stage is not None:
-        fields["STAGE_ID"] = stage
+    if rule.category_id is not None:
+        fields["CATEGORY_ID"] = rule.category_id
+    if rule.stage_id is not None:
+        fields["STAGE_ID"] = rule.stage_id
     for name in UTM:
         if lead.utm.get(name):
             fields[f"UTM_{name.upper()}"] = lead.utm[name]
@@ -54,14 +53,13 @@ def deal_fields(lead: Lead, rule: FormRule, sid: uuid.UUID, contact: int) -> dic
 
 
 def stage_for(rule: FormRule, category_id: int) -> str | None:
-    """STAGE_ID for the rule's `status_id` in a category, or None when the rule sets none.
-
-    The rule's ids are amoCRM-shaped integers; a Bitrix24 stage is a string, prefixed `C<n>:`
-    outside the default category, so `status_id` 5 means stage "5" or "C<n>:5".
-    """
-    if rule.status_id is None:
+    """The rule's STAGE_ID for a deal in `category_id`, or None: the rule sets none, or it is a
+    stage of another category (Bitrix24 would ignore it without a word; moving a deal to
+    another category is not ours to do). Stage ids are strings, `C<n>:` outside category 0;
+    start-up checked that the rule's stage is one of its category's."""
+    if rule.stage_id is None or (rule.category_id or 0) != category_id:
         return None
-    return f"C{category_id}:{rule.status_id}" if category_id else str(rule.status_id)
+    return rule.stage_id
 
 
 def submission_text(lead: Lead, sid: uuid.UUID) -> str:

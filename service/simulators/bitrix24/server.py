@@ -81,6 +81,8 @@ class BitrixSimulator(SimulatorBase[BitrixSimulatorConfig]):
             "crm.deal.get": self.store.deal_get,
             "crm.deal.list": self.store.deal_list,
             "crm.timeline.comment.add": self.store.comment_add,
+            "crm.category.list": self.store.funnels.category_list,
+            "crm.status.list": self.store.funnels.status_list,
         }
 
     def make_app(self) -> web.Application:

@@ -25,6 +25,7 @@ from service.simulators.bitrix24.entities import (
     not_found,
     stamp,
 )
+from service.simulators.bitrix24.funnels import Funnels
 from service.simulators.common import duplicates_report
 
 __all__ = ["MAX_COMM_VALUES", "PAGE_SIZE", "BitrixStore"]
@@ -50,6 +51,7 @@ class BitrixStore:
     """One portal's CRM data; each public method is one REST method."""
 
     def __init__(self) -> None:
+        self.funnels = Funnels()  # configuration: kept by `clear`
         self.contacts: dict[int, Contact] = {}
         self.deals: dict[int, Deal] = {}
         self.comments: dict[int, Comment] = {}
@@ -151,9 +153,16 @@ class BitrixStore:
         return True
 
     def deal_add(self, params: dict[str, Any]) -> int:
+        """As `CCrmDeal::Add` does (bitrix24-core modules/crm/classes/general/crm_deal.php): a
+        missing or unknown CATEGORY_ID is category 0 — a stage's `C<n>:` prefix does not choose
+        the category — and a STAGE_ID that is not a stage of the deal's category is silently
+        replaced by the category's first stage (CRM_FACTS.md, "Bitrix24 stages"). No error."""
         fields = _fields(params)
-        category = _as_id(fields.get("CATEGORY_ID", _stage_category(fields)), "CATEGORY_ID", True)
-        stage = _stage(category, fields.get("STAGE_ID"))
+        category = _as_id(fields.get("CATEGORY_ID", 0), "CATEGORY_ID", True)
+        category = category if category in self.funnels.categories else 0
+        stages = self.funnels.stages(category)
+        stage = fields.get("STAGE_ID")
+        stage = stage if stage in stages else stages[0]
         deal = Deal(
             self._new_id("deal"), category, stage, self._contact_ids(fields) or [], _rest(fields)
         )
@@ -162,10 +171,14 @@ class BitrixStore:
 
     def deal_update(self, params: dict[str, Any]) -> bool:
         """STAGE_ID within the deal's category, contacts, scalars; CATEGORY_ID is ignored here,
-        as in Bitrix24, where moving a deal to another funnel is a separate method."""
+        as in Bitrix24, where moving a deal to another funnel is a separate method. A STAGE_ID
+        that is no stage of the deal's category is ignored without an error, as `CCrmDeal::
+        Update` does ("Ignore if the received stage_id is not exists")."""
         deal = self._deal(params.get("id"))
         fields = _fields(params)
-        stage = _stage(deal.category_id, fields["STAGE_ID"]) if "STAGE_ID" in fields else None
+        stages = self.funnels.stages(deal.category_id)
+        stage = fields.get("STAGE_ID")
+        stage = stage if isinstance(stage, str) and stage in stages else None
         contact_ids = self._contact_ids(fields)
         deal.stage_id = stage or deal.stage_id
         deal.contact_ids = deal.contact_ids if contact_ids is None else contact_ids
@@ -301,24 +314,6 @@ def _as_id(value: Any, name: str, allow_zero: bool = False) -> int:
     if not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
         raise BitrixFault("", f"{name} is not defined or invalid.")
     return value
-
-
-def _stage_category(fields: dict[str, Any]) -> int:
-    """The category named by a `C<n>:` stage prefix, 0 without one."""
-    match = re.fullmatch(r"C(\d+):.+", str(fields.get("STAGE_ID") or ""))
-    return int(match.group(1)) if match else 0
-
-
-def _stage(category: int, stage: Any) -> str:
-    """The stage a deal lands in; a stage of another category is refused."""
-    prefix = f"C{category}:" if category else ""
-    if stage is None or stage == "":
-        return f"{prefix}NEW"
-    if not isinstance(stage, str):
-        raise bad_arg("STAGE_ID must be a string")
-    if (prefix and not stage.startswith(prefix)) or (not prefix and ":" in stage):
-        raise BitrixFault("ERROR_CORE", f"Stage {stage[:40]} is not in category {category}")
-    return stage
 
 
 def _filters(raw: Any) -> list[tuple[str, str, set[str]]]:
