@@ -26,9 +26,9 @@ from service.crm.bitrix24.adapter import Bitrix24Adapter
 from service.crm.bitrix24.api import Bitrix24Api
 from service.crm.oauth import Bitrix24OAuthTokens, OAuthTokens
 from service.crm.protocol import CrmAdapter
-from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.db.database import EmbeddedPostgres, Endpoints, create_pool, endpoints, migrate_at
 from service.db.event_store import EventStore
-from service.db.store import Store
+from service.db.store import Pool, Store
 from service.delivery.cluster_bucket import cluster_gate
 from service.delivery.control import DELIVERY_CONTROL, DeliveryControl
 from service.delivery.limits import RateGate
@@ -51,7 +51,10 @@ from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fet
 log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
-DSN = web.AppKey("dsn", str)
+# where connections go: pools on DATABASE_URL, sessions on DATABASE_DIRECT_URL (db/database.py)
+DATABASE = web.AppKey("database", Endpoints)
+# a small pool of connections that keep their session (the contact index's sync lock)
+SESSIONS = web.AppKey("sessions", Pool)
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
@@ -115,23 +118,33 @@ async def _mark_shutting_down(app: web.Application) -> None:
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded = None
-    dsn = settings.database.url
-    if dsn is None:
+    if settings.database.url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
-        dsn = await asyncio.to_thread(embedded.start)
+        where = Endpoints.same(await asyncio.to_thread(embedded.start))
         log.info(
             "embedded PostgreSQL running",
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
+    else:
+        # refuses a transaction-mode pooler without DATABASE_DIRECT_URL (SettingsError)
+        where = await endpoints(settings.database.url, settings.database.direct_url)
     # the process's name on its connections too: pg_locks and pg_stat_activity show whose they are
-    pool = await create_pool(dsn, application_name=app[PROCESS_NAME])
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    app[DSN] = dsn
+    name = app[PROCESS_NAME]
+    pool = await create_pool(where.url, application_name=name, pooled=where.pooled)
+    sessions = pool
+    if where.direct_url != where.url:
+        sessions = await create_pool(
+            where.direct_url, min_size=0, max_size=2, application_name=f"{name} sessions"
+        )
+    await migrate_at(where.direct_url)
+    app[DATABASE] = where
+    app[SESSIONS] = sessions
     app[STORE] = app[RUNTIME].store = Store(pool)
-    app[DELIVERY_CONTROL] = DeliveryControl(pool, dsn)
+    app[DELIVERY_CONTROL] = DeliveryControl(pool, where.direct_url)
     yield
     await pool.close()
+    if sessions is not pool:
+        await sessions.close()
     if embedded is not None:
         await asyncio.to_thread(embedded.stop)
 
@@ -171,7 +184,12 @@ async def crm_ctx(app: web.Application) -> AsyncIterator[None]:
             api = AmoCrmApi(session, base_url, tokens, gate, timeout_s=crm.timeout_s)
             region = settings.intake.default_phone_region
             app[ADAPTER] = AmoCrmAdapter(
-                api, crm.amocrm, settings.leads, app[STORE].pool, region=region
+                api,
+                crm.amocrm,
+                settings.leads,
+                app[STORE].pool,
+                sessions=app[SESSIONS],
+                region=region,
             )
         yield
 
@@ -294,7 +312,9 @@ async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     delivery = app[SETTINGS].delivery
     name = app[PROCESS_NAME]  # lease owner: the name the admin API and pg_stat_activity show
-    worker = Worker(app[STORE], app[ADAPTER], app[GATE], delivery, app[DSN], name=name)
+    worker = Worker(
+        app[STORE], app[ADAPTER], app[GATE], delivery, app[DATABASE].direct_url, name=name
+    )
     app[WORKER] = app[RUNTIME].worker = worker
     # an operator's pause holds for every process, this one from its first claim on
     control = app[DELIVERY_CONTROL]
@@ -327,7 +347,10 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # a pool of its own: a backlog of events to forward must never keep the handlers waiting
     # for a connection (they answer only after their write)
-    pool = await create_pool(app[DSN], min_size=1, max_size=FORWARDER_POOL_SIZE)
+    where = app[DATABASE]
+    pool = await create_pool(
+        where.url, min_size=1, max_size=FORWARDER_POOL_SIZE, pooled=where.pooled
+    )
     # Bitrix24 deal events carry only an id: with Bitrix24 configured the deal is fetched
     # (crm.deal.get, through the shared CRM gate) before it is forwarded
     adapter = app[ADAPTER]
@@ -337,7 +360,7 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         store,
         settings.webhook,
         settings.delivery,
-        app[DSN],
+        where.direct_url,
         name=name,
         gate=gate,
         leads=settings.leads,

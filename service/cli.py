@@ -14,7 +14,14 @@ from aiohttp import web
 
 from service import logs
 from service.app import Roles, create_app
-from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
+from service.db.database import (
+    EmbeddedPostgres,
+    Endpoints,
+    create_pool,
+    endpoints,
+    migrate_at,
+    prepare_environment,
+)
 from service.db.event_store import EventStore
 from service.db.store import Store
 from service.errors import RelayError, SettingsError
@@ -53,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
-        print(f"crm-relay: bad setting {exc}", file=sys.stderr)
-        return 2
+        return _bad_setting(exc)
     logs.setup(settings.log.level, settings.log.format)
     if settings.database.url is None:
         prepare_environment(os.environ)  # before the embedded server is first imported
@@ -67,9 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "replay": lambda store: replay(store, args.job_ids or None, forwards=args.forwards),
         }
         return asyncio.run(with_store(settings, commands[args.command]))
+    except SettingsError as exc:  # found at start-up: e.g. a transaction pooler, no direct URL
+        return _bad_setting(exc)
     except RelayError as exc:
         print(f"crm-relay: {exc}", file=sys.stderr)
         return 1
+
+
+def _bad_setting(exc: SettingsError) -> int:
+    print(f"crm-relay: bad setting {exc}", file=sys.stderr)
+    return 2
 
 
 def serve(settings: Settings, roles: Roles) -> int:
@@ -101,14 +114,14 @@ async def _freeze_startup_heap(_app: web.Application) -> None:
 
 async def with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     embedded = None
-    dsn = settings.database.url
-    if dsn is None:
+    if settings.database.url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
-        dsn = await asyncio.to_thread(embedded.start)
-    pool = await create_pool(dsn, min_size=1, max_size=2)
+        where = Endpoints.same(await asyncio.to_thread(embedded.start))
+    else:
+        where = await endpoints(settings.database.url, settings.database.direct_url)
+    pool = await create_pool(where.url, min_size=1, max_size=2, pooled=where.pooled)
     try:
-        async with pool.acquire() as conn:
-            applied = await migrate(conn)
+        applied = await migrate_at(where.direct_url)
         for name in applied:
             print(f"applied {name}")
         return await fn(Store(pool))

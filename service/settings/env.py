@@ -102,7 +102,13 @@ class EnvReader:
 
 
 def database(r: EnvReader) -> DatabaseSettings:
-    return DatabaseSettings(url=r.url("DATABASE_URL", ("postgres", "postgresql")))
+    schemes = ("postgres", "postgresql")
+    url, direct_url = r.url("DATABASE_URL", schemes), r.url("DATABASE_DIRECT_URL", schemes)
+    if direct_url is not None and url is None:
+        raise SettingsError(
+            "DATABASE_DIRECT_URL", "DATABASE_URL as well (alone it has nothing to stand beside)"
+        )
+    return DatabaseSettings(url=url, direct_url=direct_url)
 
 
 def cluster(r: EnvReader) -> ClusterSettings:
@@ -190,9 +196,7 @@ def webhook(r: EnvReader) -> WebhookSettings:
         forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),
         forward_timeout_s=r.number("FORWARD_TIMEOUT_S", float, 10.0, 0.1, 600),
         echo_window_s=r.number("ECHO_WINDOW_S", float, 60.0, 0, 86400),
-        max_body_bytes=r.number(
-            "WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024
-        ),
+        max_body_bytes=r.number("WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024),
         qstash_current_signing_key=r.text("QSTASH_CURRENT_SIGNING_KEY"),
         qstash_next_signing_key=r.text("QSTASH_NEXT_SIGNING_KEY"),
     )

@@ -51,7 +51,7 @@ READY_TIMEOUT_S = 30.0
 DELIVERY_TIMEOUT_S = 60.0
 # what the service reads from the environment: nothing of the outer environment may leak in
 SERVICE_VARS = (
-    "DATABASE_URL", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
+    "DATABASE_", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
     "WEBHOOK_", "TELEGRAM_", "ALERT_", "LOG_", "DEFAULT_PHONE", "HOST", "PORT", "MAX_BODY",
     "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_",
 )  # fmt: skip

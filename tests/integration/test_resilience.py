@@ -197,7 +197,7 @@ def free_port() -> int:
 
 # what the service reads from the environment: nothing of the outer environment may leak in
 SERVICE_VAR_PREFIXES = (
-    "DATABASE_URL", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
+    "DATABASE_", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
     "WEBHOOK_", "TELEGRAM_", "ALERT_", "LOG_", "DEFAULT_PHONE", "HOST", "PORT", "MAX_BODY",
     "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_",
 )  # fmt: skip

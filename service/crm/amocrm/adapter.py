@@ -72,6 +72,7 @@ class AmoCrmAdapter:
         leads: LeadSettings,
         pool: Pool | None = None,
         *,
+        sessions: Pool | None = None,
         region: str | None = None,
     ) -> None:
         self.api = api
@@ -86,7 +87,7 @@ class AmoCrmAdapter:
                     extra={"action": "contact_index_off"},
                 )
             else:
-                self.index = ContactIndex(api, pool, default_region=self.region)
+                self.index = ContactIndex(api, pool, sessions=sessions, default_region=self.region)
 
     async def deliver_batch(
         self, items: Sequence[Delivery], guard: ContactGuard | None = None
