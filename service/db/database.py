@@ -30,6 +30,7 @@ import asyncpg
 
 from service.db.store import SQL, Connection
 from service.errors import RelayError, SettingsError
+from service.logs import Trouble
 
 log = logging.getLogger(__name__)
 
@@ -181,53 +182,32 @@ async def _close(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def listen_forever(dsn: str, channel: str, wake: Callable[..., None]) -> None:
+async def listen_forever(
+    dsn: str, channel: str, wake: Callable[..., None], trouble: Trouble | None = None
+) -> None:
     """Keep a LISTEN connection on `channel`, calling `wake` on each notification; reconnect after
     outages, and wake once on every (re)connect to catch up on what was missed.
 
     `dsn` must keep its session (DATABASE_DIRECT_URL): a LISTEN is the session's. A connection
-    that cannot be made or lost is said at ERROR once (with the cause) and again on its return:
-    without it the loop still works, woken by its idle timer instead of at once."""
-    down_since: float | None = None
-    loop = asyncio.get_running_loop()
+    that cannot be made is `trouble` (ERROR once with the cause, WARNING when it is back):
+    meanwhile the loop it wakes still works, on its idle timer."""
+    trouble = trouble or Trouble(log, f"LISTEN {channel}", "listen_down")
     while True:
         try:
             conn = await asyncpg.connect(dsn, timeout=5)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            if down_since is None:
-                down_since = loop.time()
-                log.error(
-                    "LISTEN %s: cannot connect (woken by its timer until it can)",
-                    channel,
-                    extra={"action": "listen_down", "channel": channel, "error": repr(exc)},
-                )
+            trouble.failed(f"cannot connect: {exc!r}")
             await asyncio.sleep(LISTEN_RETRY_S)
             continue
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn, ev=lost: ev.set())
             await conn.add_listener(channel, wake)
-            if down_since is not None:
-                log.warning(
-                    "LISTEN %s: connected again",
-                    channel,
-                    extra={
-                        "action": "listen_up",
-                        "channel": channel,
-                        "down_s": round(loop.time() - down_since, 1),
-                    },
-                )
-                down_since = None
+            trouble.ok()
             wake()
             await lost.wait()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if down_since is None:
-                down_since = loop.time()
-                log.error(
-                    "LISTEN %s: failed (woken by its timer until it can)",
-                    channel,
-                    extra={"action": "listen_down", "channel": channel, "error": repr(exc)},
-                )
+            trouble.failed(repr(exc))
             await asyncio.sleep(LISTEN_RETRY_S)
         finally:
             with contextlib.suppress(Exception):
