@@ -183,7 +183,7 @@ async def test_postgres_stopped_mid_run_spools_and_delivers_once(
 # ---------------------------------------------------------------------------------------------
 
 PEOPLE = 1000
-POOLED_PEOPLE = 400  # the same run through PgBouncer: the same three kills, in less time
+POOLED_PEOPLE = 300  # the same run through PgBouncer: the same three kills, in less time
 CLIENTS = 20
 KILL_AFTER_ACKED = (250, 600)
 READY_TIMEOUT_S = 30.0
