@@ -188,9 +188,9 @@ class JobLoop(abc.ABC, Generic[J, F]):
         cause = "cancelled" if error is None else f"{error.__class__.__name__}: {error}"
         self.crash = f"{task.get_name()} ended ({cause})"[:500]
         self.log.error(
-            "%s: %s ended, the loop stops",
+            "%s: %s, the loop stops",
             self.role,
-            task.get_name(),
+            self.crash,
             exc_info=error,
             extra={"action": f"{self.role}_crashed", "task": task.get_name()},
         )

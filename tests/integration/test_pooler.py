@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 
 from service.app import DATABASE
+from service.db import database
 from service.db.database import Endpoints, endpoints, transaction_pooled
-from service.errors import SettingsError
+from service.errors import RelayError, SettingsError
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_resilience import (
@@ -137,3 +138,36 @@ def test_a_transaction_pooler_without_a_direct_url_is_refused_in_one_line(
 ) -> None:
     for command in ("serve", "migrate"):
         refused(command, pgbouncer, db_dsn, tmp_path)
+
+
+async def test_a_pooler_the_check_cannot_see_is_named_at_its_first_failure(
+    service_factory: ServiceFactory,
+    pgbouncer: PgBouncer,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should a pooler hide from the start-up check, the first statement it loses says what to
+    do: at start-up (if the pooler moved a connection already then), or at ERROR and in /readyz
+    once running; never a WARNING every 2 s."""
+
+    async def looks_direct(_dsn: str) -> bool:
+        return False
+
+    monkeypatch.setattr(database, "transaction_pooled", looks_direct)
+    with caplog.at_level(logging.ERROR):
+        try:
+            svc = await service_factory(database_url=pooled(pgbouncer, db_dsn))
+        except RelayError as exc:  # `serve` prints it and exits 1
+            assert "set DATABASE_DIRECT_URL" in str(exc), exc
+            return
+        reasons: list[str] = []
+
+        async def says_why() -> bool:
+            async with svc.http.get(f"{svc.url}/readyz") as r:
+                reasons[:] = (await r.json())["reasons"]
+            return r.status == 503 and any("set DATABASE_DIRECT_URL" in x for x in reasons)
+
+        await wait_for(says_why, timeout=15)
+    said = [r for r in caplog.records if "set DATABASE_DIRECT_URL" in r.getMessage()]
+    assert said, [r.getMessage() for r in caplog.records]
