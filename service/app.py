@@ -29,9 +29,9 @@ from service.crm.bitrix24.api import Bitrix24Api
 from service.crm.bitrix24.funnels import check_stages
 from service.crm.oauth import Bitrix24OAuthTokens, OAuthTokens
 from service.crm.protocol import CrmAdapter
-from service.db.database import EmbeddedPostgres, create_pool, migrate
+from service.db.database import EmbeddedPostgres, Endpoints, create_pool, endpoints, migrate_at
 from service.db.event_store import EventStore
-from service.db.store import Store
+from service.db.store import Pool, Store
 from service.db.token_cipher import TokenCipher
 from service.delivery.cluster_bucket import cluster_gate
 from service.delivery.control import DELIVERY_CONTROL, DeliveryControl
@@ -56,7 +56,10 @@ from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fet
 log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
-DSN = web.AppKey("dsn", str)
+# where connections go: pools on DATABASE_URL, sessions on DATABASE_DIRECT_URL (db/database.py)
+DATABASE = web.AppKey("database", Endpoints)
+# a small pool of connections that keep their session (the contact index's sync lock)
+SESSIONS = web.AppKey("sessions", Pool)
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
@@ -125,24 +128,35 @@ async def _mark_shutting_down(app: web.Application) -> None:
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded = None
-    dsn = settings.database.url
-    if dsn is None:
+    if settings.database.url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
-        dsn = await asyncio.to_thread(embedded.start)
+        where = Endpoints.same(await asyncio.to_thread(embedded.start))
         log.info(
             "embedded PostgreSQL running",
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
+    else:
+        # refuses a transaction-mode pooler without DATABASE_DIRECT_URL (SettingsError)
+        where = await endpoints(settings.database.url, settings.database.direct_url)
     # the process's name on its connections too: pg_locks and pg_stat_activity show whose they are
-    pool = await create_pool(dsn, application_name=app[PROCESS_NAME])
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    app[DSN] = dsn
+    name = app[PROCESS_NAME]
+    pool = await create_pool(where.url, application_name=name, pooled=where.pooled)
+    sessions = pool
+    if where.direct_url != where.url:
+        sessions = await create_pool(
+            where.direct_url, min_size=0, max_size=2, application_name=f"{name} sessions"
+        )
+    await migrate_at(where.direct_url)
+    app[DATABASE] = where
+    app[SESSIONS] = sessions
     keys = settings.crm.token_keys
-    app[STORE] = app[RUNTIME].store = Store(pool, token_cipher=TokenCipher(keys) if keys else None)
-    app[DELIVERY_CONTROL] = DeliveryControl(pool, dsn)
+    cipher = TokenCipher(keys) if keys else None
+    app[STORE] = app[RUNTIME].store = Store(pool, token_cipher=cipher)
+    app[DELIVERY_CONTROL] = DeliveryControl(pool, where.direct_url)
     yield
     await pool.close()
+    if sessions is not pool:
+        await sessions.close()
     if embedded is not None:
         await asyncio.to_thread(embedded.stop)
 
@@ -197,6 +211,7 @@ def _amocrm_adapter(app: web.Application, api: AmoCrmApi) -> AmoCrmAdapter:
         amo,
         settings.leads,
         app[STORE].pool,
+        sessions=app[SESSIONS],
         region=settings.intake.default_phone_region,
         index_rate=settings.crm.rate_limit * amo.index_share,
         index_reuse_s=reuse_window(amo.index_refresh_s, delivery.retry, delivery.lease_s),
@@ -340,7 +355,9 @@ async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     delivery = app[SETTINGS].delivery
     name = app[PROCESS_NAME]  # lease owner: the name the admin API and pg_stat_activity show
-    worker = Worker(app[STORE], app[ADAPTER], app[GATE], delivery, app[DSN], name=name)
+    worker = Worker(
+        app[STORE], app[ADAPTER], app[GATE], delivery, app[DATABASE].direct_url, name=name
+    )
     app[WORKER] = app[RUNTIME].worker = worker
     # an operator's pause holds for every process, this one from its first claim on
     control = app[DELIVERY_CONTROL]
@@ -373,7 +390,10 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # a pool of its own: a backlog of events to forward must never keep the handlers waiting
     # for a connection (they answer only after their write)
-    pool = await create_pool(app[DSN], min_size=1, max_size=FORWARDER_POOL_SIZE)
+    where = app[DATABASE]
+    pool = await create_pool(
+        where.url, min_size=1, max_size=FORWARDER_POOL_SIZE, pooled=where.pooled
+    )
     # Bitrix24 deal events carry only an id: with Bitrix24 configured the deal is fetched
     # (crm.deal.get, through the shared CRM gate) before it is forwarded
     adapter = app[ADAPTER]
@@ -383,7 +403,7 @@ async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         store,
         settings.webhook,
         settings.delivery,
-        app[DSN],
+        where.direct_url,
         name=name,
         gate=gate,
         leads=settings.leads,

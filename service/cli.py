@@ -16,7 +16,14 @@ from aiohttp import web
 
 from service import logs
 from service.app import Roles, create_app
-from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
+from service.db.database import (
+    EmbeddedPostgres,
+    Endpoints,
+    create_pool,
+    endpoints,
+    migrate_at,
+    prepare_environment,
+)
 from service.db.event_store import EventStore
 from service.db.privacy_store import PrivacyStore
 from service.db.store import Store
@@ -132,14 +139,14 @@ async def _freeze_startup_heap(_app: web.Application) -> None:
 
 async def with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     embedded = None
-    dsn = settings.database.url
-    if dsn is None:
+    if settings.database.url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
-        dsn = await asyncio.to_thread(embedded.start)
-    pool = await create_pool(dsn, min_size=1, max_size=2)
+        where = Endpoints.same(await asyncio.to_thread(embedded.start))
+    else:
+        where = await endpoints(settings.database.url, settings.database.direct_url)
+    pool = await create_pool(where.url, min_size=1, max_size=2, pooled=where.pooled)
     try:
-        async with pool.acquire() as conn:
-            applied = await migrate(conn)
+        applied = await migrate_at(where.direct_url)
         for name in applied:
             print(f"applied {name}")
         return await fn(Store(pool))

@@ -13,6 +13,9 @@ The side tasks (the LISTEN connection and the heartbeat) are supervised, as proc
 worker watches its side tasks: one that ends stops the loop loudly (an ERROR with its traceback,
 `running` false so /readyz and /health say so). A heartbeat that died quietly used to leave a
 loop claiming work whose leases then lapsed under it, so other processes took the same jobs.
+A part that keeps failing without ending (database steps, the lease heartbeat, the LISTEN
+connection) is a `logs.Trouble`: ERROR once with its cause, and named by `problems()` (/readyz,
+the alerts) until it works again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from service.db.database import listen_forever
 from service.errors import StoreUnavailable
+from service.logs import Trouble
 from service.settings import DeliverySettings
 
 J = TypeVar("J")  # one claimed job
@@ -83,6 +87,11 @@ class JobLoop(abc.ABC, Generic[J, F]):
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: asyncio.Event | None = None
+        # why the loop is not running or not working: /readyz, /health and the alerts say it
+        self.crash: str | None = None
+        self.db_trouble = Trouble(self.log, f"{role}: database", f"{role}_db_down")
+        self.lease_trouble = Trouble(self.log, f"{role}: lease heartbeat", f"{role}_leases_down")
+        self.listen_trouble = Trouble(self.log, f"{role}: LISTEN {channel}", f"{role}_listen_down")
 
     # --- what a subclass says -----------------------------------------------------------
 
@@ -104,7 +113,7 @@ class JobLoop(abc.ABC, Generic[J, F]):
 
     async def listen(self) -> None:
         """Wake the loop on every NOTIFY of `channel` (a side task: it never returns)."""
-        await listen_forever(self.dsn, self.channel, self.wake)
+        await listen_forever(self.dsn, self.channel, self.wake, self.listen_trouble)
 
     async def stopped(self) -> None:
         """Called once the loop has ended and its work has drained."""
@@ -115,13 +124,23 @@ class JobLoop(abc.ABC, Generic[J, F]):
     def stopping(self) -> bool:
         return self._stopping
 
+    def problems(self) -> list[str]:
+        """What keeps the loop from working, for /readyz and the alerts: not running (and why),
+        or a part of it failing (its database steps, its LISTEN connection). A failing lease
+        heartbeat is logged, not listed: the jobs it loses are retaken, and the outage behind it
+        is the database's, which the probes check themselves."""
+        if not self.running:
+            return [f"{self.role} not running" + (f": {self.crash}" if self.crash else "")]
+        troubles = (self.db_trouble, self.listen_trouble)
+        return [reason for t in troubles if (reason := t.reason()) is not None]
+
     def wake(self, *_: object) -> None:
         self._wake.set()
 
     async def run(self) -> None:
         """Claim and work jobs until stopped; survive database outages; stop loudly when a side
         task dies (see the module docstring)."""
-        self.running = True
+        self.running, self.crash = True, None
         finished = self._finished = asyncio.Event()
         rounds = asyncio.create_task(self._rounds(), name=f"{self.role}-claims")
         side = [
@@ -166,10 +185,12 @@ class JobLoop(abc.ABC, Generic[J, F]):
     def _crashed(self, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()
         self.running = False
+        cause = "cancelled" if error is None else f"{error.__class__.__name__}: {error}"
+        self.crash = f"{task.get_name()} ended ({cause})"[:500]
         self.log.error(
-            "%s: %s ended, the loop stops",
+            "%s: %s, the loop stops",
             self.role,
-            task.get_name(),
+            self.crash,
             exc_info=error,
             extra={"action": f"{self.role}_crashed", "task": task.get_name()},
         )
@@ -181,15 +202,15 @@ class JobLoop(abc.ABC, Generic[J, F]):
                 if time.monotonic() - reaped_at > REAP_EVERY_S:
                     await self.queue.reap_expired()
                     reaped_at = time.monotonic()
-                if not await self._claim():
-                    await self._sleep(await self._idle_wait())
+                claimed = await self._claim()
+                wait = None if claimed else await self._idle_wait()
+                self.db_trouble.ok()
+                if wait is not None:
+                    await self._sleep(wait)
             except StoreUnavailable as exc:
-                # every database step of the loop is in here: an outage must never end it
-                self.log.warning(
-                    "%s: database unavailable",
-                    self.role,
-                    extra={"action": f"{self.role}_db_down", "error": str(exc)},
-                )
+                # every database step of the loop is in here: an outage must never end it (said
+                # at ERROR once, not at every try)
+                self.db_trouble.failed(str(exc))
                 await self._sleep(OUTAGE_WAIT_S)
 
     async def _claim(self) -> bool:
@@ -233,9 +254,13 @@ class JobLoop(abc.ABC, Generic[J, F]):
         ends this task, and `_supervise` stops the loop."""
         while True:
             await asyncio.sleep(self.settings.lease_s / 3)
-            if self.in_flight:
-                with contextlib.suppress(StoreUnavailable):
+            try:
+                if self.in_flight:
                     await self.extend_leases()
+            except StoreUnavailable as exc:
+                self.lease_trouble.failed(str(exc))
+            else:
+                self.lease_trouble.ok()  # extended, or nothing left to keep
 
     async def _drain(self, timeout_s: float) -> None:
         """Let the work in flight finish for `timeout_s`, then cancel what is left (its jobs are

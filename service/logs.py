@@ -318,3 +318,74 @@ def mask_email(email: str) -> str:
     if not at:
         return "***"
     return f"{local[:1]}***@{domain}"
+
+
+class Trouble:
+    """A part of the service that keeps failing (a heartbeat, a LISTEN connection, a loop's
+    database steps), said plainly and once: ERROR with the cause when it starts, a reminder at
+    ERROR every `remind_s` while it lasts, a WARNING when it is over. Not a line per attempt.
+
+    `reason()` is what /readyz, /health and the alerts show while it lasts."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        action: str,
+        *,
+        remind_s: float = 300.0,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.what = what
+        self.action = action
+        self.remind_s = remind_s
+        self.clock = clock
+        self.cause: str | None = None
+        self.since: float | None = None
+        self._said_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.since is not None
+
+    def failing_for(self) -> float:
+        return 0.0 if self.since is None else self.clock() - self.since
+
+    def reason(self) -> str | None:
+        if self.since is None:
+            return None
+        return f"{self.what} failing for {self.failing_for():.0f} s: {self.cause}"
+
+    def failed(self, cause: str, **extra: Any) -> None:
+        now = self.clock()
+        self.cause = cause[:500]
+        if self.since is None:
+            self.since = self._said_at = now
+            self.logger.error(
+                "%s failing: %s",
+                self.what,
+                self.cause,
+                extra={"action": self.action, "error": self.cause, **extra},
+            )
+        elif now - self._said_at >= self.remind_s:
+            self._said_at = now
+            self.logger.error(
+                "%s still failing after %.0f s: %s",
+                self.what,
+                now - self.since,
+                self.cause,
+                extra={"action": self.action, "error": self.cause, **extra},
+            )
+
+    def ok(self) -> None:
+        if self.since is None:
+            return
+        lasted = self.clock() - self.since
+        self.since, self.cause = None, None
+        self.logger.warning(
+            "%s working again after %.0f s",
+            self.what,
+            lasted,
+            extra={"action": f"{self.action}_over", "down_s": round(lasted, 1)},
+        )

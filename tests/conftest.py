@@ -31,6 +31,9 @@ from service.settings import (
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
 from tests.overrides import override
 
+# PgBouncer in front of the embedded server (tests/pgbouncer_fixtures.py), for any test module
+pytest_plugins = ("tests.pgbouncer_fixtures",)
+
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)
 

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from service.db.cluster_store import ProcessRow, ProcessRows
 from service.db.store import Pool
 from service.errors import RelayError, StoreUnavailable
+from service.logs import Trouble
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -195,6 +196,9 @@ class Cluster:
         self.name = name or process_name()
         self.redis = RedisLink(redis)
         self.members = Membership(ProcessRows(pool), self.name, sends)
+        # a heartbeat that keeps failing: ERROR once with the cause, /readyz and alerts name it
+        # (while it fails this process's share of the limit is 0 once the others stop counting it)
+        self.beat_trouble = Trouble(log, "heartbeat", "heartbeat_failed")
 
     @property
     def mode(self) -> str:
@@ -233,11 +237,13 @@ class Cluster:
                     await self._forget_dead()
                 beats += 1
             except (StoreUnavailable, TimeoutError) as exc:
-                log.warning(
-                    "heartbeat failed", extra={"action": "heartbeat_failed", "error": repr(exc)}
-                )
-            except Exception:  # a dead heartbeat loop would silently stop our CRM calls
-                log.exception("heartbeat error", extra={"action": "heartbeat_failed"})
+                self.beat_trouble.failed(str(exc) or exc.__class__.__name__)
+            except Exception as exc:  # a dead heartbeat loop would silently stop our CRM calls
+                if not self.beat_trouble.failing:
+                    log.exception("heartbeat error", extra={"action": "heartbeat_failed"})
+                self.beat_trouble.failed(f"{exc.__class__.__name__}: {exc}")
+            else:
+                self.beat_trouble.ok()
             if self.mode != last_mode:
                 log.warning(
                     "cluster mode changed", extra={"action": "cluster_mode", **self.state()}

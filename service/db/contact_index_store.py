@@ -42,10 +42,15 @@ class SyncState:
 
 
 class ContactIndexStore:
-    """Typed access to one account's index; takes the pool but does not own it."""
+    """Typed access to one account's index; takes the pools but does not own them. The sync
+    lock is a session's, so `sync_session` borrows from `sessions` (connections that keep
+    their session: DATABASE_DIRECT_URL), everything else from `pool`."""
 
-    def __init__(self, pool: asyncpg.Pool, account: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, account: str, sessions: asyncpg.Pool | None = None
+    ) -> None:
         self.pool = pool
+        self.sessions = pool if sessions is None else sessions
         self.account = account
 
     async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
@@ -59,7 +64,7 @@ class ContactIndexStore:
         """The account's sync lock on a connection of its own, once the round another process
         may have under way is over; None if that took longer than `wait_s`."""
         try:
-            async with self.pool.acquire() as conn:
+            async with self.sessions.acquire() as conn:
                 if not await _lock(conn, self.account, wait_s):
                     yield None
                     return

@@ -1,8 +1,17 @@
 """Where the database comes from (DATABASE_URL or embedded PostgreSQL) and its schema.
 
 Migrations are the numbered files in `sql/migrations/`, applied in order, each in its own
-transaction, recorded in `schema_migrations`, under an advisory lock so two processes starting at
-once apply each file exactly once.
+transaction, recorded in `schema_migrations`, each under a transaction's advisory lock so two
+processes starting at once apply each file exactly once.
+
+Connection poolers (`Endpoints`): behind a pooler in transaction mode (PgBouncer, Supavisor,
+Neon's pooler) each transaction may run on another server session. What the service runs there
+must fit in one transaction: the pools on `DATABASE_URL` keep no prepared statements (asyncpg's
+statement cache is off), and the person locks are transaction locks already. What needs a session
+of its own goes to `DATABASE_DIRECT_URL`: the LISTEN connections (`listen_forever`), the contact
+guard's session advisory locks (`db.contact_locks`), the contact index's sync lock
+(`db.contact_index_store`) and migrations. `endpoints` finds a transaction pooler at start-up
+(`transaction_pooled`) and refuses one without a direct URL beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -19,12 +29,16 @@ from typing import Any
 import asyncpg
 
 from service.db.store import SQL, Connection
-from service.errors import RelayError
+from service.errors import RelayError, SettingsError
+from service.logs import Trouble
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = SQL.joinpath("migrations")
 MIGRATION_LOCK = 72_811_977  # any constant; shared by every crm-relay process
+PROBE_ROUNDS = 3  # of `transaction_pooled`'s test; one is enough for PgBouncer (see there)
+LISTEN_RETRY_S = 1.0
+STATEMENT_CACHE_SIZE = 100  # asyncpg's default, where statements outlive their transaction
 
 
 class EmbeddedPostgresError(RelayError):
@@ -87,32 +101,130 @@ class EmbeddedPostgres:
             self._server = None
 
 
-async def listen_forever(dsn: str, channel: str, wake: Callable[..., None]) -> None:
+@dataclass(frozen=True)
+class Endpoints:
+    """Where connections go. `url` (DATABASE_URL) serves the pools: every statement that fits in
+    one transaction. `direct_url` (DATABASE_DIRECT_URL, else `url`) serves what needs a session
+    of its own for longer than a transaction: LISTEN, session advisory locks, migrations.
+    `pooled`: `url` may lead to a transaction-mode pooler, so its pools prepare no named
+    statements (asyncpg's statement cache off)."""
+
+    url: str
+    direct_url: str
+    pooled: bool = False
+
+    @classmethod
+    def same(cls, url: str) -> Endpoints:
+        """One server, no pooler in between (the embedded server)."""
+        return cls(url, url)
+
+
+NO_DIRECT_URL = (
+    "a direct (or session-mode pooler) connection for LISTEN, session advisory locks and "
+    "migrations: DATABASE_URL leads to a connection pooler in transaction mode"
+)
+DIRECT_URL_POOLED = (
+    "a direct (or session-mode pooler) connection, not a pooler in transaction mode as it is now"
+)
+
+
+async def endpoints(url: str, direct_url: str | None) -> Endpoints:
+    """Check where `url` (and `direct_url`) lead; `SettingsError` naming DATABASE_DIRECT_URL
+    when a session-bound feature would have nowhere to go."""
+    pooled = await transaction_pooled(url)
+    if direct_url is None or direct_url == url:
+        if pooled:
+            raise SettingsError("DATABASE_DIRECT_URL", NO_DIRECT_URL)
+        return Endpoints.same(url)
+    if await transaction_pooled(direct_url):
+        raise SettingsError("DATABASE_DIRECT_URL", DIRECT_URL_POOLED)
+    # told there is a pooler: trust that over a probe that found none (some may hide it)
+    endpoint = Endpoints(url, direct_url, pooled=True)
+    log.info(
+        "database through a pooler",
+        extra={"action": "db_pooler", "transaction_mode_seen": pooled},
+    )
+    return endpoint
+
+
+async def transaction_pooled(dsn: str) -> bool:
+    """Whether `dsn` leads to a pooler in transaction mode: one client's transactions on
+    different server sessions, or one client's session lent to another between its transactions.
+
+    Two connections, `a` and `b`. `a` runs a statement (its own transaction) and says which
+    backend ran it; `b` opens a transaction and says the same. With a session of its own per
+    client (a direct server, a session-mode pooler) `b` never gets `a`'s backend and `a` always
+    keeps its own. A transaction pooler hands `b` the backend `a` just gave back (PgBouncer
+    reuses the most recently released one) or moves `a` to another. Nothing here waits on the
+    other connection, so a pool of one server connection cannot deadlock the probe."""
+    a = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+    try:
+        b = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+        try:
+            first = await a.fetchval("SELECT pg_backend_pid()")
+            for _ in range(PROBE_ROUNDS):
+                async with b.transaction():
+                    other = await b.fetchval("SELECT pg_backend_pid()")
+                again = await a.fetchval("SELECT pg_backend_pid()")
+                if other == first or again != first:
+                    return True
+            return False
+        finally:
+            await _close(b)
+    finally:
+        await _close(a)
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        conn.terminate()
+
+
+async def listen_forever(
+    dsn: str, channel: str, wake: Callable[..., None], trouble: Trouble | None = None
+) -> None:
     """Keep a LISTEN connection on `channel`, calling `wake` on each notification; reconnect after
-    outages, and wake once on every (re)connect to catch up on what was missed."""
+    outages, and wake once on every (re)connect to catch up on what was missed.
+
+    `dsn` must keep its session (DATABASE_DIRECT_URL): a LISTEN is the session's. A connection
+    that cannot be made is `trouble` (ERROR once with the cause, WARNING when it is back):
+    meanwhile the loop it wakes still works, on its idle timer."""
+    trouble = trouble or Trouble(log, f"LISTEN {channel}", "listen_down")
     while True:
         try:
             conn = await asyncpg.connect(dsn, timeout=5)
-        except (OSError, asyncpg.PostgresError, TimeoutError):
-            await asyncio.sleep(1.0)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            trouble.failed(f"cannot connect: {exc!r}")
+            await asyncio.sleep(LISTEN_RETRY_S)
             continue
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn, ev=lost: ev.set())
             await conn.add_listener(channel, wake)
+            trouble.ok()
             wake()
             await lost.wait()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pass
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            trouble.failed(repr(exc))
+            await asyncio.sleep(LISTEN_RETRY_S)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 2)
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 10, application_name: str | None = None
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    application_name: str | None = None,
+    pooled: bool = False,
 ) -> asyncpg.Pool:
-    """A pool whose connections fail fast when the server is gone."""
+    """A pool whose connections fail fast when the server is gone. `pooled`: `dsn` leads to a
+    transaction-mode pooler, where a statement prepared in one transaction is gone in the next:
+    asyncpg then prepares every statement afresh, unnamed (its statement cache off)."""
     settings = {"application_name": application_name[:63]} if application_name else None
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
@@ -122,6 +234,7 @@ async def create_pool(
         command_timeout=30,
         max_inactive_connection_lifetime=60,
         server_settings=settings,
+        statement_cache_size=0 if pooled else STATEMENT_CACHE_SIZE,
     )
     return pool
 
@@ -133,26 +246,43 @@ def migration_files() -> list[Traversable]:
 
 
 async def migrate(conn: Connection) -> list[str]:
-    """Apply every migration not applied yet; return the names applied now."""
+    """Apply every migration not applied yet; return the names applied now.
+
+    Each file in a transaction that first takes the migration lock (a transaction lock: it
+    needs no session beyond the transaction, so this works through any pooler) and reads again
+    what is applied: of processes starting at once, one applies a file, the others see it done."""
     applied_now: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for path in migration_files():
-            if path.name in done:
+    seen = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    for path in migration_files():
+        if path.name in seen:
+            continue
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            done = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)", path.name
+            )
+            if done:
                 continue
-            async with conn.transaction():
-                await conn.execute(path.read_text(encoding="utf-8"))
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.name)
-            log.info("migration applied", extra={"action": "migrate", "version": path.name})
-            applied_now.append(path.name)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+            await conn.execute(path.read_text(encoding="utf-8"))
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.name)
+        log.info("migration applied", extra={"action": "migrate", "version": path.name})
+        applied_now.append(path.name)
     return applied_now
+
+
+async def migrate_at(dsn: str) -> list[str]:
+    """`migrate` on a connection of its own to `dsn` (the direct URL), closed after."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return await migrate(conn)
+    finally:
+        await _close(conn)
 
 
 async def pending_migrations(conn: Connection) -> list[str]:

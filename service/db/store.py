@@ -47,6 +47,13 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 FAILURES: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
 
 
+POOLER_HINT = (
+    "a prepared statement is gone between transactions: DATABASE_URL seems to lead to a "
+    "connection pooler in transaction mode; set DATABASE_DIRECT_URL (docs/operations.md, "
+    "Managed PostgreSQL behind a pooler)"
+)
+
+
 def no_nul(text: str) -> str:
     """PostgreSQL text cannot hold NUL: show it as the two characters `\\0`."""
     return text.replace("\x00", "\\0")
@@ -61,6 +68,10 @@ def translated(exc: BaseException) -> BaseException:
         return StoreUnavailable(f"database unavailable: {name}")
     if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
         return StoreConflict(f"transaction rolled back: {name}")
+    if isinstance(exc, asyncpg.exceptions.InvalidSQLStatementNameError):
+        # a statement prepared in one transaction, gone in the next: what a transaction pooler
+        # does to the statement cache when start-up could not tell it was one
+        return StoreRefused(name, f"{name}: {POOLER_HINT}: {exc}")
     if isinstance(exc, asyncpg.PostgresError):
         return StoreRefused(name, f"{name}: {exc}")
     return exc

@@ -21,7 +21,7 @@ from service.db.contact_locks import ContactGuard
 from service.db.store import Job, Store
 from service.delivery.limits import RateGate
 from service.delivery.outcomes import CrmOutcomes, Kind
-from service.errors import CrmError, CrmRetryable, StoreUnavailable
+from service.errors import CrmError, CrmRetryable, StoreRefused, StoreUnavailable
 from service.jobs import IDLE_WAIT_S, JobLoop
 from service.settings import DeliverySettings
 
@@ -89,8 +89,13 @@ class Worker(JobLoop[Job, list[Job]]):
     async def stopped(self) -> None:
         """Close the contact locks; give back the people whose work was cut short."""
         await self.guard.close()
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.release_people(self.owner, list(self.in_flight))
+        except (StoreUnavailable, StoreRefused) as exc:  # their leases lapse: nothing is lost
+            log.warning(
+                "worker: people not given back at stop, their leases will lapse",
+                extra={"action": "worker_release_failed", "error": str(exc)[:500]},
+            )
 
     async def _deliver_people(self, people: dict[int, list[Job]]) -> None:
         """Deliver the claimed people's jobs in rounds: each round sends every person's oldest

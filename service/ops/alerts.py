@@ -2,7 +2,8 @@
 
 Every `ALERT_CHECK_S` a background task looks at the running parts and the database and turns
 what it sees into conditions (dead letters waiting, circuit open, CRM blocked, spool in use,
-database unreachable, delivery lag over `ALERT_LAG_S`). A `Throttle` decides what to say: a
+database unreachable, delivery lag over `ALERT_LAG_S`, the worker, forwarder or heartbeat not
+running or failing, with why). A `Throttle` decides what to say: a
 condition that starts firing is announced at once, news about it (more dead letters) at most once
 per `ALERT_INTERVAL_S`, and "resolved" when it clears. Messages go through a bounded queue to a
 sender task, so neither a slow Telegram nor a dead webhook ever holds intake or delivery.
@@ -127,6 +128,22 @@ def _spool(rt: Runtime) -> Observation:
     )
 
 
+PARTS = ("worker", "forwarder", "heartbeat")
+
+
+def _parts(rt: Runtime) -> list[Observation]:
+    """Each background part that is not running or keeps failing, with why (`stopped_parts`)."""
+    stopped = rt.stopped_parts()
+    return [
+        Observation(
+            f"{part}_stopped",
+            part in stopped,
+            "; ".join(stopped[part]) if part in stopped else f"{part} running again",
+        )
+        for part in PARTS
+    ]
+
+
 class Watcher:
     """Turns the runtime and the database into observations."""
 
@@ -137,7 +154,7 @@ class Watcher:
         self.dead_seen = 0
 
     async def observe(self) -> list[Observation]:
-        found = [*_circuit(self.rt), _spool(self.rt)]
+        found = [*_circuit(self.rt), _spool(self.rt), *_parts(self.rt)]
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 found.extend(await self._database())

@@ -57,14 +57,10 @@ async def _not_ready(rt: Runtime) -> list[str]:
 
 
 def _stopped_loops(rt: Runtime) -> list[str]:
-    """Background loops this process is meant to run (`serve` without --no-worker) that are not
-    running: a forwarder that died leaves webhook events stored but never forwarded."""
-    reasons = []
-    if rt.worker_expected and (rt.worker is None or not rt.worker.running):
-        reasons.append("worker not running")
-    if rt.forwarder_expected and (rt.forwarder is None or not rt.forwarder.running):
-        reasons.append("forwarder not running")
-    return reasons
+    """Background parts this process is meant to run (`serve` without --no-worker) that are not
+    running or keep failing, with why: a forwarder that died leaves webhook events stored but
+    never forwarded, a failing heartbeat leaves this process no share of the CRM's limit."""
+    return [reason for reasons in rt.stopped_parts().values() for reason in reasons]
 
 
 async def health(request: web.Request) -> web.Response:

@@ -40,5 +40,23 @@ class Runtime:
     # from one makes /health answer 503
     probes: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
 
+    def stopped_parts(self) -> dict[str, list[str]]:
+        """The background parts this process is meant to run that are not running or keep
+        failing, each with why: "worker", "forwarder" (`JobLoop.problems`) and "heartbeat"
+        (the cluster's). /readyz lists the reasons; each part is one alert condition."""
+        parts: dict[str, list[str]] = {}
+        for name, expected, loop in (
+            ("worker", self.worker_expected, self.worker),
+            ("forwarder", self.forwarder_expected, self.forwarder),
+        ):
+            if expected:
+                found = [f"{name} not running"] if loop is None else loop.problems()
+                if found:
+                    parts[name] = found
+        beat = self.cluster.beat_trouble.reason() if self.cluster is not None else None
+        if beat is not None:
+            parts["heartbeat"] = [beat]
+        return parts
+
 
 RUNTIME = web.AppKey("runtime", Runtime)

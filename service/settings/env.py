@@ -169,7 +169,13 @@ class EnvReader:
 
 
 def database(r: EnvReader) -> DatabaseSettings:
-    return DatabaseSettings(url=r.url("DATABASE_URL", ("postgres", "postgresql")))
+    schemes = ("postgres", "postgresql")
+    url, direct_url = r.url("DATABASE_URL", schemes), r.url("DATABASE_DIRECT_URL", schemes)
+    if direct_url is not None and url is None:
+        raise SettingsError(
+            "DATABASE_DIRECT_URL", "DATABASE_URL as well (alone it has nothing to stand beside)"
+        )
+    return DatabaseSettings(url=url, direct_url=direct_url)
 
 
 def cluster(r: EnvReader) -> ClusterSettings:

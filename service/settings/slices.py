@@ -120,9 +120,13 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class DatabaseSettings:
-    """`DATABASE_URL`; without one an embedded server runs under the data directory."""
+    """`DATABASE_URL`; without one an embedded server runs under the data directory.
+    `DATABASE_DIRECT_URL`: a connection that keeps its session, for what needs one (LISTEN,
+    session advisory locks, migrations) when `DATABASE_URL` leads to a transaction-mode pooler;
+    unset, `DATABASE_URL` serves both (`service.db.database.Endpoints`)."""
 
     url: str | None = None
+    direct_url: str | None = None
 
 
 @dataclass(frozen=True)

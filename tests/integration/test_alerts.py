@@ -4,6 +4,7 @@ resolves once, crashes are noticed at the next start, and a hanging channel bloc
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import time
@@ -16,8 +17,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from service.app import GATE, Roles
+from service.app import CLUSTER, GATE, WORKER, Roles
 from service.db.store import Store
+from service.errors import StoreUnavailable
 from service.intake.forms import INTAKE
 from service.ops.alerts import Observation, Throttle, Watcher
 from service.ops.runtime import Runtime
@@ -191,6 +193,49 @@ async def test_database_unreachable_is_observed(db_dsn: str) -> None:
     found = {o.key: o for o in await watcher.observe()}
     assert found["db_unreachable"].active
     assert "database unreachable" in found["db_unreachable"].text
+
+
+async def test_a_stopped_worker_and_a_failing_heartbeat_are_said_once_with_why(
+    service_factory: ServiceFactory,
+    inbox: Inbox,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a transaction pooler did to them (a prepared statement gone): ERROR once with the
+    cause, not a WARNING per try; /readyz names the part and why; the channel hears each once,
+    and the heartbeat's return."""
+    svc = await service_factory(**inbox.settings())
+    cluster, worker = svc.app[CLUSTER], svc.app[WORKER]
+    gone = 'prepared statement "__asyncpg_stmt_5__" does not exist'
+
+    async def refused(*_: object) -> None:
+        raise StoreUnavailable(f"database error: InvalidSQLStatementNameError: {gone}")
+
+    async def claim_refused(*_: object) -> None:
+        raise RuntimeError(gone)
+
+    real_beat = cluster.members.rows.beat
+    with caplog.at_level(logging.WARNING):
+        monkeypatch.setattr(cluster.members.rows, "beat", refused)
+        monkeypatch.setattr(worker.queue, "claim", claim_refused)
+        cluster.members.beat_s = 0.1  # from the next beat on
+        await arrives(inbox, "heartbeat failing")
+        await arrives(inbox, "worker not running: worker-claims ended (RuntimeError")
+        async with svc.http.get(f"{svc.url}/readyz") as r:
+            reasons = (await r.json())["reasons"]
+        assert r.status == 503
+        assert f"worker not running: worker-claims ended (RuntimeError: {gone})" in reasons
+        assert [x for x in reasons if x.startswith("heartbeat failing for ")], reasons
+        assert all(gone in x for x in reasons if x.startswith("heartbeat")), reasons
+        await asyncio.sleep(0.5)  # five more failed beats
+        monkeypatch.setattr(cluster.members.rows, "beat", real_beat)
+        await arrives(inbox, "resolved: heartbeat running again")
+    beats = [r for r in caplog.records if getattr(r, "action", "") == "heartbeat_failed"]
+    assert [(r.levelname, gone in r.getMessage()) for r in beats] == [("ERROR", True)]
+    assert [r.levelname for r in caplog.records if r.getMessage().startswith("heartbeat work")] == [
+        "WARNING"
+    ]
+    assert len(inbox.texts("heartbeat failing")) == 1 and len(inbox.texts("worker not")) == 1
 
 
 async def test_restart_after_a_crash_is_reported_and_clean_stop_leaves_no_marker(

@@ -35,6 +35,7 @@ from service.intake.locks import PERSON_LOCK_SPACE, person_lock_key
 from service.model import Lead
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig
 from tests.conftest import wait_for
+from tests.pgbouncer_fixtures import DatabaseUrls
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
     from tests.redis_fixtures import RedisServer
@@ -51,7 +52,7 @@ READY_TIMEOUT_S = 30.0
 DELIVERY_TIMEOUT_S = 60.0
 # what the service reads from the environment: nothing of the outer environment may leak in
 SERVICE_VARS = (
-    "DATABASE_URL", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
+    "DATABASE_", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
     "WEBHOOK_", "TELEGRAM_", "ALERT_", "LOG_", "DEFAULT_PHONE", "HOST", "PORT", "MAX_BODY",
     "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_", "OPS_PORT", "FORWARD_", "OAUTH_", "PUBLIC_BASE_URL",
 )  # fmt: skip
@@ -173,10 +174,12 @@ class Run:
         await asyncio.gather(*(client(n) for n in range(CLIENTS)))
 
 
-def relay_env(db_dsn: str, sim_url: str, data_dir: Path, redis_url: str | None) -> dict[str, str]:
+def relay_env(
+    urls: DatabaseUrls, sim_url: str, data_dir: Path, redis_url: str | None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_VARS)}
+    env.update(urls.env())
     env.update(
-        DATABASE_URL=db_dsn,
         CRM="amocrm",
         AMOCRM_BASE_URL=sim_url,
         AMOCRM_ACCESS_TOKEN=SimulatorConfig().access_token,
@@ -204,9 +207,11 @@ async def run_cluster(
     tmp_path: Path,
     redis_url: str | None,
     chaos: Chaos | None = None,
+    urls: DatabaseUrls | None = None,
 ) -> Run:
     """Start the processes, send the workload (with `chaos` alongside), wait for delivery, and
-    check the outcome every scenario must have."""
+    check the outcome every scenario must have. `urls`: how the processes reach the database
+    (default: `db_dsn`, directly); the checks read it directly either way."""
     from tests.redis_fixtures import free_port
 
     sim, sim_url = simulator
@@ -214,7 +219,7 @@ async def run_cluster(
     sim.config.block_after = 100_000  # count violations, never block: we want them all seen
     relays = []
     for n in range(PROCESSES):
-        env = relay_env(db_dsn, sim_url, tmp_path / f"var{n}", redis_url)
+        env = relay_env(urls or DatabaseUrls(db_dsn), sim_url, tmp_path / f"var{n}", redis_url)
         env["PORT"] = str(free_port())
         relays.append(Relay(env, int(env["PORT"]), tmp_path / f"relay{n}.log"))
     distinct, keys = workload(seed=6)
@@ -351,8 +356,13 @@ SELECT (SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 
 
 async def test_without_redis_processes_share_the_limit_through_postgres(
-    db_dsn: str, simulator: tuple[AmoCrmSimulator, str], tmp_path: Path
+    db_dsn: str,
+    database_urls: DatabaseUrls,
+    simulator: tuple[AmoCrmSimulator, str],
+    tmp_path: Path,
 ) -> None:
+    """Directly, then through PgBouncer in transaction mode (`database_urls`): the heartbeats,
+    the person locks and the leases all run through the pooler then."""
     seen: list[tuple[int, str]] = []
 
     async def watch_heartbeats(run: Run) -> None:
@@ -370,7 +380,7 @@ async def test_without_redis_processes_share_the_limit_through_postgres(
         finally:
             await conn.close()
 
-    await run_cluster(db_dsn, simulator, tmp_path, None, watch_heartbeats)
+    await run_cluster(db_dsn, simulator, tmp_path, None, watch_heartbeats, database_urls)
     assert seen[-1] == (PROCESSES, "local-share"), seen
 
 

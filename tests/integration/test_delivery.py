@@ -160,10 +160,12 @@ async def test_a_heartbeat_that_fails_unexpectedly_stops_the_worker_loudly(
 
     [crash] = [r for r in caplog.records if getattr(r, "action", "") == "worker_crashed"]
     assert crash.exc_info is not None and isinstance(crash.exc_info[1], RuntimeError)
+    # the probes say which part stopped and why
+    why = "worker not running: worker-heartbeat ended (RuntimeError: a bug in the heartbeat)"
     async with svc.http.get(f"{svc.url}/readyz") as r:
-        assert r.status == 503 and (await r.json())["reasons"] == ["worker not running"]
+        assert r.status == 503 and (await r.json())["reasons"] == [why]
     async with svc.http.get(f"{svc.url}/health") as r:
-        assert r.status == 503 and "worker not running" in (await r.json())["reasons"]
+        assert r.status == 503 and why in (await r.json())["reasons"]
 
 
 async def test_a_database_outage_in_the_heartbeat_is_survived(

@@ -26,6 +26,7 @@ from service.app import WORKER
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig
 from tests.conftest import make_settings, wait_for
 from tests.integration.conftest import StartService, StoppablePostgres
+from tests.pgbouncer_fixtures import DatabaseUrls
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -182,6 +183,7 @@ async def test_postgres_stopped_mid_run_spools_and_delivers_once(
 # ---------------------------------------------------------------------------------------------
 
 PEOPLE = 1000
+POOLED_PEOPLE = 300  # the same run through PgBouncer: the same three kills, in less time
 CLIENTS = 20
 KILL_AFTER_ACKED = (250, 600)
 READY_TIMEOUT_S = 30.0
@@ -197,7 +199,7 @@ def free_port() -> int:
 
 # what the service reads from the environment: nothing of the outer environment may leak in
 SERVICE_VAR_PREFIXES = (
-    "DATABASE_URL", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
+    "DATABASE_", "REDIS_", "CRM", "AMOCRM_", "BITRIX24_", "IDEMPOTENCY_", "ADMIN_TOKEN",
     "WEBHOOK_", "TELEGRAM_", "ALERT_", "LOG_", "DEFAULT_PHONE", "HOST", "PORT", "MAX_BODY",
     "RETRY_", "WORKER_", "LEASE_", "CIRCUIT_", "OPS_PORT", "FORWARD_", "OAUTH_", "PUBLIC_BASE_URL",
 )  # fmt: skip
@@ -301,10 +303,12 @@ async def submit_everyone_while_killing(
     acked: dict[int, str],
     stats: dict[str, int],
     kills: list[tuple[str, int]],
+    people: int = PEOPLE,
 ) -> None:
-    """PEOPLE submissions from CLIENTS concurrent clients; SIGKILL + restart at each threshold."""
+    """`people` submissions from CLIENTS concurrent clients; SIGKILL + restart at each threshold
+    (KILL_AFTER_ACKED, scaled to `people`)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(PEOPLE):
+    for i in range(people):
         queue.put_nowait(i)
 
     async def client() -> None:
@@ -313,7 +317,7 @@ async def submit_everyone_while_killing(
             acked[i] = await submit_until_acknowledged(http, svc.url, i, stats)
 
     async def chaos() -> None:
-        for threshold in KILL_AFTER_ACKED:
+        for threshold in (n * people // PEOPLE for n in KILL_AFTER_ACKED):
 
             async def reached(n: int = threshold) -> bool:
                 return len(acked) >= n
@@ -336,15 +340,17 @@ async def delivered_count(dsn: str) -> int:
     return sum(s == "delivered" for s in (await submission_states(dsn)).values())
 
 
-def assert_one_contact_and_one_lead_per_person(report: dict[str, Any]) -> None:
+def assert_one_contact_and_one_lead_per_person(
+    report: dict[str, Any], people: int = PEOPLE
+) -> None:
     assert report["violations"] == 0, report["answers_by_status"]
     no_duplicates(report)
-    assert len(report["leads"]) == PEOPLE, len(report["leads"])
+    assert len(report["leads"]) == people, len(report["leads"])
     contacts_by_phone: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in report["contacts"]:
         for p in phones_of(c):
             contacts_by_phone[p].append(c)
-    expected = {person(i, prefix="701")["phone"][1:] for i in range(PEOPLE)}
+    expected = {person(i, prefix="701")["phone"][1:] for i in range(people)}
     assert set(contacts_by_phone) == expected
     several = {p: [c["id"] for c in cs] for p, cs in contacts_by_phone.items() if len(cs) != 1}
     assert not several, f"phones on several contacts: {several}"
@@ -357,13 +363,20 @@ def assert_one_contact_and_one_lead_per_person(report: dict[str, Any]) -> None:
 
 
 async def test_sigkill_during_a_thousand_submissions_loses_nothing_acknowledged(
-    db_dsn: str, simulator: tuple[AmoCrmSimulator, str], tmp_path: Path
+    db_dsn: str,
+    database_urls: DatabaseUrls,
+    simulator: tuple[AmoCrmSimulator, str],
+    tmp_path: Path,
 ) -> None:
+    """Run on a direct connection, then through PgBouncer in transaction mode (`database_urls`:
+    the service's pools through the pooler, its sessions on DATABASE_DIRECT_URL, and fewer
+    people); the checks read the database directly (`db_dsn`) either way."""
+    people = PEOPLE if database_urls.direct_url is None else POOLED_PEOPLE
     sim, sim_url = simulator
     data_dir = tmp_path / "var"  # the spool lives here and survives every restart
     env = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_VAR_PREFIXES)}
+    env.update(database_urls.env())
     env.update(
-        DATABASE_URL=db_dsn,
         CRM="amocrm",
         AMOCRM_BASE_URL=sim_url,
         AMOCRM_ACCESS_TOKEN=SimulatorConfig().access_token,
@@ -384,14 +397,14 @@ async def test_sigkill_during_a_thousand_submissions_loses_nothing_acknowledged(
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS + 5)) as http:
             svc.start()
             await svc.wait_ready(http)
-            await submit_everyone_while_killing(svc, http, acked, stats, kills)
+            await submit_everyone_while_killing(svc, http, acked, stats, kills, people)
             t_intake = time.monotonic() - t0
-            assert len(acked) == PEOPLE
-            assert all(n < PEOPLE for _, n in kills), f"kills came too late to matter: {kills}"
+            assert len(acked) == people
+            assert all(n < people for _, n in kills), f"kills came too late to matter: {kills}"
 
             # one more kill while only the worker is busy: its CRM calls in flight are cut off
             async def a_third_delivered() -> bool:
-                return await delivered_count(db_dsn) >= PEOPLE // 3
+                return await delivered_count(db_dsn) >= people // 3
 
             await wait_for(a_third_delivered, timeout=30, every=0.1)
             kills.append(("delivery", await delivered_count(db_dsn)))
@@ -424,7 +437,7 @@ async def test_sigkill_during_a_thousand_submissions_loses_nothing_acknowledged(
     # every acknowledged submission is stored and delivered; nothing else was stored
     missing = {i: sid for i, sid in acked.items() if sid not in states}
     assert not missing, f"acknowledged but not stored: {missing}"
-    assert len(states) == PEOPLE, len(states)
+    assert len(states) == people, len(states)
     assert set(states.values()) == {"delivered"}, Counter(states.values())
     # the CRM has exactly one contact and one lead per person, and was never over its limit
-    assert_one_contact_and_one_lead_per_person(report)
+    assert_one_contact_and_one_lead_per_person(report, people)

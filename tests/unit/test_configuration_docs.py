@@ -22,6 +22,7 @@ NO_DEFAULT = "–"
 # Defaults the code computes rather than states; the docs describe them in words.
 DESCRIBED = {
     "DATABASE_URL": "embedded",  # unset: the embedded PostgreSQL
+    "DATABASE_DIRECT_URL": "DATABASE_URL",  # unset: DATABASE_URL serves both
     "CRM": "guessed",  # unset: from which credentials are set
     "AMOCRM_PIPELINE_ID": "account default",  # 0 or unset: the CRM account's own
     "AMOCRM_STATUS_ID": "account default",

@@ -219,3 +219,13 @@ async def test_a_cancelled_writer_leaves_the_others_be(tmp_path: Path) -> None:
         with pytest.raises(asyncio.CancelledError):
             await gone
     assert db.batches == [["first"], ["kept"]]
+
+
+def test_a_prepared_statement_lost_to_a_pooler_names_the_setting_that_cures_it() -> None:
+    gone = asyncpg.exceptions.InvalidSQLStatementNameError(
+        'prepared statement "__asyncpg_stmt_5__" does not exist'
+    )
+    found = translated(gone)
+    assert isinstance(found, StoreRefused)
+    assert str(found).startswith("InvalidSQLStatementNameError: a prepared statement is gone")
+    assert "set DATABASE_DIRECT_URL" in str(found) and "__asyncpg_stmt_5__" in str(found)

@@ -134,3 +134,27 @@ def test_a_loop_closed_before_its_turn_ended_does_not_hold_back_the_next(
     asyncio.run(log_again())
     text = stream.getvalue()
     assert "from the first loop" in text and "from the second loop" in text
+
+
+def test_a_trouble_is_said_once_reminded_rarely_and_said_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    trouble = logs.Trouble(
+        logging.getLogger("t.trouble"), "heartbeat", "beat_down", remind_s=60, clock=lambda: now[0]
+    )
+    with caplog.at_level(logging.INFO, logger="t.trouble"):
+        for _ in range(30):  # a try every 2 s for a minute: one line
+            trouble.failed("prepared statement gone")
+            now[0] += 2
+        assert trouble.reason() == "heartbeat failing for 60 s: prepared statement gone"
+        trouble.failed("prepared statement gone")  # a minute on: reminded once
+        trouble.ok()
+        trouble.ok()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("ERROR", "heartbeat failing: prepared statement gone"),
+        ("ERROR", "heartbeat still failing after 60 s: prepared statement gone"),
+        ("WARNING", "heartbeat working again after 60 s"),
+    ]
+    assert trouble.reason() is None and not trouble.failing

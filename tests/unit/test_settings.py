@@ -98,6 +98,11 @@ def test_bitrix24_oauth_set_is_enough_and_the_token_server_has_a_default() -> No
         ({"CRM_RATE_LIMIT": "0"}, "CRM_RATE_LIMIT"),
         ({"CRM": "salesforce"}, "CRM"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"DATABASE_DIRECT_URL": "postgresql://db:5432/relay"}, "DATABASE_DIRECT_URL"),
+        (
+            {"DATABASE_URL": "postgresql://p:6543/r", "DATABASE_DIRECT_URL": "http://db/relay"},
+            "DATABASE_DIRECT_URL",
+        ),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"DEFAULT_PHONE_REGION": "XX"}, "DEFAULT_PHONE_REGION"),
         ({"CRM": "amocrm"}, "AMOCRM_BASE_URL"),

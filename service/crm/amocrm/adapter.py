@@ -79,6 +79,7 @@ class AmoCrmAdapter:
         leads: LeadSettings,
         pool: Pool | None = None,
         *,
+        sessions: Pool | None = None,
         region: str | None = None,
         index_rate: float | None = None,
         index_reuse_s: float = 0.0,
@@ -98,6 +99,7 @@ class AmoCrmAdapter:
                 self.index = ContactIndex(
                     api,
                     pool,
+                    sessions=sessions,
                     default_region=self.region,
                     rate=index_rate,
                     reuse_s=index_reuse_s,

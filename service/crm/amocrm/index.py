@@ -88,6 +88,7 @@ class ContactIndex:
         api: AmoCrmApi,
         pool: Pool,
         *,
+        sessions: Pool | None = None,
         default_region: str | None = None,
         pages_per_round: int = PAGES_PER_ROUND,
         page_limit: int = LIST_LIMIT,
@@ -97,7 +98,7 @@ class ContactIndex:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
-        self.store = ContactIndexStore(pool, account_of(api.base_url))
+        self.store = ContactIndexStore(pool, account_of(api.base_url), sessions=sessions)
         self.default_region = default_region
         self.pages_per_round = pages_per_round
         self.page_limit = page_limit
