@@ -1,4 +1,7 @@
-"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, fake-crm."""
+"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, fake-crm.
+
+Exit codes: 0 done; 1 an error, said in one line (an unreachable database among them); 2 a bad
+command line or setting; 3 `status` found the embedded database not running."""
 
 from __future__ import annotations
 
@@ -12,9 +15,15 @@ from dataclasses import asdict
 
 from aiohttp import web
 
-from service import logs
+from service import __version__, logs
 from service.app import Roles, create_app
-from service.db.database import EmbeddedPostgres, create_pool, migrate, prepare_environment
+from service.db.database import (
+    EmbeddedPostgres,
+    create_pool,
+    migrate,
+    pending_migrations,
+    prepare_environment,
+)
 from service.db.event_store import EventStore
 from service.db.store import Store
 from service.errors import RelayError, SettingsError
@@ -22,7 +31,10 @@ from service.settings import Settings
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crm-relay", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="crm-relay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="HTTP intake and the delivery worker")
     roles = serve.add_mutually_exclusive_group()
@@ -31,10 +43,15 @@ def parser() -> argparse.ArgumentParser:
         "--worker-only", action="store_true", help="delivery only (probes still served)"
     )
     sub.add_parser("migrate", help="apply database migrations and exit")
-    status = sub.add_parser("status", help="queue counts and dead letters (also forward jobs)")
+    status = sub.add_parser(
+        "status",
+        help="queue counts and dead letters (also forward jobs); reads only: applies no "
+        "migration and starts no embedded server",
+    )
     status.add_argument("--limit", type=int, default=20)
     replay = sub.add_parser("replay", help="make dead jobs due again")
-    replay.add_argument("job_ids", nargs="*", type=int, help="job ids (default: every dead job)")
+    replay.add_argument("job_ids", nargs="*", type=int, help="job ids")
+    replay.add_argument("--all", action="store_true", help="every dead job (instead of ids)")
     replay.add_argument(
         "--forwards", action="store_true", help="dead forward jobs (webhook outbox) instead"
     )
@@ -47,7 +64,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "replay" and bool(args.job_ids) == args.all:
+        p.error("replay: give job ids, or --all for every dead one")
     if args.command == "fake-crm":
         return fake_crm(args)
     try:
@@ -61,9 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(settings, Roles(http=not args.worker_only, worker=not args.no_worker))
+        if args.command == "status":
+            return asyncio.run(read_only(settings, lambda store: status(store, args.limit)))
         commands: dict[str, Callable[[Store], Awaitable[int]]] = {
             "migrate": lambda store: _noop(),
-            "status": lambda store: status(store, args.limit),
             "replay": lambda store: replay(store, args.job_ids or None, forwards=args.forwards),
         }
         return asyncio.run(with_store(settings, commands[args.command]))
@@ -118,6 +139,35 @@ async def with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) 
             await asyncio.to_thread(embedded.stop)
 
 
+NOT_RUNNING = 3  # `status` of a service whose embedded database is stopped (the LSB's code)
+
+
+async def read_only(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    """`fn` on the database as it is: no migration applied, no embedded server started (a
+    running one is joined through its socket, never registered with or stopped)."""
+    dsn = settings.database.url
+    if dsn is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = embedded.running_uri()
+        if dsn is None:
+            print(f"embedded PostgreSQL in {embedded.pgdata}: not running")
+            return NOT_RUNNING
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            pending = await pending_migrations(conn)
+        if pending:
+            print(
+                f"crm-relay: the database lacks {len(pending)} migration(s) "
+                f"(from {pending[0]}; `crm-relay migrate` applies them)",
+                file=sys.stderr,
+            )
+            return 1
+        return await fn(Store(pool))
+    finally:
+        await pool.close()
+
+
 async def _noop() -> int:
     return 0
 
@@ -154,7 +204,8 @@ async def forward_status(events: EventStore, limit: int) -> None:
     dead = await events.dead_jobs(limit)
     if dead:
         print(
-            f"\ndead forward jobs (newest {len(dead)}; crm-relay replay --forwards [JOB_ID ...]):"
+            f"\ndead forward jobs (newest {len(dead)}; "
+            "crm-relay replay --forwards JOB_ID ... | --all):"
         )
     for d in dead:
         print(

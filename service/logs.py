@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -280,6 +281,18 @@ def _only_handler(logger: logging.Logger, level: int) -> LineHandler | None:
     ):
         return None
     return handler
+
+
+def mask_url(url: str) -> str:
+    """`postgresql://relay:s3cret@db/relay` → `postgresql://relay:***@db/relay`: a URL's password
+    never printed (a query-string `password=` too)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def mask_phone(e164: str) -> str:

