@@ -181,6 +181,8 @@ class WebhookSettings:
     """Incoming CRM and generic webhooks (who may send them, how big) and forwarding them."""
 
     secret: str | None = None  # WEBHOOK_SECRET: in the amoCRM hook's path, HMAC key, signature
+    # FORWARD_SIGNING_SECRET, decoded (`whsec_<base64>`): keys the forwards' signatures
+    forward_signing_secret: bytes | None = None
     bitrix24_app_token: str | None = None  # what Bitrix24's outbound events must carry
     qstash_current_signing_key: str | None = None
     qstash_next_signing_key: str | None = None
@@ -193,6 +195,14 @@ class WebhookSettings:
     # source ("amocrm", "bitrix24", "generic/<name>") -> its extra destinations
     forward_rules: Mapping[str, tuple[ForwardRule, ...]] = field(default_factory=dict)
     echo_window_s: float = 60.0
+
+    @property
+    def forward_key(self) -> bytes | None:
+        """What signs forwarded events: FORWARD_SIGNING_SECRET, else WEBHOOK_SECRET's bytes
+        (None: forwards go unsigned)."""
+        if self.forward_signing_secret is not None:
+            return self.forward_signing_secret
+        return self.secret.encode() if self.secret else None
 
 
 @dataclass(frozen=True)
