@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ from service.intake.keys import IdempotencyWindow
 from service.intake.locks import KeyLocks
 from service.intake.shared_keys import SharedKeys
 from service.intake.spool import Spool
-from service.ops import alerts, health, metrics
+from service.logs import mask_url
+from service.ops import alerts, health, metrics, startup
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import CrmSettings, Settings
@@ -57,6 +57,8 @@ ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
 CLUSTER = web.AppKey("cluster", Cluster)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+DATABASE = web.AppKey("database", str)  # what the start-up block says of it, no password
+SIMULATOR_URL = web.AppKey("simulator_url", str)  # the in-process CRM simulator, when it runs
 SPOOL_DRAIN_EVERY_S = 1.0
 FORWARDER_POOL_SIZE = 4
 
@@ -67,6 +69,9 @@ class Roles:
 
     http: bool = True
     worker: bool = True
+
+
+ROLES = web.AppKey("roles", Roles)
 
 
 @contextlib.asynccontextmanager
@@ -85,6 +90,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     """Build the aiohttp application for `settings`."""
     app = web.Application(client_max_size=settings.intake.max_body_bytes + 1024)
     app[SETTINGS] = settings
+    app[ROLES] = roles
     app[PROCESS_NAME] = process_name()
     quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
@@ -108,6 +114,18 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     return app
 
 
+def announce(app: web.Application) -> None:
+    """The start-up block (service/ops/startup.py), once the server listens."""
+    settings = app[SETTINGS]
+    facts = startup.started(
+        settings,
+        database=app[DATABASE],
+        simulator_url=app.get(SIMULATOR_URL),
+        delivery=app[ROLES].worker,
+    )
+    startup.announce(facts, settings.log.format)
+
+
 async def _mark_shutting_down(app: web.Application) -> None:
     app[RUNTIME].shutting_down = True
 
@@ -116,17 +134,24 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded = None
     dsn = settings.database.url
+    app[DATABASE] = f"DATABASE_URL {mask_url(dsn)}" if dsn else ""
     if dsn is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         dsn = await asyncio.to_thread(embedded.start)
-        log.info(
+        app[DATABASE] = f"embedded PostgreSQL, data in {embedded.pgdata} (or set DATABASE_URL)"
+        log.debug(
             "embedded PostgreSQL running",
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
     # the process's name on its connections too: pg_locks and pg_stat_activity show whose they are
     pool = await create_pool(dsn, application_name=app[PROCESS_NAME])
     async with pool.acquire() as conn:
-        await migrate(conn)
+        applied = await migrate(conn)
+    if applied:
+        log.info(
+            "database schema brought up to date",
+            extra={"action": "migrated", "applied": len(applied), "last": applied[-1]},
+        )
     app[DSN] = dsn
     app[STORE] = app[RUNTIME].store = Store(pool)
     app[DELIVERY_CONTROL] = DeliveryControl(pool, dsn)
@@ -207,11 +232,10 @@ async def _crm_endpoint(
         sim = AmoCrmSimulator(SimulatorConfig(rate_limit=7))
         runner, url = await start_simulator(sim)
         stack.push_async_callback(runner.cleanup)
-        print(
-            f"*** crm-relay: no CRM configured: leads go to the IN-PROCESS amoCRM SIMULATOR at "
-            f"{url} (inspect {url}/_sim/state). Set CRM=amocrm and AMOCRM_* for real delivery ***",
-            file=sys.stderr,
-            flush=True,
+        app[SIMULATOR_URL] = url  # the start-up block says so (announce)
+        log.info(
+            "no CRM configured: leads go to the in-process amoCRM simulator",
+            extra={"action": "crm_simulator", "url": url},
         )
         return url, StaticToken(sim.config.access_token)
     amo = crm.amocrm

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from aiohttp import web
 
 from service import __version__, logs
-from service.app import Roles, create_app
+from service.app import Roles, announce, create_app
 from service.db.database import (
     EmbeddedPostgres,
     create_pool,
@@ -103,7 +103,7 @@ def serve(settings: Settings, roles: Roles) -> int:
         host=settings.http.host,
         port=settings.http.port,
         shutdown_timeout=2.0,
-        print=None,
+        print=lambda _running_on: announce(app),  # called once the server listens
         access_log=None,
         handle_signals=True,
     )

@@ -177,7 +177,7 @@ async def migrate(conn: Connection) -> list[str]:
             async with conn.transaction():
                 await conn.execute(path.read_text(encoding="utf-8"))
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.name)
-            log.info("migration applied", extra={"action": "migrate", "version": path.name})
+            log.debug("migration applied", extra={"action": "migrate", "version": path.name})
             applied_now.append(path.name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
