@@ -63,6 +63,9 @@ class _SecondFormatter(logging.Formatter):
         raise NotImplementedError
 
 
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
 class JsonFormatter(_SecondFormatter):
     """One JSON object per line: `timestamp` (RFC 3339, UTC, milliseconds, `Z`), `level`,
     `logger`, `message`, then the record's own fields, and `exception` when there is one: the
@@ -95,10 +98,17 @@ class JsonFormatter(_SecondFormatter):
         }
         return orjson.dumps(data, default=str).decode()
 
+    _utc_second: tuple[int, str] = (-1, "")
+
     def _utc(self, created: float) -> str:
-        """`2026-12-06T13:56:06.123Z`: the second rendered once (`_stamp`), milliseconds added."""
-        second = self._stamp(created, "%Y-%m-%dT%H:%M:%S")
-        return f"{second}.{int((created - int(created)) * 1000):03d}Z"
+        """`2026-12-06T13:56:06.123Z`: the second rendered once, then the millisecond's suffix
+        looked up (formatting it per line cost a sixth of the access line)."""
+        second = int(created)
+        cached = self._utc_second
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._utc_second = cached  # one assignment: safe if a thread logs meanwhile
+        return cached[1] + _MILLISECONDS[int((created - second) * 1000)]
 
 
 class TextFormatter(_SecondFormatter):
