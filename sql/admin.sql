@@ -97,11 +97,6 @@ UPDATE people SET lease_owner = NULL, lease_until = NULL
  WHERE id = $1 AND lease_owner IS NOT NULL
 RETURNING id;
 
--- name: finished_attempts
-SELECT state, attempts, count(*) AS n FROM jobs
- WHERE state IN ('done', 'dead')
- GROUP BY state, attempts;
-
 -- name: timeline
 -- Per minute over the last $1 minutes: jobs waiting at the minute's end, and jobs delivered in it.
 WITH minutes AS (

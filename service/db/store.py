@@ -354,11 +354,14 @@ class Store:
             lambda c: c.execute(self.q["job_retry"], job.id, owner, counted, delay_s, error[:2000])
         )
 
-    async def job_dead(self, job: Job, owner: str, error: str) -> None:
+    async def job_dead(self, job: Job, owner: str, error: str) -> bool:
+        """Mark the job dead (False: our lease was lost, whoever holds it now decides)."""
         async with self.transaction() as c:
             sid = await c.fetchval(self.q["job_dead"], job.id, owner, error[:2000])
-            if sid is not None:
-                await c.execute(self.q["submission_dead"], sid)
+            if sid is None:
+                return False
+            await c.execute(self.q["submission_dead"], sid)
+            return True
 
     async def replay(self, job_ids: list[int] | None = None) -> int:
         async with self.transaction() as c:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter as Tally
 from collections.abc import Coroutine
 from typing import Any
 
@@ -56,6 +57,8 @@ class Worker(JobLoop[Job, list[Job]]):
         self.guard = ContactGuard(dsn, name)
         self.paused = False
         self.delivered = 0
+        # attempts a job took → jobs, per final state, counted as this worker finishes each
+        self.finished: dict[str, Tally[int]] = {"done": Tally(), "dead": Tally()}
         self.last_success: float | None = None
         self.last_failure: tuple[float, str] | None = None
 
@@ -164,7 +167,8 @@ class Worker(JobLoop[Job, list[Job]]):
         return outcomes
 
     async def _done(self, job: Job, link: Link) -> Link:
-        await self.store.job_done(job, self.owner, link.contact_id, link.lead_id)
+        if await self.store.job_done(job, self.owner, link.contact_id, link.lead_id):
+            self.finished["done"][job.attempts + 1] += 1
         self.delivered += 1
         self.last_success = time.time()
         self.outcomes.succeeded()
@@ -186,7 +190,8 @@ class Worker(JobLoop[Job, list[Job]]):
         if decision.failure:
             self.last_failure = (time.time(), error)
         if decision.kind is Kind.DEAD:
-            await self.store.job_dead(job, self.owner, error)
+            if await self.store.job_dead(job, self.owner, error):
+                self.finished["dead"][job.attempts + 1] += 1
             log.error("job dead", extra={"action": "job_dead", **extra})
             return 0.0
         if decision.kind is Kind.DEFER:  # another delivery writes to its contact

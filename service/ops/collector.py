@@ -3,14 +3,18 @@
 `RuntimeCollector` reads the running parts' own counters and gauges (intake, worker, webhooks,
 forwarder, rate gate, cluster) when Prometheus scrapes, so no hot path calls a metrics library;
 `read_db` reads the database's figures (queue, dead letters, outbox, processes) just before.
+
+The database's figures are the cluster's, the same from every process: they carry
+`scope="cluster"`, and a query takes one copy (`max without (instance, pod) (…)`), never their
+sum over processes (docs/operations.md). Everything else is this process's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from prometheus_client.core import (
@@ -28,6 +32,7 @@ from service.errors import StoreUnavailable
 from service.ops.runtime import Runtime
 
 ATTEMPT_BUCKETS = (1, 2, 3, 5, 8, 12, 20)
+CLUSTER = ("scope", "cluster")  # the label of the figures read from the database
 CLUSTER_MODES = ("redis", "local-share", "single")
 Family = TypeVar("Family", GaugeMetricFamily, CounterMetricFamily)
 
@@ -39,7 +44,6 @@ class DbSnapshot:
     up: bool = False
     queue: QueueCounts | None = None
     dead_letters: int | None = None
-    attempts: list[tuple[str, int, int]] = field(default_factory=list)
     forward_jobs: dict[str, dict[str, int]] | None = None  # {kind: {state: n}}
     live_processes: int | None = None
 
@@ -55,7 +59,6 @@ async def read_db(runtime: Runtime, admin: AdminStore | None, timeout_s: float) 
             snap.queue = await store.queue_counts()
             if admin is not None:
                 snap.dead_letters = await admin.dead_letter_count()
-                snap.attempts = await admin.finished_attempts()
             if runtime.event_store is not None:
                 snap.forward_jobs = await runtime.event_store.counts()
             processes = await list_processes(store.pool)
@@ -69,6 +72,14 @@ async def read_db(runtime: Runtime, admin: AdminStore | None, timeout_s: float) 
 def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
     if value is not None:
         yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _cluster_gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
+    """A figure read from the database: `scope="cluster"` (the module's docstring)."""
+    if value is not None:
+        family = GaugeMetricFamily(name, f"{doc} (cluster-wide)", labels=[CLUSTER[0]])
+        family.add_metric([CLUSTER[1]], value)
+        yield family
 
 
 def _counter(name: str, doc: str, value: float) -> Metric:
@@ -146,6 +157,7 @@ class RuntimeCollector:
         if w is None:
             return
         yield _counter("crm_relay_delivered", "Jobs delivered by this process", w.delivered)
+        yield _attempts_histogram(w.finished)
         yield from _gauge("crm_relay_worker_running", "Delivery loop running", float(w.running))
         yield from _gauge(
             "crm_relay_worker_paused", "Delivery paused by an operator", float(w.paused)
@@ -222,47 +234,57 @@ class RuntimeCollector:
         db = self.m.db
         yield from _gauge("crm_relay_database_up", "Database answered the scrape", float(db.up))
         if db.queue is not None:
-            jobs = GaugeMetricFamily("crm_relay_jobs", "Jobs by state", labels=["state"])
+            jobs = GaugeMetricFamily(
+                "crm_relay_jobs", "Jobs by state (cluster-wide)", labels=["state", CLUSTER[0]]
+            )
             for state in ("pending", "running", "done", "dead", "discarded"):
-                jobs.add_metric([state], getattr(db.queue, state))
+                jobs.add_metric([state, CLUSTER[1]], getattr(db.queue, state))
             yield jobs
-            yield from _gauge("crm_relay_jobs_due", "Jobs due now", db.queue.due)
-            yield from _gauge(
+            yield from _cluster_gauge("crm_relay_jobs_due", "Jobs due now", db.queue.due)
+            yield from _cluster_gauge(
                 "crm_relay_oldest_due_job_age_seconds",
                 "Age of the oldest due job (delivery lag)",
                 db.queue.oldest_due_age_s or 0.0,
             )
-        yield from _gauge("crm_relay_dead_letters", "Dead letters not discarded", db.dead_letters)
-        if db.attempts:
-            yield from _attempts_histogram(db.attempts)
+        yield from _cluster_gauge(
+            "crm_relay_dead_letters", "Dead letters not discarded", db.dead_letters
+        )
         if db.forward_jobs is not None:
             yield from _forward_jobs(db.forward_jobs)
-        yield from _gauge(
+        yield from _cluster_gauge(
             "crm_relay_cluster_processes", "Processes beating now (any role)", db.live_processes
         )
 
 
 def _forward_jobs(by_kind: dict[str, dict[str, int]]) -> Iterator[Metric]:
     family = GaugeMetricFamily(
-        "crm_relay_forward_jobs", "Webhook outbox jobs by kind and state", labels=["kind", "state"]
+        "crm_relay_forward_jobs",
+        "Webhook outbox jobs by kind and state (cluster-wide)",
+        labels=["kind", "state", CLUSTER[0]],
     )
     for kind in ("process", "forward"):
         for state in ("pending", "running", "done", "dead"):
-            family.add_metric([kind, state], by_kind.get(kind, {}).get(state, 0))
+            family.add_metric([kind, state, CLUSTER[1]], by_kind.get(kind, {}).get(state, 0))
     yield family
     dead = sum(states.get("dead", 0) for states in by_kind.values())
-    yield from _gauge("crm_relay_forward_dead_jobs", "Dead webhook outbox jobs (replayable)", dead)
+    yield from _cluster_gauge(
+        "crm_relay_forward_dead_jobs", "Dead webhook outbox jobs (replayable)", dead
+    )
 
 
-def _attempts_histogram(rows: list[tuple[str, int, int]]) -> Iterator[Metric]:
+def _attempts_histogram(finished: Mapping[str, Mapping[int, int]]) -> Metric:
+    """Attempts each job took, counted by this process's worker as it finished the job (done or
+    dead): a counter that only grows, whatever a replay later does to the job's row."""
     family = HistogramMetricFamily(
-        "crm_relay_job_attempts", "Attempts a finished job took, by final state", labels=["state"]
+        "crm_relay_job_attempts",
+        "Attempts a job took, observed when this process finished it, by final state",
+        labels=["state"],
     )
     for state in ("done", "dead"):
-        mine = [(attempts, n) for s, attempts, n in rows if s == state]
+        mine = list(finished.get(state, {}).items())
         buckets = [
             (str(float(b)), float(sum(n for a, n in mine if a <= b))) for b in ATTEMPT_BUCKETS
         ]
         buckets.append(("+Inf", float(sum(n for _, n in mine))))
         family.add_metric([state], buckets, sum_value=float(sum(a * n for a, n in mine)))
-    yield family
+    return family

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
@@ -55,6 +63,10 @@ class Metrics:
         self.runtime = runtime
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        # the standard process_* (memory, CPU, open files), python_gc_* and python_info figures
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
         self.http = HttpRequests()
         r.register(self.http)
         self.crm_calls = Counter(

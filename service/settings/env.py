@@ -6,6 +6,8 @@ number is named before a missing credential, as it always was.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -276,6 +278,26 @@ def delivery(r: EnvReader) -> DeliverySettings:
     )
 
 
+WHSEC = "whsec_"
+
+
+def signing_key(name: str, raw: str | None) -> bytes | None:
+    """A Standard Webhooks secret, `whsec_<base64>`, as its decoded bytes (what both forward
+    signatures are keyed with); a value without the prefix is taken as it is (its UTF-8 bytes)."""
+    if raw is None:
+        return None
+    if not raw.startswith(WHSEC):
+        return raw.encode()
+    encoded = raw[len(WHSEC) :]
+    try:  # padded or not, as the Standard Webhooks libraries take it
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        key = b""
+    if not key:
+        raise SettingsError(name, f"{WHSEC}<base64 of the key bytes>, got a bad base64 part")
+    return key
+
+
 def webhook(r: EnvReader) -> WebhookSettings:
     """The webhook variables; the generic sources and forward rules come from the TOML file."""
     return WebhookSettings(
@@ -283,6 +305,9 @@ def webhook(r: EnvReader) -> WebhookSettings:
         amocrm_path_secret=r.secret("AMOCRM_HOOK_PATH_SECRET"),
         hmac_secret=r.secret("WEBHOOK_HMAC_SECRET"),
         public_base_url=r.url("PUBLIC_BASE_URL", HTTP),
+        forward_signing_secret=signing_key(
+            "FORWARD_SIGNING_SECRET", r.text("FORWARD_SIGNING_SECRET")
+        ),
         bitrix24_app_token=r.text("BITRIX24_APP_TOKEN"),
         forward_url=r.url("WEBHOOK_FORWARD_URL", HTTP),
         forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),

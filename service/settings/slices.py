@@ -262,12 +262,14 @@ class WebhookSettings:
 
     # One secret per purpose, each falling back to the older single WEBHOOK_SECRET (`secret`):
     # the amoCRM hook's path and the key generic senders sign with (read them through the
-    # properties below); forwarded events are signed with WEBHOOK_SECRET.
+    # properties below), and what signs forwarded events (`forward_key`).
     secret: str | None = None  # WEBHOOK_SECRET
     amocrm_path_secret: str | None = None  # AMOCRM_HOOK_PATH_SECRET
     hmac_secret: str | None = None  # WEBHOOK_HMAC_SECRET
     # PUBLIC_BASE_URL: where senders reach us; a QStash token's `sub` must be it plus the path
     public_base_url: str | None = None
+    # FORWARD_SIGNING_SECRET, decoded (`whsec_<base64>`): keys the forwards' signatures
+    forward_signing_secret: bytes | None = None
     bitrix24_app_token: str | None = None  # what Bitrix24's outbound events must carry
     qstash_current_signing_key: str | None = None
     qstash_next_signing_key: str | None = None
@@ -290,6 +292,14 @@ class WebhookSettings:
     def inbound_hmac(self) -> str | None:
         """The key generic senders sign their bodies with (`X-Relay-Signature` in)."""
         return self.hmac_secret or self.secret
+
+    @property
+    def forward_key(self) -> bytes | None:
+        """What signs forwarded events: FORWARD_SIGNING_SECRET, else WEBHOOK_SECRET's bytes
+        (None: forwards go unsigned)."""
+        if self.forward_signing_secret is not None:
+            return self.forward_signing_secret
+        return self.secret.encode() if self.secret else None
 
 
 @dataclass(frozen=True)

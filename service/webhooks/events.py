@@ -218,9 +218,17 @@ def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
 # --- signatures ---------------------------------------------------------------------------------
 
 
-def sign(secret: str, body: bytes) -> str:
+def sign(secret: str | bytes, body: bytes) -> str:
     """`sha256=<hex HMAC-SHA256 of body>`: the X-Relay-Signature value."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    key = secret.encode() if isinstance(secret, str) else secret
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def standard_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of "id.timestamp.body">`: the Standard Webhooks
+    `webhook-signature` value (https://www.standardwebhooks.com/)."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
 def verify_hmac(secret: str, raw: bytes, header: str | None) -> bool:

@@ -6,8 +6,10 @@ heartbeat keeps alive, woken by LISTEN `relay_events`:
   deal when a fetcher is configured, and create one `forward` job per destination — all in one
   transaction with the job's completion, so an event is processed once.
 - `forward` (one per event and destination): POST the event as JSON with
-  `X-Relay-Signature: sha256=<hex HMAC-SHA256 of the body with WEBHOOK_SECRET>` and
-  `X-Relay-Event-Id` (the same on every retry: receivers dedupe by it); 2xx → done; 408/425/429/5xx,
+  `X-Relay-Event-Id` (the same on every retry: receivers dedupe by it) and, with a key
+  (FORWARD_SIGNING_SECRET, else WEBHOOK_SECRET), two signatures: `X-Relay-Signature:
+  sha256=<hex HMAC-SHA256 of the body>` and Standard Webhooks' `webhook-id`, `webhook-timestamp`,
+  `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`; 2xx → done; 408/425/429/5xx,
   timeouts and connection errors → retry with `settings.retry` backoff and jitter; other answers
   or exhausted attempts → dead (replayable). Each destination has its own aiolimiter bucket.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -33,7 +36,7 @@ from service.errors import CrmError, StoreUnavailable
 from service.jobs import IDLE_WAIT_S, JobLoop
 from service.model import LeadChange
 from service.settings import DeliverySettings, LeadSettings, WebhookSettings
-from service.webhooks.events import OurWrite, is_echo, lead_change, sign
+from service.webhooks.events import OurWrite, is_echo, lead_change, sign, standard_signature
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +255,8 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
             "X-Relay-Event-Id": str(job.event_id),
             "X-Relay-Source": job.source,
         }
-        if self.webhook.secret:
-            headers["X-Relay-Signature"] = sign(self.webhook.secret, body)
+        if (key := self.webhook.forward_key) is not None:
+            headers.update(signed_headers(key, str(job.event_id), body, int(time.time())))
         async with self._limiter(job.destination):
             try:
                 # as the CRM client: a redirect is an answer (dead, "HTTP 302"), never followed
@@ -306,6 +309,18 @@ class Forwarder(JobLoop[ForwardJob, ForwardJob]):
             delay = min(max(decision.delay_s, exc.retry_after), self.settings.retry.max_s)
             return replace(decision, delay_s=delay)
         return decision
+
+
+def signed_headers(key: bytes, event_id: str, body: bytes, now: int) -> dict[str, str]:
+    """Both signatures of one forward attempt: the GitHub form (`X-Relay-Signature`, the body
+    alone) and Standard Webhooks' three headers (the id is the event's, the same on every retry;
+    the timestamp is the attempt's, so receivers can refuse a stale replay)."""
+    return {
+        "X-Relay-Signature": sign(key, body),
+        "webhook-id": event_id,
+        "webhook-timestamp": str(now),
+        "webhook-signature": standard_signature(key, event_id, now, body),
+    }
 
 
 def _seconds(header: str | None) -> float | None:

@@ -164,8 +164,8 @@ async def _discarded_counted_apart(svc: Service, capsys: pytest.CaptureFixture[s
     assert "\ndiscarded dead letters (newest 1):" in out
     async with svc.http.get(f"{svc.url}/metrics") as r:
         text = await r.text()
-    assert 'crm_relay_jobs{state="dead"} 3.0' in text
-    assert 'crm_relay_jobs{state="discarded"} 1.0' in text
+    assert 'crm_relay_jobs{scope="cluster",state="dead"} 3.0' in text
+    assert 'crm_relay_jobs{scope="cluster",state="discarded"} 1.0' in text
 
 
 async def test_pause_and_resume_delivery(

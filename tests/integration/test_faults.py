@@ -161,7 +161,7 @@ async def test_permanent_error_goes_dead_and_replay_delivers_after_the_fix(
     assert answer["id"] in capsys.readouterr().out
 
     sim.add_pipeline(777, [77701])
-    assert await asyncio.to_thread(cli_main, ["replay"]) == 0
+    assert await asyncio.to_thread(cli_main, ["replay", "--all"]) == 0
     assert "replayed 1" in capsys.readouterr().out
     await wait_for(lambda: all_delivered(db, 1))
     assert [lead["pipeline_id"] for lead in sim.report()["leads"]] == [777]

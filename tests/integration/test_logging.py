@@ -116,10 +116,10 @@ def _check_structure(lines: list[dict[str, Any]]) -> None:
     assert len(delivered) >= 3 and all("job_id" in x and "submission_id" in x for x in delivered)
     assert any(x.get("action") == "job_dead" for x in lines)
     [exc] = [x for x in lines if x.get("action") == "test_exception"]
-    assert "ValueError" in exc["exc"] and "+7******7890" in exc["exc"], exc
-    assert "i***@mail.kz" in exc["exc"] or "a***@mail.kz" in exc["exc"]
+    assert "ValueError" in exc["exception"] and "+7******7890" in exc["exception"], exc
+    assert "i***@mail.kz" in exc["exception"] or "a***@mail.kz" in exc["exception"]
     [pii] = [x for x in lines if x["logger"] == "service.scenario" and x["level"] == "DEBUG"]
-    assert pii["msg"] == "lead from +7******5678 <I***@Example.com>"
+    assert pii["message"] == "lead from +7******5678 <I***@Example.com>"
     assert pii["lead"] == {"phone": "+7******6789"}
 
 

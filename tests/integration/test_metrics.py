@@ -11,12 +11,14 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import CLUSTER, FORWARDER, GATE, Roles
+from service.app import CLUSTER as CLUSTER_KEY
+from service.app import FORWARDER, GATE, STORE, Roles
 from service.intake.forms import INTAKE
 from service.settings import RetryPolicy
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for
 from tests.integration.test_webhooks import FORM, SECRET, amo_body, amo_status
+from tests.unit.test_monitoring import assert_monitoring_names_exist
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
     from tests.redis_fixtures import RedisServer
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # imported by pytest as a plugin (below), before this module
 pytest_plugins = ("tests.redis_fixtures",)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+CLUSTER = {"scope": "cluster"}  # the figures read from the database
 
 
 async def scrape(svc: Service) -> Samples:
@@ -81,10 +84,11 @@ async def test_metrics_after_a_scenario(
     assert value(m, "crm_relay_crm_calls_total", outcome="ok") >= 2
     assert value(m, "crm_relay_crm_calls_total", outcome="5xx") >= 2
     assert value(m, "crm_relay_crm_call_duration_seconds_count") >= 4
-    assert value(m, "crm_relay_jobs", state="done") == 2
-    assert value(m, "crm_relay_jobs", state="dead") == 1
-    assert value(m, "crm_relay_dead_letters") == 1
-    assert ("crm_relay_jobs_due", ()) in m and ("crm_relay_oldest_due_job_age_seconds", ()) in m
+    assert value(m, "crm_relay_jobs", state="done", **CLUSTER) == 2
+    assert value(m, "crm_relay_jobs", state="dead", **CLUSTER) == 1
+    assert value(m, "crm_relay_dead_letters", **CLUSTER) == 1
+    assert ("crm_relay_jobs_due", (("scope", "cluster"),)) in m
+    assert ("crm_relay_oldest_due_job_age_seconds", (("scope", "cluster"),)) in m
     assert value(m, "crm_relay_job_attempts_count", state="done") == 2
     assert value(m, "crm_relay_job_attempts_bucket", state="dead", le="1.0") == 0
     assert value(m, "crm_relay_job_attempts_bucket", state="dead", le="2.0") == 1
@@ -96,6 +100,24 @@ async def test_metrics_after_a_scenario(
     assert value(m, "crm_relay_limiter_rate") == 150
     assert value(m, "crm_relay_circuit_open", crm="amocrm") == 0
     assert value(m, "crm_relay_worker_running") == 1
+    # the standard collectors, next to ours: the memory figure to hold against the pod's limit
+    assert value(m, "process_resident_memory_bytes") > 10 * 2**20
+    assert value(m, "python_gc_objects_collected_total", generation="0") >= 0
+    assert any(name == "python_info" for name, _ in m)
+
+    # attempts were counted as the jobs finished: a replay does not make them fall, the job's
+    # second death counts once more
+    assert value(m, "crm_relay_job_attempts_count", state="dead") == 1
+    assert await svc.app[STORE].replay(None) == 1
+
+    async def died_again() -> bool:
+        return value(await scrape(svc), "crm_relay_job_attempts_count", state="dead") == 2
+
+    await wait_for(died_again)
+    after = await scrape(svc)
+    assert value(after, "crm_relay_jobs", state="dead", **CLUSTER) == 1
+    assert value(after, "crm_relay_job_attempts_count", state="done") == 2
+    assert_monitoring_names_exist(after)
 
 
 async def test_lock_waits_are_counted(service_factory: ServiceFactory) -> None:
@@ -190,7 +212,7 @@ async def test_webhooks_forwarder_outbox_and_cluster_in_health_and_metrics(
     }
     assert h["limiter"]["mode"] == "single" and h["cluster"]["mode"] == "single"
     [me] = h["cluster"]["processes"]
-    assert me["name"] == svc.app[CLUSTER].name and me["live"] is True
+    assert me["name"] == svc.app[CLUSTER_KEY].name and me["live"] is True
     assert "redis" not in h  # no REDIS_URL: no probe
 
     m = await scrape(svc)
@@ -199,13 +221,13 @@ async def test_webhooks_forwarder_outbox_and_cluster_in_health_and_metrics(
     assert value(m, "crm_relay_forwarder_jobs_total", outcome="processed") == 1
     assert value(m, "crm_relay_forwarder_jobs_total", outcome="failed") == 1
     assert value(m, "crm_relay_forwarder_running") == 1
-    assert value(m, "crm_relay_forward_jobs", kind="forward", state="dead") == 1
-    assert value(m, "crm_relay_forward_jobs", kind="process", state="done") == 1
-    assert value(m, "crm_relay_forward_dead_jobs") == 1
+    assert value(m, "crm_relay_forward_jobs", kind="forward", state="dead", **CLUSTER) == 1
+    assert value(m, "crm_relay_forward_jobs", kind="process", state="done", **CLUSTER) == 1
+    assert value(m, "crm_relay_forward_dead_jobs", **CLUSTER) == 1
     assert value(m, "crm_relay_cluster_mode", mode="single") == 1
     assert value(m, "crm_relay_cluster_mode", mode="redis") == 0
     assert value(m, "crm_relay_cluster_live_senders") == 1
-    assert value(m, "crm_relay_cluster_processes") == 1
+    assert value(m, "crm_relay_cluster_processes", **CLUSTER) == 1
     assert ("crm_relay_redis_up", ()) not in m
 
 

@@ -4,7 +4,9 @@ receiver on a real port that counts what it gets."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,17 +17,19 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from service import cli
 from service.app import STORE
 from service.intake.forms import INTAKE
-from service.settings import GenericSource, RetryPolicy
+from service.settings import GenericSource, RetryPolicy, Settings
 from service.simulators.bitrix24.server import (
     BitrixSimulator,
     BitrixSimulatorConfig,
     start_bitrix_simulator,
 )
-from service.webhooks.events import qstash_token, sign
+from service.webhooks.events import qstash_token, sign, standard_signature
 from service.webhooks.handlers import EVENTS
 from tests.conftest import Service, ServiceFactory, wait_for
 
@@ -523,3 +527,51 @@ async def test_bitrix24_stage_change_right_after_our_delivery_is_not_taken_for_o
 
 async def _outcomes(db: asyncpg.Connection, n: int) -> bool:
     return await count(db, "SELECT count(*) FROM webhook_events WHERE outcome IS NOT NULL") == n
+
+
+async def test_forward_verifies_with_the_standard_webhooks_library(
+    service_factory: ServiceFactory, receiver: Receiver, db: asyncpg.Connection
+) -> None:
+    """A receiver holding FORWARD_SIGNING_SECRET (`whsec_…`) verifies the forward with the
+    `standardwebhooks` package as it comes, and the GitHub-form signature with the same key; a
+    changed body or a stale timestamp does not verify."""
+    key = secrets.token_bytes(32)
+    whsec = "whsec_" + base64.b64encode(key).decode()
+    settings = Settings.from_env({"FORWARD_SIGNING_SECRET": whsec})
+    assert settings.webhook.forward_key == key
+    svc = await start(service_factory, receiver, forward_signing_secret=key)
+    body = amo_body(amo_status(25399013, 142, 1700000100))
+    status, _ = await post(svc, f"/webhooks/amocrm/{SECRET}", body, FORM)
+    assert status == 200
+    await settled(db, receiver, 1)
+    headers, forwarded = receiver.accepted[0]
+    event_id = await db.fetchval("SELECT id::text FROM webhook_events")
+    assert headers["webhook-id"] == headers["X-Relay-Event-Id"] == event_id
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    payload = Webhook(whsec).verify(forwarded, headers)
+    assert payload["id"] == event_id and payload["kind"] == "leads.status"
+    assert headers["X-Relay-Signature"] == sign(key, forwarded)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(whsec).verify(forwarded + b" ", headers)
+    hour_ago = int(time.time()) - 3600
+    stale = {
+        **headers,
+        "webhook-timestamp": str(hour_ago),
+        "webhook-signature": standard_signature(key, event_id, hour_ago, forwarded),
+    }
+    with pytest.raises(WebhookVerificationError):
+        Webhook(whsec).verify(forwarded, stale)
+
+
+async def test_forward_key_falls_back_to_webhook_secret(
+    service_factory: ServiceFactory, receiver: Receiver, db: asyncpg.Connection
+) -> None:
+    """FORWARD_SIGNING_SECRET unset: WEBHOOK_SECRET's bytes sign both headers (a Standard
+    Webhooks receiver holds `whsec_` + base64 of them)."""
+    svc = await start(service_factory, receiver)
+    status, _ = await post(svc, f"/webhooks/amocrm/{SECRET}", amo_body(amo_status(1, 142, 1)), FORM)
+    assert status == 200
+    await settled(db, receiver, 1)
+    headers, forwarded = receiver.accepted[0]
+    assert headers["X-Relay-Signature"] == sign(SECRET, forwarded)
+    Webhook("whsec_" + base64.b64encode(SECRET.encode()).decode()).verify(forwarded, headers)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from service import logs
@@ -158,3 +161,32 @@ def test_a_trouble_is_said_once_reminded_rarely_and_said_over(
         ("WARNING", "heartbeat working again after 60 s"),
     ]
     assert trouble.reason() is None and not trouble.failing
+
+
+def test_json_lines_carry_an_rfc3339_utc_millisecond_timestamp(stream: io.StringIO) -> None:
+    """`timestamp` (UTC, milliseconds, `Z`), `level`, `logger`, `message`, then the fields; an
+    exception under `exception`; phones and emails still masked."""
+    logs.setup("INFO", "json", stream)
+    log = logging.getLogger("service.scenario")
+    before = datetime.now(UTC)
+    log.info("lead from +7 701 234 56 78", extra={"action": "t_json", "job_id": 7})
+    try:
+        raise ValueError("no answer for ivan@example.com")
+    except ValueError:
+        log.exception("failed", extra={"action": "t_exc"})
+    first, second = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert list(first)[:4] == ["timestamp", "level", "logger", "message"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["timestamp"])
+    stamp = datetime.fromisoformat(first["timestamp"])  # 3.11 reads the `Z`
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(stamp - before) < timedelta(seconds=5)
+    assert first["level"] == "INFO" and first["logger"] == "service.scenario"
+    assert first["message"] == "lead from +7******5678"
+    assert first["action"] == "t_json" and first["job_id"] == 7
+    assert "ValueError" in second["exception"] and "i***@example.com" in second["exception"]
+
+
+def test_json_timestamp_of_a_given_instant() -> None:
+    formatter = logs.JsonFormatter()
+    assert formatter._utc(1_795_000_059.0421) == "2026-11-18T11:07:39.042Z"
+    assert formatter._utc(1_795_000_000.9996) == "2026-11-18T11:06:40.999Z"

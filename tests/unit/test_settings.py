@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,17 @@ def test_start_up_refuses_a_bad_value_in_one_line_with_exit_code_2() -> None:
     lines = proc.stderr.decode().strip().splitlines()
     expected = "crm-relay: bad setting PORT: expected an integer from 0 to 65535, got 'eighty'"
     assert lines == [expected]
+
+
+def test_forward_signing_secret_in_the_standard_webhooks_form() -> None:
+    key = bytes(range(32))
+    padded = "whsec_" + base64.b64encode(key).decode()
+    for raw in (padded, padded.rstrip("=")):
+        assert Settings.from_env({"FORWARD_SIGNING_SECRET": raw}).webhook.forward_key == key
+    plain = Settings.from_env({"FORWARD_SIGNING_SECRET": "not-base64", "WEBHOOK_SECRET": "w"})
+    assert plain.webhook.forward_key == b"not-base64"
+    assert Settings.from_env({"WEBHOOK_SECRET": "w"}).webhook.forward_key == b"w"
+    assert Settings.from_env({}).webhook.forward_key is None
+    for bad in ("whsec_", "whsec_***"):
+        with pytest.raises(SettingsError, match="FORWARD_SIGNING_SECRET"):
+            Settings.from_env({"FORWARD_SIGNING_SECRET": bad})
