@@ -66,7 +66,6 @@ ADAPTER = web.AppKey("adapter", CrmAdapter)
 WORKER = web.AppKey("worker", Worker)
 CLUSTER = web.AppKey("cluster", Cluster)
 FORWARDER = web.AppKey("forwarder", Forwarder)
-DATABASE = web.AppKey("database", str)  # what the start-up block says of it, no password
 SIMULATOR_URL = web.AppKey("simulator_url", str)  # the in-process CRM simulator, when it runs
 SPOOL_DRAIN_EVERY_S = 1.0
 FORWARDER_POOL_SIZE = 4
@@ -147,7 +146,6 @@ async def _mark_shutting_down(app: web.Application) -> None:
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded = None
-    app[DATABASE_SAID] = f"DATABASE_URL {mask_url(settings.database.url)}"
     if settings.database.url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         where = Endpoints.same(await asyncio.to_thread(embedded.start))
@@ -157,6 +155,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             extra={"action": "db_embedded", "pgdata": str(embedded.pgdata)},
         )
     else:
+        app[DATABASE_SAID] = f"DATABASE_URL {mask_url(settings.database.url)}"
         # refuses a transaction-mode pooler without DATABASE_DIRECT_URL (SettingsError)
         where = await endpoints(settings.database.url, settings.database.direct_url)
     # the process's name on its connections too: pg_locks and pg_stat_activity show whose they are
