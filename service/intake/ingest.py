@@ -18,6 +18,7 @@ from service.ids import new_id
 from service.intake.group_commit import GroupCommit
 from service.intake.keys import IdempotencyWindow, submission_key
 from service.intake.locks import KeyLocks
+from service.intake.rejected import RejectedKeeper
 from service.intake.shared_keys import NoSharedKeys, SharedKeys
 from service.intake.spool import Spool
 from service.model import Lead
@@ -57,11 +58,13 @@ class Intake:
         *,
         window: IdempotencyWindow,
         locks: KeyLocks,
+        rejected: RejectedKeeper,
         write_timeout_s: float = 2.0,
         shared_keys: SharedKeys | None = None,
     ) -> None:
         self.store = store
         self.spool = spool
+        self.rejected = rejected  # bad input, kept raw within its own time and space
         self.window = window
         self.locks = locks
         # across processes (cluster.processes): Redis keys; the person lock is the database's own,

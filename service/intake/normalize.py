@@ -7,6 +7,8 @@ Decisions a landing-page owner would make, since every lead is paid for:
 - Errors name the field as it was sent (`"Phone"`, `"contact.tel"`), so a page can highlight it.
 - When several aliases are present the first in alias order wins, top level before nested, then
   by key; the choice never depends on key order, so equal input gives an equal Lead.
+- What PostgreSQL cannot hold in text or jsonb (NUL, lone surrogates) is removed from every key
+  and value first: a lead is never refused, nor poisons the spool, for a character nobody typed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ _MAX_EMAIL = 254
 _MAX_CACHED_PHONE = 64
 _PHONE_PUNCTUATION = re.compile(r"[\s().\-]+")
 _DIGITS = re.compile(r"[1-9][0-9]{5,16}")
+# NUL and lone surrogates: PostgreSQL's text and jsonb refuse both (orjson refuses surrogates)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# field-name sets worked out once and cached (`_plan`) only when this small: a body of thousands
+# of distinct names is worked out every time, so no sender can fill the cache with its names
+_MAX_CACHED_NAMES = 64
+_MAX_CACHED_NAME_CHARS = 2048
 
 Path = tuple[str, ...]
 
@@ -62,6 +70,7 @@ def normalize(
     At least one valid phone or email is required; every field not used for the contact, the
     name or UTM is kept in `Lead.fields` as sent.
     """
+    data = _storable(data)
     lead = _flat(form, data, default_region, max_field_chars)
     return lead if lead is not None else _general(form, data, default_region, max_field_chars)
 
@@ -151,8 +160,20 @@ def _first_filled(data: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
 def _plan(names: tuple[Any, ...]) -> _Plan | None:
+    """`_work_out_plan`, from the cache when the set of names is small enough to keep (1,024
+    sets of at most 2,048 characters: a few MiB at worst, whoever sends what)."""
+    if len(names) > _MAX_CACHED_NAMES:
+        return _work_out_plan(names)
+    chars = 0
+    for n in names:
+        chars += len(n) if type(n) is str else _MAX_CACHED_NAME_CHARS
+    if chars > _MAX_CACHED_NAME_CHARS:
+        return _work_out_plan(names)
+    return _cached_plan(names)
+
+
+def _work_out_plan(names: tuple[Any, ...]) -> _Plan | None:
     """Where each part of a lead is in a flat form with these field names; None when the names
     call for the general path (a container such as `contact` or `utm`, a name that is not a
     string)."""
@@ -179,6 +200,53 @@ def _plan(names: tuple[Any, ...]) -> _Plan | None:
         ranked(("last_name",)),
         utm,
     )
+
+
+_cached_plan = functools.lru_cache(maxsize=1024)(_work_out_plan)
+
+
+# --- storable text ------------------------------------------------------------------------
+
+
+def _storable(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`data` without NUL and lone surrogates in any key or value: the same object when it has
+    none (the usual case only looks at each string once, allocating nothing)."""
+    return _clean(data) if _unstorable_in(data) else data
+
+
+def _bad_text(text: str) -> bool:
+    if text.isascii():  # O(1) in CPython: no surrogate, so only NUL to look for
+        return "\x00" in text
+    return _UNSTORABLE.search(text) is not None
+
+
+def _unstorable_in(data: Mapping[str, Any]) -> bool:
+    stack: list[Any] = [data]
+    while stack:
+        value = stack.pop()
+        if type(value) is str:
+            if _bad_text(value):
+                return True
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                if type(k) is str and _bad_text(k):
+                    return True
+                stack.append(v)
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _clean(value: Any) -> Any:
+    """value with NUL and lone surrogates removed from every string in it, nested containers
+    included (parse_body bounds the nesting)."""
+    if type(value) is str:
+        return _UNSTORABLE.sub("", value)
+    if isinstance(value, Mapping):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
 
 # --- the general path ---------------------------------------------------------------------

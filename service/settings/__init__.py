@@ -31,6 +31,7 @@ from service.settings.slices import (
     LeadSettings,
     LogSettings,
     RetryPolicy,
+    StorageSettings,
     WebhookSettings,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "LogSettings",
     "RetryPolicy",
     "Settings",
+    "StorageSettings",
     "WebhookSettings",
     "load_config",
 ]
@@ -68,6 +70,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     leads: LeadSettings = field(default_factory=LeadSettings)
     crm: CrmSettings = field(default_factory=CrmSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
@@ -90,6 +93,7 @@ class Settings:
             cluster=_env.cluster(r),
             crm=_env.crm(r, kind),
             intake=_env.intake(r),
+            storage=_env.storage(r),
             alert=_env.alert(r),
             log=_env.log(r),
             http=_env.http(r),
