@@ -148,8 +148,14 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-# most requests go to a handful of paths (each form's): mask each once
-_masked_path = functools.lru_cache(maxsize=1024)(logs.mask_text)
+# most requests go to a handful of paths (each form's): mask each once; only short paths are
+# cached, so strangers' made-up paths cannot fill it (1,024 × 256 characters at most)
+_MAX_CACHED_PATH = 256
+_masked_short_path = functools.lru_cache(maxsize=1024)(logs.mask_text)
+
+
+def _masked_path(path: str) -> str:
+    return _masked_short_path(path) if len(path) <= _MAX_CACHED_PATH else logs.mask_text(path)
 
 
 @web.middleware
