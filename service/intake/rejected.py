@@ -7,8 +7,8 @@ lead does, nor more space than it is given:
   and its sender is answered in time. Its id is ours, so a spooled copy of a row the timed-out
   write stored anyway is a repeat (`ON CONFLICT (id) DO NOTHING`).
 - Space: the table is trimmed to `rejected_max_rows` rows and `rejected_max_bytes` body bytes,
-  oldest first (`trim`; the app runs it every `TRIM_EVERY_S`, and at once after a tenth of the
-  byte cap was kept); when the data volume has less than `min_free_bytes` free (`DiskGuard`), or
+  oldest first (`trim`; the app runs it every `TRIM_EVERY_S`, and at once after a tenth of
+  either cap was kept); when the data volume has less than `min_free_bytes` free (`DiskGuard`), or
   the spool is full, bad input is answered but not kept. Valid leads are never refused for it.
 """
 
@@ -109,7 +109,7 @@ class RejectedKeeper:
             kind="rejected",
         )
         self.counts = {"kept": 0, "spooled": 0, "not_kept": 0}
-        self.kept_bytes = 0  # body bytes kept since the last trim
+        self.kept_bytes = self.kept_rows = 0  # kept since the last trim
         self.trim_wanted = asyncio.Event()
 
     async def keep(
@@ -135,7 +135,12 @@ class RejectedKeeper:
             return False
         self.counts["kept" if stored is not None else "spooled"] += 1
         self.kept_bytes += len(raw)
-        if self.kept_bytes >= self.limits.rejected_max_bytes // 10:
+        self.kept_rows += 1
+        limits = self.limits
+        if (
+            self.kept_bytes >= limits.rejected_max_bytes // 10
+            or self.kept_rows >= limits.rejected_max_rows // 10
+        ):
             self.trim_wanted.set()
         return True
 
@@ -145,7 +150,7 @@ class RejectedKeeper:
 
     async def trim(self) -> int:
         """Delete the oldest rows past the caps; returns how many went."""
-        self.kept_bytes = 0
+        self.kept_bytes = self.kept_rows = 0
         deleted = await self.store.trim_rejected(
             self.limits.rejected_max_rows, self.limits.rejected_max_bytes
         )

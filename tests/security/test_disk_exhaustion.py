@@ -95,3 +95,22 @@ async def test_disk_exhaustion_by_bad_input_keeps_valid_leads_coming(
     await arrives(inbox, "data volume has room again")
     status, answer = await svc.submit("junk", bad)
     assert status == 200 and answer["ok"] is False and "kept" not in answer, answer
+
+
+async def test_disk_exhaustion_by_a_flood_of_bad_input_keeps_only_the_newest_rejected(
+    service_factory: ServiceFactory, db: asyncpg.Connection
+) -> None:
+    """Each bad body used to be kept forever (64 KiB a row): past the caps the oldest go."""
+    svc = await service_factory(rejected_max_rows=20, rejected_max_bytes=100_000)
+    for i in range(60):  # ~10 KB each: 600 KB and 60 rows sent
+        status, answer = await svc.submit("junk", {"n": f"{i:03d}", "comment": "x" * 10_000})
+        assert status == 200 and answer["ok"] is False and "kept" not in answer, answer
+
+    async def within_caps() -> bool:
+        rows = await db.fetchrow("SELECT count(*) AS n, sum(octet_length(body)) AS b FROM rejected")
+        return rows["n"] <= 20 and rows["b"] <= 100_000
+
+    await wait_for(within_caps, timeout=15)
+    kept = [bytes(r["body"]) for r in await db.fetch("SELECT body FROM rejected")]
+    assert any(b'"n": "059"' in body for body in kept)  # the newest is kept
+    assert not any(b'"n": "000"' in body for body in kept)  # the oldest went
