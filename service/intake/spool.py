@@ -174,7 +174,10 @@ class Spool:
         if opened is None:
             return 0  # gone, or a live process is still writing it
         f = opened
-        done = quarantined = 0
+        done = 0
+        # written only once the whole file is handed over, just before it goes: a pass that
+        # stops half-way (the database went away) leaves the file as it was, nothing twice
+        left = _Leftovers()
         with f:
             line_no = 0
             while lines := await asyncio.to_thread(f.readlines, READ_BLOCK):
@@ -187,16 +190,24 @@ class Spool:
                 for kind, items in by_type.items():
                     for i in range(0, len(items), CHUNK):
                         chunk = items[i : i + CHUNK]
-                        n, q = await self._hand_over(path, handlers.get(kind), chunk, ping)
-                        done += n
-                        quarantined += q
+                        done += await self._hand_over(handlers.get(kind), chunk, ping, left)
+            if left.unknown:
+                # say, spooled by a newer version: left pending (in a file of their own) for a
+                # process that knows the type, while the rest of the file is drained
+                await asyncio.to_thread(self._set_aside, left.unknown)
+                log.error(
+                    "spool entry of unknown type kept",
+                    extra={"action": "spool_unknown", "entries": len(left.unknown)},
+                )
+            if left.poison:
+                await self._quarantine(path, left.poison)
             await asyncio.to_thread(path.unlink)
         log.info(
             "spool drained",
             extra={
                 "action": "spool_drained",
                 "entries": done,
-                "quarantined": quarantined,
+                "quarantined": len(left.poison),
                 "file": path.name,
             },
         )
@@ -204,30 +215,25 @@ class Spool:
 
     async def _hand_over(
         self,
-        path: Path,
         handler: Handler | None,
         items: list[dict[str, Any]],
         ping: Ping | None,
-    ) -> tuple[int, int]:
-        """Hand `items` to `handler`, one at a time if together they fail; quarantine each one
-        that fails alone while the database answers. Returns (handed over, quarantined)."""
+        left: _Leftovers,
+    ) -> int:
+        """Hand `items` to `handler`, one at a time if together they fail; an entry that fails
+        alone while the database answers goes to `left.poison`. Returns how many were handed
+        over; raises StoreUnavailable when the database is away."""
         if handler is None:
-            # say, spooled by a newer version: left pending (in a file of their own) for a
-            # process that knows the type, while the rest of the file is drained
-            await asyncio.to_thread(self._set_aside, items)
-            log.error(
-                "spool entry of unknown type kept",
-                extra={"action": "spool_unknown", "type": str(items[0].get("type"))},
-            )
-            return 0, 0
+            left.unknown.extend(items)
+            return 0
         try:
             await handler(items)
-            return len(items), 0
+            return len(items)
         except Exception as exc:
             await _database_answers(exc, ping)
             if len(items) == 1:
-                await self._quarantine(path, items, _describe(exc))
-                return 0, 1
+                left.poison.append((items[0], _describe(exc)))
+                return 0
         done = 0
         for item in items:
             try:
@@ -235,31 +241,31 @@ class Spool:
                 done += 1
             except Exception as exc:
                 await _database_answers(exc, ping)
-                await self._quarantine(path, [item], _describe(exc))
-        return done, len(items) - done
+                left.poison.append((item, _describe(exc)))
+        return done
 
     def _set_aside(self, items: list[dict[str, Any]]) -> None:
         name = f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         _write_new(self.directory / name, b"".join(orjson.dumps(e) + b"\n" for e in items))
 
-    async def _quarantine(self, path: Path, items: list[dict[str, Any]], why: str) -> None:
+    async def _quarantine(self, path: Path, poison: list[tuple[dict[str, Any], str]]) -> None:
         """Move entries that cannot be stored aside, fsync'd, so the file they came from can go."""
         at = dt.datetime.now(dt.UTC).isoformat()
         lines = b"".join(
             orjson.dumps({"quarantined_at": at, "file": path.name, "error": why, "entry": e})
             + b"\n"
-            for e in items
+            for e, why in poison
         )
         target = self.directory / QUARANTINE / f"quarantine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(_write_new, target.with_suffix(".jsonl"), lines)
-        self.quarantined += len(items)
+        self.quarantined += len(poison)
         log.error(
             "spool entry quarantined",
             extra={
                 "action": "spool_quarantined",
-                "entries": len(items),
+                "entries": len(poison),
                 "file": path.name,
-                "error": why,
+                "error": poison[0][1],
             },
         )
 
@@ -310,6 +316,17 @@ class Spool:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _Leftovers:
+    """What a drain pass over one file could not hand over: entries of unknown types, and
+    entries the database refused on their own (each with why)."""
+
+    __slots__ = ("poison", "unknown")
+
+    def __init__(self) -> None:
+        self.unknown: list[dict[str, Any]] = []
+        self.poison: list[tuple[dict[str, Any], str]] = []
 
 
 async def _database_answers(exc: Exception, ping: Ping | None) -> None:
