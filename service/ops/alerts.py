@@ -2,11 +2,11 @@
 
 Every `ALERT_CHECK_S` a background task looks at the running parts and the database and turns
 what it sees into conditions (dead letters waiting, circuit open, CRM blocked, spool in use,
-spool full, data volume low on space, database unreachable, delivery lag over `ALERT_LAG_S`).
-A `Throttle` decides what to say: a condition that starts firing is announced at once, news about
-it (more dead letters) at most once per `ALERT_INTERVAL_S`, and "resolved" when it clears.
-Messages go through a bounded queue to a sender task, so neither a slow Telegram nor a dead
-webhook ever holds intake or delivery.
+spool full or holding quarantined entries, data volume low on space, database unreachable,
+delivery lag over `ALERT_LAG_S`). A `Throttle` decides what to say: a condition that starts
+firing is announced at once, news about it (more dead letters) at most once per
+`ALERT_INTERVAL_S`, and "resolved" when it clears. Messages go through a bounded queue to a
+sender task, so neither a slow Telegram nor a dead webhook ever holds intake or delivery.
 
 "Restart after a crash" is read from marker files: each process writes one under
 `<data dir>/run/` at start and removes it on a clean shutdown, so a marker whose process is gone
@@ -137,6 +137,7 @@ def _storage(rt: Runtime) -> list[Observation]:
     low = disk.low
     free = disk.free_bytes
     full = spool.size() >= spool.max_bytes
+    quarantined = spool.quarantine_bytes()
     return [
         Observation(
             "disk_low",
@@ -153,6 +154,14 @@ def _storage(rt: Runtime) -> list[Observation]:
             "new work is answered 503 with Retry-After"
             if full
             else "spool has room again",
+        ),
+        Observation(
+            "spool_quarantine",
+            quarantined > 0,
+            f"spool entries the database refused are quarantined ({quarantined} bytes): "
+            "see GET /admin/api/spool"
+            if quarantined
+            else "spool quarantine empty",
         ),
     ]
 

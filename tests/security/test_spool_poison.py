@@ -175,3 +175,5 @@ async def test_spool_poison_entry_is_quarantined_and_the_rest_stored(
     assert "UntranslatableCharacter" in q["error"] or "Refused" in q["error"], q
     assert q["spool_file"] == path.name
     assert seen["pending_bytes"] == 0 and seen["quarantine_bytes"] > 0
+    async with svc.http.get(f"{svc.url}/health") as r:
+        assert (await r.json())["spool"]["quarantined"] == 1
