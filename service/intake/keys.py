@@ -46,7 +46,9 @@ def submission_key(form: str, lead: Lead, header_key: str | None) -> str:
 def event_key(source: str, key: str) -> str:
     """A webhook event's key in the window and the locks: its source's event key, scoped to the
     source (as the database's unique (source, event key) is) and marked as an event's ("e:")."""
-    return f"e:{source}\x1f{key}"  # no source name holds \x1f (webhooks.handlers.SOURCE_NAME)
+    # no source name holds \x1f (webhooks.handlers.SOURCE_NAME); a long key (a sender's field
+    # or header) is held by the window and the key locks as its start and hash (`window_key`)
+    return window_key(f"e:{source}\x1f{key}")
 
 
 def window_key(key: str) -> str:
