@@ -22,7 +22,7 @@ import phonenumbers
 
 from service.errors import BadInput, FieldError
 from service.intake.phone_valid import is_valid
-from service.model import Lead
+from service.model import Lead, storable
 
 _FORM = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CONTAINERS = frozenset({"contact", "contacts", "fields", "form", "data"})
@@ -36,8 +36,6 @@ _MAX_EMAIL = 254
 _MAX_CACHED_PHONE = 64
 _PHONE_PUNCTUATION = re.compile(r"[\s().\-]+")
 _DIGITS = re.compile(r"[1-9][0-9]{5,16}")
-# NUL and lone surrogates: PostgreSQL's text and jsonb refuse both (orjson refuses surrogates)
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # field-name sets worked out once and cached (`_plan`) only when this small: a body of thousands
 # of distinct names is worked out every time, so no sender can fill the cache with its names
 _MAX_CACHED_NAMES = 64
@@ -70,7 +68,7 @@ def normalize(
     At least one valid phone or email is required; every field not used for the contact, the
     name or UTM is kept in `Lead.fields` as sent.
     """
-    data = _storable(data)
+    data = storable(data)
     lead = _flat(form, data, default_region, max_field_chars)
     return lead if lead is not None else _general(form, data, default_region, max_field_chars)
 
@@ -203,50 +201,6 @@ def _work_out_plan(names: tuple[Any, ...]) -> _Plan | None:
 
 
 _cached_plan = functools.lru_cache(maxsize=1024)(_work_out_plan)
-
-
-# --- storable text ------------------------------------------------------------------------
-
-
-def _storable(data: Mapping[str, Any]) -> Mapping[str, Any]:
-    """`data` without NUL and lone surrogates in any key or value: the same object when it has
-    none (the usual case only looks at each string once, allocating nothing)."""
-    return _clean(data) if _unstorable_in(data) else data
-
-
-def _bad_text(text: str) -> bool:
-    if text.isascii():  # O(1) in CPython: no surrogate, so only NUL to look for
-        return "\x00" in text
-    return _UNSTORABLE.search(text) is not None
-
-
-def _unstorable_in(data: Mapping[str, Any]) -> bool:
-    stack: list[Any] = [data]
-    while stack:
-        value = stack.pop()
-        if type(value) is str:
-            if _bad_text(value):
-                return True
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                if type(k) is str and _bad_text(k):
-                    return True
-                stack.append(v)
-        elif isinstance(value, list):
-            stack.extend(value)
-    return False
-
-
-def _clean(value: Any) -> Any:
-    """value with NUL and lone surrogates removed from every string in it, nested containers
-    included (parse_body bounds the nesting)."""
-    if type(value) is str:
-        return _UNSTORABLE.sub("", value)
-    if isinstance(value, Mapping):
-        return {_clean(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 # --- the general path ---------------------------------------------------------------------

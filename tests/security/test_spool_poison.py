@@ -30,6 +30,7 @@ import orjson
 
 from service.db.database import EmbeddedPostgres
 from service.intake.forms import INTAKE
+from service.settings import GenericSource
 from tests.conftest import ServiceFactory, wait_for
 from tests.integration.test_resilience import no_duplicates, person, spool_files
 
@@ -70,7 +71,7 @@ async def test_spool_poison_nul_lead_in_a_stalled_database_is_delivered_once_cle
     pg_server: tuple[EmbeddedPostgres, str],
 ) -> None:
     sim = simulator[0]
-    svc = await service_factory()
+    svc = await service_factory(generic_sources={"site": GenericSource(verify="none")})
     status, warm = await svc.submit("course", person(GOOD + 10, prefix="778"))
     assert status == 200 and warm["ok"] is True, warm
     await wait_for(lambda: _all_delivered(db, 1), timeout=30)
@@ -83,15 +84,21 @@ async def test_spool_poison_nul_lead_in_a_stalled_database_is_delivered_once_cle
         async with http.post(f"{svc.url}/api/v1/forms/{form}", json=data) as r:
             return time.monotonic() - t0, r.status, await r.json(content_type=None)
 
+    async def hook(data: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        async with http.post(f"{svc.url}/webhooks/generic/site", json=data) as r:
+            return time.monotonic() - t0, r.status, await r.json(content_type=None)
+
     poison = {**person(GOOD, prefix="778"), "name": "Nul\x00Person", "comment": "a\x00b"}
     try:
         with stopped([postmaster(pg_server), *await service_backends(db)]):
             t0 = time.monotonic()
+            event = asyncio.create_task(hook({"event": "paid\x00", "n\x00te": "a\x00b"}))
             results = await asyncio.gather(
                 *(send("course", person(i, prefix="778")) for i in range(GOOD)),
                 send("course", poison),
                 send("course", {"name": "no contact at all", "comment": "bad input"}),
             )
+            _, event_status, event_answer = await event
             await asyncio.sleep(max(0.0, STALL_S - (time.monotonic() - t0)))
     finally:
         await http.close()
@@ -102,6 +109,8 @@ async def test_spool_poison_nul_lead_in_a_stalled_database_is_delivered_once_cle
     assert slowest < ANSWER_WITHIN_S, slowest
     assert all(st == 200 and a["ok"] is True for _, st, a in good), good
     ids = {a["id"] for _, _, a in good}
+    # a webhook event with NUL in it, acknowledged from the spool: stored as an event, cleaned
+    assert event_status == 200 and event_answer["ok"] is True, event_answer
 
     await wait_for(lambda: _all_delivered(db, GOOD + 2), timeout=60, every=0.2)
     stored = {r["id"] for r in await db.fetch("SELECT id::text AS id FROM submissions")}
@@ -116,6 +125,10 @@ async def test_spool_poison_nul_lead_in_a_stalled_database_is_delivered_once_cle
     assert lead["name"] == "NulPerson" and lead["fields"]["comment"] == "ab", lead
     rejected = await db.fetchval("SELECT count(*) FROM rejected WHERE endpoint = 'forms/course'")
     assert rejected == 1
+    payload = await db.fetchval(
+        "SELECT payload FROM webhook_events WHERE id = $1", uuid.UUID(event_answer["id"])
+    )
+    assert payload is not None and "\\u0000" not in payload and "a" in payload
     report = sim.report()
     assert len(report["leads"]) == GOOD + 2
     no_duplicates(report)

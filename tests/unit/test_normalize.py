@@ -447,7 +447,7 @@ def test_nul_and_lone_surrogates_are_removed_from_every_key_and_value() -> None:
 
 
 def test_clean_input_is_not_copied() -> None:
-    from service.intake.normalize import _storable
+    from service.model import storable
 
     data = {"phone": "+77011234567", "имя": "Иван", "x": [{"y": "z"}]}
-    assert _storable(data) is data
+    assert storable(data) is data
