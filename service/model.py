@@ -13,6 +13,7 @@ import orjson
 T = TypeVar("T")
 # NUL and lone surrogates: PostgreSQL's text and jsonb refuse both (orjson refuses surrogates)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def storable(value: T) -> T:
@@ -24,25 +25,29 @@ def storable(value: T) -> T:
 
 
 def _bad_text(text: str) -> bool:
-    if text.isascii():  # O(1) in CPython: no surrogate, so only NUL to look for
-        return "\x00" in text
-    return _UNSTORABLE.search(text) is not None
+    # isascii() is O(1) in CPython: an ASCII string holds no surrogate, only NUL to look for
+    return "\x00" in text or (not text.isascii() and _SURROGATE.search(text) is not None)
 
 
 def _unstorable_in(value: Any) -> bool:
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
-        if type(item) is str:
-            if _bad_text(item):
-                return True
-        elif isinstance(item, Mapping):
-            for k, v in item.items():
+        if isinstance(item, Mapping):
+            for k in item:
                 if type(k) is str and _bad_text(k):
                     return True
+            item = item.values()
+        elif not isinstance(item, list | tuple):
+            if type(item) is str and _bad_text(item):
+                return True
+            continue
+        for v in item:
+            if type(v) is str:
+                if _bad_text(v):
+                    return True
+            elif isinstance(v, Mapping | list | tuple):
                 stack.append(v)
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
     return False
 
 

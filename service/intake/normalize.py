@@ -161,14 +161,13 @@ def _first_filled(data: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
 def _plan(names: tuple[Any, ...]) -> _Plan | None:
     """`_work_out_plan`, from the cache when the set of names is small enough to keep (1,024
     sets of at most 2,048 characters: a few MiB at worst, whoever sends what)."""
-    if len(names) > _MAX_CACHED_NAMES:
-        return _work_out_plan(names)
-    chars = 0
-    for n in names:
-        chars += len(n) if type(n) is str else _MAX_CACHED_NAME_CHARS
-    if chars > _MAX_CACHED_NAME_CHARS:
-        return _work_out_plan(names)
-    return _cached_plan(names)
+    if len(names) <= _MAX_CACHED_NAMES:
+        try:
+            if sum(map(len, names)) <= _MAX_CACHED_NAME_CHARS:
+                return _cached_plan(names)
+        except TypeError:  # a name without a length: the general path's anyway
+            pass
+    return _work_out_plan(names)
 
 
 def _work_out_plan(names: tuple[Any, ...]) -> _Plan | None:
