@@ -29,8 +29,8 @@ MUTANTS = [
     ("the spool answers before fsync", "service/intake/spool.py",
      "        os.fsync(self._file.fileno())", "        pass"),
     ("spool entries of an unknown type dropped", "service/intake/spool.py",
-     "                    return 0\n                for i in range(0, len(items), CHUNK):",
-     "                    continue\n                for i in range(0, len(items), CHUNK):"),
+     "                await asyncio.to_thread(self._set_aside, left.unknown)\n",
+     "                pass\n"),
     ("a pause that begins while callers queue is ignored", "service/delivery/limits.py",
      "            if time.monotonic() < self._paused_until:\n"
      "                self._bucket.release(ticket)",

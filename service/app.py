@@ -41,6 +41,7 @@ from service.intake import forms as intake
 from service.intake.ingest import Intake
 from service.intake.keys import IdempotencyWindow
 from service.intake.locks import KeyLocks
+from service.intake.rejected import TRIM_EVERY_S, DiskGuard, RejectedKeeper
 from service.intake.shared_keys import SharedKeys
 from service.intake.spam import Captcha, SpamGuard
 from service.intake.spool import Spool
@@ -49,7 +50,13 @@ from service.ops import alerts, health, metrics, retention, startup
 from service.ops.admin import api as admin
 from service.ops.runtime import RUNTIME, Runtime
 from service.settings import CrmSettings, Settings
-from service.web import PROCESS_NAME, SETTINGS, quiet_client_protocol_errors, split_ports
+from service.web import (
+    PROCESS_NAME,
+    SETTINGS,
+    quiet_client_protocol_errors,
+    split_ports,
+    spool_full,
+)
 from service.webhooks import handlers as webhooks
 from service.webhooks.forwarder import STOP_WAIT_S, Forwarder, bitrix24_deal_fetcher
 
@@ -67,6 +74,8 @@ WORKER = web.AppKey("worker", Worker)
 CLUSTER = web.AppKey("cluster", Cluster)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SIMULATOR_URL = web.AppKey("simulator_url", str)  # the in-process CRM simulator, when it runs
+# the data volume's free-space guard; set before start-up to read free space another way
+DISK_GUARD = web.AppKey("disk_guard", DiskGuard)
 SPOOL_DRAIN_EVERY_S = 1.0
 FORWARDER_POOL_SIZE = 4
 
@@ -112,6 +121,7 @@ def create_app(settings: Settings, roles: Roles = Roles()) -> web.Application:
     app.middlewares.append(metrics.observe)
     if settings.http.ops_port is not None:
         app.middlewares.append(split_ports(settings.http.ops_port))
+    app.middlewares.append(spool_full)  # inside observe: the 503 is counted and logged
     app.cleanup_ctx.extend([database_ctx, cluster_ctx, crm_ctx, intake_ctx])
     if roles.worker:
         app.cleanup_ctx.append(worker_ctx)
@@ -306,16 +316,31 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cfg = settings.intake
     store = app[STORE]
-    spool = Spool(settings.spool_dir)
+    limits = settings.storage
+    spool = Spool(
+        settings.spool_dir,
+        max_bytes=limits.spool_max_bytes,
+        quarantine_days=limits.quarantine_days,
+    )
     # one window and one set of key locks per process, for forms and webhooks alike
-    window = IdempotencyWindow(cfg.idempotency_window_s, cfg.idempotency_window_size)
+    window = IdempotencyWindow(
+        cfg.idempotency_window_s,
+        cfg.idempotency_window_size,
+        max_bytes=cfg.idempotency_window_bytes,
+    )
     locks = KeyLocks()
     cluster = app[CLUSTER]
+    if DISK_GUARD not in app:
+        app[DISK_GUARD] = DiskGuard(settings.data_dir, limits.min_free_bytes)
+    rejected = RejectedKeeper(
+        store, spool, limits, app[DISK_GUARD], write_timeout_s=cfg.db_write_timeout_s
+    )
     service = Intake(
         store,
         spool,
         window=window,
         locks=locks,
+        rejected=rejected,
         write_timeout_s=cfg.db_write_timeout_s,
         shared_keys=SharedKeys(cluster.redis, cfg.idempotency_window_s),
     )
@@ -330,7 +355,7 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RUNTIME].events, app[RUNTIME].event_store = events, events.store
     handlers = {
         "submission": service.drain_spooled,
-        "rejected": _rejected_handler(store),
+        "rejected": rejected.drain_spooled,
         "event": events.drain_spooled,
         "spam": service.drain_spam,
     }
@@ -342,30 +367,41 @@ async def intake_ctx(app: web.Application) -> AsyncIterator[None]:
         service.guard = SpamGuard(settings.spam, captcha)
         await stack.enter_async_context(background(service.commit.run(), "group-commit"))
         await stack.enter_async_context(background(events.commit.run(), "event-commit"))
-        await stack.enter_async_context(background(_drain_spool(spool, handlers), "spool-drain"))
+        await stack.enter_async_context(background(rejected.commit.run(), "rejected-commit"))
+        await stack.enter_async_context(
+            background(_drain_spool(spool, handlers, store.ping), "spool-drain")
+        )
+        await stack.enter_async_context(background(_trim_rejected(rejected), "rejected-trim"))
         yield
     spool.close()
 
 
-def _rejected_handler(store: Store) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
-    async def handle(entries: list[dict[str, Any]]) -> None:
-        for e in entries:
-            body = str(e.get("body", "")).encode("latin-1")
-            await store.save_rejected(
-                str(e.get("endpoint")), e.get("content_type"), body, e.get("errors", [])
-            )
+async def _trim_rejected(rejected: RejectedKeeper) -> None:
+    """Keep `rejected` within its caps: every TRIM_EVERY_S, or at once when much was kept."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TRIM_EVERY_S):
+                await rejected.trim_wanted.wait()
+        rejected.trim_wanted.clear()
+        try:
+            await rejected.trim()
+        except StoreUnavailable:
+            continue
+        except Exception:
+            log.exception("rejected trim failed", extra={"action": "rejected_trim_error"})
 
-    return handle
 
-
-async def _drain_spool(spool: Spool, handlers: dict[str, Any]) -> None:
-    """Re-ingest spooled work whenever there is some and the database answers."""
+async def _drain_spool(
+    spool: Spool, handlers: dict[str, Any], ping: Callable[[], Awaitable[None]]
+) -> None:
+    """Re-ingest spooled work whenever there is some and the database answers (an entry that
+    fails on its own while it does is quarantined: Spool.drain)."""
     while True:
         await asyncio.sleep(SPOOL_DRAIN_EVERY_S)
         if not spool.pending_files():
             continue
         try:
-            n = await spool.drain(handlers)
+            n = await spool.drain(handlers, ping)
         except StoreUnavailable:
             continue
         except Exception:

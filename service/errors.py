@@ -105,3 +105,8 @@ class CircuitOpen(CrmBlocked):
 
 class CrmUnauthorized(CrmError):
     """The CRM refused our credentials (401): refresh once, then treat as blocked."""
+
+
+class SpoolFull(RelayError):
+    """The local spool cannot take more (its size cap, or the volume cannot be written): work
+    that can only go there is answered 503 with `Retry-After`."""

@@ -3,10 +3,64 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+
+T = TypeVar("T")
+# NUL and lone surrogates: PostgreSQL's text and jsonb refuse both (orjson refuses surrogates)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(value: T) -> T:
+    """`value` without NUL and lone surrogates in any string, mapping key or list item, nested
+    ones included: the same object when it has none (the usual case looks at each string once
+    and allocates nothing). Applied to what senders send before it is stored as text or JSON;
+    raw bodies are kept as bytes, byte for byte."""
+    return _clean(value) if _unstorable_in(value) else value
+
+
+def _bad_text(text: str) -> bool:
+    # isascii() is O(1) in CPython: an ASCII string holds no surrogate, only NUL to look for
+    return "\x00" in text or (not text.isascii() and _SURROGATE.search(text) is not None)
+
+
+def _unstorable_in(value: Any) -> bool:
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            for k in item:
+                if type(k) is str and _bad_text(k):
+                    return True
+            item = item.values()
+        elif not isinstance(item, list | tuple):
+            if type(item) is str and _bad_text(item):
+                return True
+            continue
+        for v in item:
+            if type(v) is str:
+                if _bad_text(v):
+                    return True
+            elif isinstance(v, Mapping | list | tuple):
+                stack.append(v)
+    return False
+
+
+def _clean(value: Any) -> Any:
+    """value with NUL and lone surrogates removed from every string in it (bodies.parse_body
+    bounds the nesting of what senders send)."""
+    if type(value) is str:
+        return _UNSTORABLE.sub("", value)
+    if isinstance(value, Mapping):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

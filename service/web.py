@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
-from service.errors import BadInput, FieldError
+from service.errors import BadInput, FieldError, SpoolFull
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -104,6 +104,30 @@ def too_large(limit: int) -> web.Response:
         },
         status=413,
     )
+
+
+SPOOL_FULL_RETRY_AFTER_S = 30
+
+
+@web.middleware
+async def spool_full(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Work that could only go to the spool, and the spool is full (or its volume refuses the
+    write): 503 with `Retry-After`, nothing acknowledged. Senders retry; nothing is lost."""
+    try:
+        return await handler(request)
+    except SpoolFull as exc:
+        response = answer(
+            {
+                "ok": False,
+                "retry": True,
+                "errors": [{"field": "service", "message": f"try again later: {exc}"}],
+            },
+            status=503,
+        )
+        response.headers["Retry-After"] = str(SPOOL_FULL_RETRY_AFTER_S)
+        return response
 
 
 class _ClientProtocolErrors(logging.Filter):

@@ -138,6 +138,26 @@ LIMIT 1;
 
 -- name: submission_lead
 SELECT lead FROM submissions WHERE id = $1;
+-- name: save_rejected_batch
+-- Bad input kept raw; a spooled copy of a row the timed-out write stored anyway is a repeat.
+INSERT INTO rejected (id, endpoint, content_type, body, errors)
+SELECT r.id, r.endpoint, r.content_type, r.body, r.errors::jsonb
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+       AS r(id, endpoint, content_type, body, errors)
+ON CONFLICT (id) DO NOTHING;
+
+-- name: trim_rejected
+-- Keep the newest $1 rows and $2 body bytes of `rejected`; delete the older ones.
+-- (octet_length of a bytea reads its size from the TOAST header, not the value.)
+WITH ranked AS (
+    SELECT id,
+           row_number() OVER w AS n,
+           sum(octet_length(body)) OVER w AS total
+      FROM rejected
+    WINDOW w AS (ORDER BY received_at DESC, id DESC)
+)
+DELETE FROM rejected r USING ranked k
+ WHERE r.id = k.id AND (k.n > $1 OR k.total > $2);
 
 -- name: token_for_update
 SELECT access_token, refresh_token, extract(epoch FROM expires_at) AS expires_at

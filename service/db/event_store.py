@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from service.db.store import Connection, load_queries, run_on
-from service.model import Event, LeadChange
+from service.model import Event, LeadChange, storable
 
 T = TypeVar("T")
 
@@ -48,13 +48,15 @@ class PendingDelivery:
             "rejected": None
             if self.rejected is None
             else {"endpoint": f"webhooks/{self.source}", "errors": self.rejected},
+            # what a sender put in an event, without what text and jsonb refuse (NUL): stored
+            # as events, cleaned, rather than refused; the raw body keeps every byte
             "events": [
                 {
                     "id": str(eid),
-                    "key": e.key,
-                    "kind": e.kind,
-                    "entity_id": e.entity_id,
-                    "payload": e.payload,
+                    "key": storable(e.key),
+                    "kind": storable(e.kind),
+                    "entity_id": storable(e.entity_id),
+                    "payload": storable(e.payload),
                 }
                 for eid, e in self.events
             ],

@@ -113,6 +113,50 @@ def load_queries(filename: str = "queries.sql") -> dict[str, str]:
     return queries
 
 
+def _text_only(value: Any) -> Any:
+    """`value` with NUL and lone surrogates taken out of every string (text and jsonb refuse
+    both; orjson refuses surrogates)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\0").encode("utf-8", "replace").decode()
+    if isinstance(value, dict):
+        return {_text_only(k): _text_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text_only(v) for v in value]
+    return value
+
+
+class RejectedBody(NamedTuple):
+    """Bad input to keep as it came: the id is ours, so a spooled copy keeps it."""
+
+    id: uuid.UUID
+    endpoint: str
+    content_type: str | None
+    body: bytes
+    errors: list[dict[str, str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "endpoint": self.endpoint,
+            "content_type": self.content_type,
+            "body": self.body.decode("latin-1"),  # any bytes, one character each
+            "errors": self.errors,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RejectedBody:
+        """From `to_json`, or a spool entry of an earlier version (no id: a new one)."""
+        rid = data.get("id")
+        errors = data.get("errors")
+        return cls(
+            id=uuid.UUID(rid) if isinstance(rid, str) else uuid.uuid4(),
+            endpoint=str(data.get("endpoint")),
+            content_type=data.get("content_type"),
+            body=str(data.get("body", "")).encode("latin-1"),
+            errors=errors if isinstance(errors, list) else [],
+        )
+
+
 class Pending(NamedTuple):
     """A submission ready to be stored: the id is ours, so a spooled copy keeps it."""
 
@@ -300,6 +344,27 @@ class Store:
         """The lead stored under submission `sid` (None when there is none)."""
         raw = await self._run(lambda c: c.fetchval(self.q["submission_lead"], sid))
         return None if raw is None else Lead.from_json(orjson.loads(raw))
+
+    async def save_rejected_batch(self, items: Sequence[RejectedBody]) -> list[uuid.UUID]:
+        """Keep refused requests as they came (bytea: byte for byte), in one statement; a repeat
+        of an id already kept is skipped. Returns the ids, in order."""
+        # text and jsonb cannot hold NUL; the raw body (bytea) keeps whatever was really sent
+        args = (
+            [r.id for r in items],
+            [no_nul(r.endpoint) for r in items],
+            [no_nul(r.content_type) if r.content_type is not None else None for r in items],
+            [r.body for r in items],
+            [orjson.dumps(_text_only(r.errors)).decode() for r in items],
+        )
+        await self._run(lambda c: c.execute(self.q["save_rejected_batch"], *args))
+        return [r.id for r in items]
+
+    async def trim_rejected(self, max_rows: int, max_bytes: int) -> int:
+        """Delete the oldest rejected rows past `max_rows` rows or `max_bytes` body bytes."""
+        status: str = await self._run(
+            lambda c: c.execute(self.q["trim_rejected"], max_rows, max_bytes)
+        )
+        return int(status.split()[-1])
 
     # --- delivery -----------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """`POST /api/v1/forms/{form}`: every request that reaches it gets a clear 200 answer.
 
 `{"ok": true, "id", "duplicate"}` once the submission is durable (database or spool);
-`{"ok": false, "errors": [...]}` for bad input, with the raw request kept; 413 over the size limit.
+`{"ok": false, "errors": [...]}` for bad input, with the raw request kept (`"kept": false` when
+the data volume is low or the spool full: service.intake.rejected); 413 over the size limit; 503
+with `Retry-After` when the database is away and the spool full (web.spool_full).
 A submission the form's spam controls catch (service.intake.spam) is stored as spam and answered
 exactly as a real one is.
 
@@ -20,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from service.errors import BadInput, FieldError, StoreUnavailable
+from service.errors import BadInput
 from service.intake.bodies import parse_body
 from service.intake.ingest import Intake
 from service.intake.normalize import normalize
@@ -62,8 +64,11 @@ async def submit_form(request: web.Request) -> web.Response:
     except BadInput as exc:
         if is_tilda_test(data):
             return web.Response(text="ok")
-        await keep_rejected(intake, f"forms/{form}", content_type, raw, exc.errors)
-        return reply(request, {"ok": False, "errors": [e.__dict__ for e in exc.errors]})
+        kept = await intake.rejected.keep(f"forms/{form}", content_type, raw, exc.errors)
+        refused: dict[str, Any] = {"ok": False, "errors": [e.__dict__ for e in exc.errors]}
+        if not kept:
+            refused["kept"] = False  # the data volume is low or the spool full: not kept
+        return reply(request, refused)
     body: dict[str, Any] = {"ok": True, "id": str(receipt.id), "duplicate": receipt.duplicate}
     if receipt.spooled:
         body["spooled"] = True
@@ -80,25 +85,6 @@ def is_tilda_test(data: dict[str, Any]) -> bool:
     """Tilda's request when a webhook is connected: `test=test`, no contact (it is checked only
     for a submission without a usable one, so a real lead that carries `test` is still a lead)."""
     return data.get("test") == "test"
-
-
-async def keep_rejected(
-    intake: Intake, endpoint: str, content_type: str | None, raw: bytes, errors: list[FieldError]
-) -> None:
-    """Keep what was sent, in the database or else in the spool: bad input is never lost."""
-    errs = [e.__dict__ for e in errors]
-    try:
-        await intake.store.save_rejected(endpoint, content_type, raw, errs)
-    except StoreUnavailable:
-        await intake.spool.append(
-            {
-                "type": "rejected",
-                "endpoint": endpoint,
-                "content_type": content_type,
-                "body": raw.decode("latin-1"),
-                "errors": errs,
-            }
-        )
 
 
 def routes() -> list[web.RouteDef]:

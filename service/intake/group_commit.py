@@ -45,6 +45,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 ROLLBACK_RETRIES = 3
+# while a stalled transaction holds the writer, waiters keep timing out (and spooling) but stay
+# in the queue, each with its item: past this many queued, the ones given up on are dropped
+PRUNE_AT = 1024
 DB_DOWN_S = 1.0  # after a failed write, go straight to the spool for this long
 
 Waiter = tuple[T, asyncio.Future[R]]
@@ -82,6 +85,7 @@ class GroupCommit(Generic[T, R]):
         self._waiting: collections.deque[tuple[float, asyncio.Future[R]]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._db_down_until = 0.0
+        self._prune_at = PRUNE_AT
 
     async def write(self, item: T) -> R | None:
         """`item`'s result once committed, or None once spooled (the database is away)."""
@@ -105,6 +109,9 @@ class GroupCommit(Generic[T, R]):
     async def _committed(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
+        if len(self._queue) >= self._prune_at:
+            self._queue = [w for w in self._queue if not w[1].done()]
+            self._prune_at = max(PRUNE_AT, 2 * len(self._queue))
         self._queue.append((item, fut))
         self._wake.set()
         # One timer for all waiters, not wait_for(shield(fut)) per item (a timer, a waiter

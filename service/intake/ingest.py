@@ -22,6 +22,7 @@ from service.ids import new_id
 from service.intake.group_commit import GroupCommit
 from service.intake.keys import IdempotencyWindow, bound_key, content_key, submission_key
 from service.intake.locks import KeyLocks
+from service.intake.rejected import RejectedKeeper
 from service.intake.shared_keys import NoSharedKeys, SharedKeys
 from service.intake.spam import SpamGuard
 from service.intake.spool import Spool
@@ -54,7 +55,7 @@ def _spool_entry(pending: Pending) -> dict[str, Any]:
 
 def _refuse(pending: Pending, exc: StoreRefused) -> Pending:
     """A submission the database will not store alone is bad input: its sender is told so and
-    the request is kept raw (forms.keep_rejected)."""
+    the request is kept raw (service.intake.rejected)."""
     raise BadInput([FieldError("body", f"cannot be stored: {exc.kind}")])
 
 
@@ -72,11 +73,13 @@ class Intake:
         *,
         window: IdempotencyWindow,
         locks: KeyLocks,
+        rejected: RejectedKeeper,
         write_timeout_s: float = 2.0,
         shared_keys: SharedKeys | None = None,
     ) -> None:
         self.store = store
         self.spool = spool
+        self.rejected = rejected  # bad input, kept raw within its own time and space
         self.window = window
         self.locks = locks
         # across processes (cluster.processes): Redis keys; the person lock is the database's own,

@@ -11,6 +11,7 @@ so every key says whose it is by how it begins, and the two uses never meet:
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -22,6 +23,12 @@ import orjson
 from service.model import Lead
 
 MAX_HEADER_KEY = 200
+# a key longer than this (an event key built from what a sender chose) is kept in the window as
+# its beginning and a hash of the whole: each entry costs at most a few hundred bytes
+MAX_WINDOW_KEY = 256
+# what one entry costs besides its key: the ordered dict's node, the (expiry, id) tuple and its
+# float and int (measured: ~215 bytes on CPython 3.11, 64-bit)
+ENTRY_OVERHEAD = 224
 
 
 def submission_key(form: str, lead: Lead, header_key: str | None) -> str:
@@ -53,12 +60,22 @@ def bound_key(key: str, lead: Lead) -> str:
 def event_key(source: str, key: str) -> str:
     """A webhook event's key in the window and the locks: its source's event key, scoped to the
     source (as the database's unique (source, event key) is) and marked as an event's ("e:")."""
-    return f"e:{source}\x1f{key}"  # no source name holds \x1f (webhooks.handlers.SOURCE_NAME)
+    # no source name holds \x1f (webhooks.handlers.SOURCE_NAME); a long key (a sender's field
+    # or header) is held by the window and the key locks as its start and hash (`window_key`)
+    return window_key(f"e:{source}\x1f{key}")
+
+
+def window_key(key: str) -> str:
+    """`key` as the window keeps it: itself when short, else its start and its SHA-256."""
+    if len(key) <= MAX_WINDOW_KEY:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{key[:64]}#{digest}"
 
 
 class IdempotencyWindow:
     """Recently accepted keys → submission or event id, for `ttl_s` seconds, at most `size`
-    entries.
+    entries and `max_bytes` bytes (keys included: a long key is kept hashed, `window_key`).
 
     One per process, shared by form and webhook intake: `size` bounds both together (the entries
     of either evict the oldest of both), so the memory it takes stays what it was for one. Only a
@@ -67,10 +84,17 @@ class IdempotencyWindow:
     """
 
     def __init__(
-        self, ttl_s: float, size: int, clock: Callable[[], float] = time.monotonic
+        self,
+        ttl_s: float,
+        size: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.ttl_s = ttl_s
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0  # what the entries cost now, by `_cost`
         self._clock = clock  # tests move time on without waiting for it
         # the id as its 128-bit int: a (float, int) tuple is not tracked by the garbage
         # collector, a UUID object is; 100,000 of them made every full collection walk them
@@ -78,12 +102,14 @@ class IdempotencyWindow:
         self.hits = 0
 
     def get(self, key: str) -> uuid.UUID | None:
+        key = window_key(key)
         entry = self._entries.get(key)
         if entry is None:
             return None
         expires, sid = entry
         if expires < self._clock():
             del self._entries[key]
+            self.bytes -= _cost(key)
             return None
         self.hits += 1
         return uuid.UUID(int=sid)
@@ -91,13 +117,26 @@ class IdempotencyWindow:
     def put(self, key: str, sid: uuid.UUID) -> None:
         if self.ttl_s <= 0:
             return
+        key = window_key(key)
+        if key not in self._entries:
+            self.bytes += _cost(key)
         self._entries[key] = (self._clock() + self.ttl_s, sid.int)
         self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        while self._entries and (len(self._entries) > self.size or self.bytes > self.max_bytes):
+            old, _ = self._entries.popitem(last=False)
+            self.bytes -= _cost(old)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def stats(self) -> dict[str, Any]:
-        return {"entries": len(self._entries), "hits": self.hits, "ttl_s": self.ttl_s}
+        return {
+            "entries": len(self._entries),
+            "bytes": self.bytes,
+            "hits": self.hits,
+            "ttl_s": self.ttl_s,
+        }
+
+
+def _cost(key: str) -> int:
+    return sys.getsizeof(key) + ENTRY_OVERHEAD

@@ -7,6 +7,8 @@ Decisions a landing-page owner would make, since every lead is paid for:
 - Errors name the field as it was sent (`"Phone"`, `"contact.tel"`), so a page can highlight it.
 - When several aliases are present the first in alias order wins, top level before nested, then
   by key; the choice never depends on key order, so equal input gives an equal Lead.
+- What PostgreSQL cannot hold in text or jsonb (NUL, lone surrogates) is removed from every key
+  and value first: a lead is never refused, nor poisons the spool, for a character nobody typed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import phonenumbers
 
 from service.errors import BadInput, FieldError
 from service.intake.phone_valid import is_valid
-from service.model import Lead
+from service.model import Lead, storable
 
 _FORM = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CONTAINERS = frozenset({"contact", "contacts", "fields", "form", "data"})
@@ -34,6 +36,10 @@ _MAX_EMAIL = 254
 _MAX_CACHED_PHONE = 64
 _PHONE_PUNCTUATION = re.compile(r"[\s().\-]+")
 _DIGITS = re.compile(r"[1-9][0-9]{5,16}")
+# field-name sets worked out once and cached (`_plan`) only when this small: a body of thousands
+# of distinct names is worked out every time, so no sender can fill the cache with its names
+_MAX_CACHED_NAMES = 64
+_MAX_CACHED_NAME_CHARS = 2048
 
 Path = tuple[str, ...]
 
@@ -62,6 +68,7 @@ def normalize(
     At least one valid phone or email is required; every field not used for the contact, the
     name or UTM is kept in `Lead.fields` as sent.
     """
+    data = storable(data)
     lead = _flat(form, data, default_region, max_field_chars)
     return lead if lead is not None else _general(form, data, default_region, max_field_chars)
 
@@ -151,8 +158,19 @@ def _first_filled(data: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
 def _plan(names: tuple[Any, ...]) -> _Plan | None:
+    """`_work_out_plan`, from the cache when the set of names is small enough to keep (1,024
+    sets of at most 2,048 characters: a few MiB at worst, whoever sends what)."""
+    if len(names) <= _MAX_CACHED_NAMES:
+        try:
+            if sum(map(len, names)) <= _MAX_CACHED_NAME_CHARS:
+                return _cached_plan(names)
+        except TypeError:  # a name without a length: the general path's anyway
+            pass
+    return _work_out_plan(names)
+
+
+def _work_out_plan(names: tuple[Any, ...]) -> _Plan | None:
     """Where each part of a lead is in a flat form with these field names; None when the names
     call for the general path (a container such as `contact` or `utm`, a name that is not a
     string)."""
@@ -179,6 +197,9 @@ def _plan(names: tuple[Any, ...]) -> _Plan | None:
         ranked(("last_name",)),
         utm,
     )
+
+
+_cached_plan = functools.lru_cache(maxsize=1024)(_work_out_plan)
 
 
 # --- the general path ---------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 Every `ALERT_CHECK_S` a background task looks at the running parts and the database and turns
 what it sees into conditions (dead letters waiting, circuit open, CRM blocked, spool in use,
-database unreachable, delivery lag over `ALERT_LAG_S`, the worker, forwarder or heartbeat not
-running or failing, with why). A `Throttle` decides what to say: a
-condition that starts firing is announced at once, news about it (more dead letters) at most once
-per `ALERT_INTERVAL_S`, and "resolved" when it clears. Messages go through a bounded queue to a
+spool full or holding quarantined entries, data volume low on space, database unreachable,
+delivery lag over `ALERT_LAG_S`, the worker, forwarder or heartbeat not running or failing, with
+why). A `Throttle` decides what to say: a condition that starts firing is announced at once, news
+about it (more dead letters) at most once per `ALERT_INTERVAL_S`, and "resolved" when it clears.
+Messages go through a bounded queue to a
 sender task, so neither a slow Telegram nor a dead webhook ever holds intake or delivery.
 
 "Restart after a crash" is read from marker files: each process writes one under
@@ -144,6 +145,44 @@ def _parts(rt: Runtime) -> list[Observation]:
     ]
 
 
+def _storage(rt: Runtime) -> list[Observation]:
+    """The data volume low on space (bad input no longer kept) and the spool at its cap (work
+    that can only go there answered 503): this host's own, said by this process."""
+    if rt.intake is None:
+        return []
+    disk, spool = rt.intake.rejected.disk, rt.intake.spool
+    low = disk.low
+    free = disk.free_bytes
+    full = spool.size() >= spool.max_bytes
+    quarantined = spool.quarantine_bytes()
+    return [
+        Observation(
+            "disk_low",
+            low,
+            f"data volume low on space: {free} bytes free (under {disk.min_free_bytes}); "
+            "bad input is no longer kept, valid leads are still taken"
+            if low
+            else "data volume has room again: bad input is kept again",
+        ),
+        Observation(
+            "spool_full",
+            full,
+            f"spool full ({spool.max_bytes} bytes) while the database is away: "
+            "new work is answered 503 with Retry-After"
+            if full
+            else "spool has room again",
+        ),
+        Observation(
+            "spool_quarantine",
+            quarantined > 0,
+            f"spool entries the database refused are quarantined ({quarantined} bytes): "
+            "see GET /admin/api/spool"
+            if quarantined
+            else "spool quarantine empty",
+        ),
+    ]
+
+
 class Watcher:
     """Turns the runtime and the database into observations."""
 
@@ -154,7 +193,7 @@ class Watcher:
         self.dead_seen = 0
 
     async def observe(self) -> list[Observation]:
-        found = [*_circuit(self.rt), _spool(self.rt), *_parts(self.rt)]
+        found = [*_circuit(self.rt), _spool(self.rt), *_parts(self.rt), *_storage(self.rt)]
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 found.extend(await self._database())

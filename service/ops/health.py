@@ -63,6 +63,21 @@ def _stopped_loops(rt: Runtime) -> list[str]:
     return [reason for reasons in rt.stopped_parts().values() for reason in reasons]
 
 
+def _spool(rt: Runtime) -> dict[str, Any] | None:
+    """Bytes waiting, the cap, appends refused, quarantined entries; bad input kept or not."""
+    if rt.intake is None:
+        return None
+    spool = rt.intake.spool
+    return {
+        "bytes": spool.pending_bytes(),
+        "max_bytes": spool.max_bytes,
+        "refused": spool.refused,
+        "quarantined": spool.quarantined,
+        "rejected": rt.intake.rejected.counts,
+        "disk_low": rt.intake.rejected.disk.low,
+    }
+
+
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     reasons = await _not_ready(rt)
@@ -78,7 +93,7 @@ async def health(request: web.Request) -> web.Response:
         "database": await _database(rt),
         **probes,
         "queue": queue,
-        "spool": {"bytes": rt.intake.spool.pending_bytes()} if rt.intake else None,
+        "spool": _spool(rt),
         "intake": rt.intake.counts if rt.intake else None,
         "spam": rt.intake.guard.stats() if rt.intake else None,
         "idempotency_window": rt.intake.window.stats() if rt.intake else None,

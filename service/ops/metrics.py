@@ -163,16 +163,25 @@ def _request_id(request: web.Request) -> str:
 # The amoCRM hook's secret is its path: anything under it is logged as the route template (a
 # path that matched no route too: a mistyped secret is still most of the secret).
 SECRET_PATHS = (("/webhooks/amocrm/", "/webhooks/amocrm/{secret}"),)
+# most requests go to a handful of paths (each form's): each is worked out once; only short
+# paths are cached, so strangers' made-up paths cannot fill it (1,024 × 256 characters at most)
+_MAX_CACHED_PATH = 256
 
 
-@functools.lru_cache(maxsize=1024)  # most requests go to a handful of paths (each form's)
-def _logged_path(path: str) -> str:
+def _log_form(path: str) -> str:
     """The path as the request log writes it: no secret, phones and emails masked, control
     characters escaped (a percent-encoded CR/LF must not start a forged line)."""
     for prefix, template in SECRET_PATHS:
         if prefix in path:
             return template
     return logs.escape_controls(logs.mask_text(path))
+
+
+_logged_short_path = functools.lru_cache(maxsize=1024)(_log_form)
+
+
+def _logged_path(path: str) -> str:
+    return _logged_short_path(path) if len(path) <= _MAX_CACHED_PATH else _log_form(path)
 
 
 @web.middleware

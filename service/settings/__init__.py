@@ -34,6 +34,7 @@ from service.settings.slices import (
     RetryPolicy,
     SpamRule,
     SpamSettings,
+    StorageSettings,
     WebhookSettings,
     setting_name,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "Settings",
     "SpamRule",
     "SpamSettings",
+    "StorageSettings",
     "WebhookSettings",
     "load_config",
     "setting_name",
@@ -76,6 +78,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     leads: LeadSettings = field(default_factory=LeadSettings)
     crm: CrmSettings = field(default_factory=CrmSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
@@ -100,6 +103,7 @@ class Settings:
             cluster=_env.cluster(r),
             crm=_env.crm(r, kind),
             intake=_env.intake(r),
+            storage=_env.storage(r),
             alert=_env.alert(r),
             log=_env.log(r),
             http=_env.http(r),

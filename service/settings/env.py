@@ -35,6 +35,7 @@ from service.settings.slices import (
     RetentionSettings,
     RetryPolicy,
     SpamSettings,
+    StorageSettings,
     WebhookSettings,
     setting_name,
 )
@@ -232,6 +233,21 @@ def intake(r: EnvReader) -> IntakeSettings:
         idempotency_window_s=r.number("IDEMPOTENCY_WINDOW_S", float, 300.0, 0, 86400),
         default_phone_region=r.region("DEFAULT_PHONE_REGION"),
         max_body_bytes=r.number("MAX_BODY_BYTES", int, 64 * 1024, 1024, 64 * 1024 * 1024),
+        idempotency_window_bytes=r.number(
+            "IDEMPOTENCY_WINDOW_BYTES", int, 32 * 1024 * 1024, 1024 * 1024, 2**40
+        ),
+    )
+
+
+def storage(r: EnvReader) -> StorageSettings:
+    return StorageSettings(
+        rejected_max_rows=r.number("REJECTED_MAX_ROWS", int, 100_000, 1, 2**40),
+        rejected_max_bytes=r.number(
+            "REJECTED_MAX_BYTES", int, 256 * 1024 * 1024, 1024 * 1024, 2**50
+        ),
+        spool_max_bytes=r.number("SPOOL_MAX_BYTES", int, 1024 * 1024 * 1024, 1024 * 1024, 2**50),
+        min_free_bytes=r.number("DATA_MIN_FREE_BYTES", int, 512 * 1024 * 1024, 0, 2**50),
+        quarantine_days=r.number("SPOOL_QUARANTINE_DAYS", float, 30.0, 0.01, 3650),
     )
 
 

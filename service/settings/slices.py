@@ -144,8 +144,26 @@ class IntakeSettings:
     default_phone_region: str | None = None
     idempotency_window_s: float = 300.0
     idempotency_window_size: int = 100_000
+    # the window's whole cost, keys included (a long key is kept hashed): ~100,000 usual keys
+    idempotency_window_bytes: int = 32 * 1024 * 1024
     # a group commit slower than this spools its submissions and answers from the spool
     db_write_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How much of what senders send is kept on this host, and when to stop keeping bad input:
+    the `rejected` table's cap, the spool's cap, the free space the data volume must keep, and how
+    long a spool entry that cannot be stored stays in quarantine."""
+
+    # past either cap the oldest rejected bodies are deleted (the newest are what gets looked at)
+    rejected_max_rows: int = 100_000
+    rejected_max_bytes: int = 256 * 1024 * 1024
+    # past it, work that can only go to the spool is answered 503 with Retry-After
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    # under this much free space on the data volume bad input is answered but no longer kept
+    min_free_bytes: int = 512 * 1024 * 1024
+    quarantine_days: float = 30.0
 
 
 @dataclass(frozen=True)

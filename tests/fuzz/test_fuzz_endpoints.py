@@ -12,8 +12,12 @@ one goes over real HTTP to the app on a real port (real PostgreSQL behind it). E
   (`spooled`, or a repeat answered from the window meanwhile), once the spool is drained;
 - for a form, if it refused the input (`ok: false`, HTTP 200): what was sent was kept (`rejected`).
 
+Bodies include floods of distinct field names (hundreds to ~1,800 names, up to the size limit) and
+NUL in keys and values. After each endpoint's run the service must still answer `/readyz`.
+
 ~300 examples per endpoint in CI (derandomized: the same examples every run); `FUZZ_LONG=1` runs
-10,000 per endpoint with fresh randomness.
+10,000 per endpoint (40,000 bodies over the four routes) with fresh randomness; `FUZZ_EXAMPLES=N`
+sets the number per endpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from service.webhooks.events import sign
 from tests.conftest import Service, ServiceFactory
 
 FUZZ_LONG = os.environ.get("FUZZ_LONG") == "1"
-EXAMPLES = 10_000 if FUZZ_LONG else 300
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or (10_000 if FUZZ_LONG else 300))
 SECRET = "fuzz-secret"
 B24_TOKEN = "fuzz-b24-token"
 PREFIXES = ("701", "702", "705", "707", "747", "771", "775", "777", "778")
@@ -157,7 +161,15 @@ ODD_TYPES = ["", "text/csv", "application/xml", "multipart/form-data", "image/pn
 def bodies(draw: st.DrawFn, structured: st.SearchStrategy[Any]) -> tuple[bytes, str | None]:
     """(body, Content-Type): a structured value encoded some way, or bytes under any type."""
     value = draw(structured)
-    kind = draw(st.sampled_from(["json", "json", "form", "form", "multipart", "raw", "big"]))
+    kind = draw(
+        st.sampled_from(["json", "json", "form", "form", "multipart", "raw", "big", "wide"])
+    )
+    if kind == "wide":  # a flood of field names no other body uses (memory: nothing may stay)
+        seed, n = draw(st.integers(0, 2**32)), draw(st.integers(100, 1800))
+        wide = {f"f{seed:x}_{i}_\x00": "v" for i in range(n)}
+        if isinstance(value, dict):
+            wide.update(value)
+        return json.dumps(wide).encode("utf-8", "surrogatepass"), "application/json"
     if kind == "json":
         text = json.dumps(value, ensure_ascii=draw(st.booleans()))
         return text.encode("utf-8", "surrogatepass"), draw(st.sampled_from(JSON_TYPES))
@@ -390,6 +402,8 @@ async def test_fuzz_endpoint_never_5xx_never_loses_what_it_accepted(
 
     await asyncio.to_thread(fuzz)
     print(f"\n{endpoint.name}: statuses {checker.statuses}, accepted {checker.accepted}")
+    async with svc.http.get(f"{svc.url}/readyz") as r:
+        assert r.status == 200, await r.text()  # still healthy after all of it
     # the strategies reach both sides: something was accepted, something was refused
     assert checker.accepted > 0, checker.statuses
 

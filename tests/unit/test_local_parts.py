@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.delivery.limits import RateGate
-from service.errors import CrmBlocked
+from service.errors import CrmBlocked, SpoolFull
 from service.intake.keys import IdempotencyWindow, event_key, submission_key
 from service.intake.locks import KeyLocks
 from service.intake.spool import Spool
@@ -186,3 +187,27 @@ async def test_spool_file_of_a_live_writer_is_not_drained(tmp_path: Path) -> Non
     assert calls == []
     writer.close()
     assert path.exists() and b'"type":"t"' in path.read_bytes()  # not deleted, not emptied
+
+
+async def test_spool_refuses_appends_past_its_byte_cap(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1000)
+    await spool.append({"type": "t", "x": "a" * 400})
+    with pytest.raises(SpoolFull):
+        await spool.append({"type": "t", "x": "b" * 700})
+    assert spool.refused == 1
+    spool.close()
+    [path] = spool.pending_files()
+    assert b"b" * 700 not in path.read_bytes()  # nothing of it written
+
+
+async def test_spool_says_full_when_its_volume_refuses_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+
+    def no_space(lines: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool, "_write", no_space)
+    with pytest.raises(SpoolFull, match="No space left"):
+        await spool.append({"type": "t"})

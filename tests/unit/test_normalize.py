@@ -433,3 +433,21 @@ def test_the_flat_path_answers_the_usual_forms() -> None:
         assert fast is not None and fast == _general("landing", data, None, 10_000)
     nested = {"contact": {"phone": "+77011234567"}}
     assert _flat("landing", nested, None, 10_000) is None
+
+
+def test_nul_and_lone_surrogates_are_removed_from_every_key_and_value() -> None:
+    data = {
+        "phone": "+7 701 123\x00 45 67",
+        "na\x00me": "Iv\x00an",
+        "contact": {"no\ud800te": ["a\x00", {"deep": "\udfffx"}]},
+    }
+    lead = normalize("f", data)
+    assert lead.phone == "+77011234567" and lead.name == "Ivan"
+    assert lead.fields == {"contact": {"note": ["a", {"deep": "x"}]}}
+
+
+def test_clean_input_is_not_copied() -> None:
+    from service.model import storable
+
+    data = {"phone": "+77011234567", "имя": "Иван", "x": [{"y": "z"}]}
+    assert storable(data) is data

@@ -7,6 +7,7 @@ comes from the app: the admin repository, the runtime parts (worker, intake) and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -235,6 +236,34 @@ async def processes(request: web.Request) -> web.Response:
     return answer({"ok": True, "cluster": rt.cluster.state(), "processes": rows})
 
 
+async def spool(request: web.Request) -> web.Response:
+    """This host's spool: bytes waiting and the cap; the quarantined entries (newest first),
+    each with when, why and its start; bad input kept, spooled and not kept."""
+    rt = request.app[RUNTIME]
+    limit = limit_param(request)
+    if rt.intake is None:
+        return answer({"ok": False, "error": "intake not running"}, status=503)
+    s, rejected = rt.intake.spool, rt.intake.rejected
+    quarantined = await asyncio.to_thread(s.quarantined_entries, limit)
+    return answer(
+        {
+            "ok": True,
+            "pending_bytes": s.pending_bytes(),
+            "max_bytes": s.max_bytes,
+            "refused": s.refused,
+            "quarantine_bytes": s.quarantine_bytes(),
+            "quarantine_days": s.quarantine_days,
+            "quarantined": quarantined,
+            "rejected": rejected.counts,
+            "disk": {
+                "free_bytes": rejected.disk.free_bytes,
+                "min_free_bytes": rejected.disk.min_free_bytes,
+                "low": rejected.disk.low,
+            },
+        }
+    )
+
+
 async def openapi(request: web.Request) -> web.Response:
     return answer(spec(__version__))
 
@@ -282,4 +311,5 @@ def routes(enabled: bool) -> list[web.RouteDef]:
         web.post(f"{api}/delivery/pause", guarded(pause)),
         web.post(f"{api}/delivery/resume", guarded(resume)),
         web.get(f"{api}/processes", guarded(processes)),
+        web.get(f"{api}/spool", guarded(spool)),
     ]

@@ -193,6 +193,15 @@ def _paths() -> Json:
                 "cluster state and processes",
             )
         },
+        f"{api}/spool": {
+            "get": _op(
+                "This host's spool: bytes waiting, the cap, entries that could not be stored "
+                "(quarantined, newest first: when, why, the entry's first 2,000 characters), "
+                "bad input kept / spooled / not kept, the data volume's free space",
+                "spool state",
+                params=[LIMIT],
+            )
+        },
         **_webhook_paths(api),
         **_privacy_paths(api),
     }
