@@ -10,12 +10,12 @@
 Queues N submissions for M people (so N - M are returning people) with the worker off, then
 starts a worker-only service and drains the backlog (`--arrival backlog`, the default); with
 `--arrival burst` the worker runs first and 32 concurrent clients post while it works.
-`--returning R`: the CRM holds R contacts a manager made (phone typed "8 (701) …"; every other
-one with an open lead), and R of them plus R new people submit (2R submissions, phone + email
-or the `--identities` mix); the amoCRM index is synced before the run, as a running relay has
-it. People give a phone and an email (`--identities both`) or half of them a phone only
-(`mix`). amoCRM: `--dedup` is AMOCRM_DEDUP
-(index, search, trust); `--crm-contacts K` gives the account K contacts of other people first
+`--returning R`: the CRM holds R contacts a manager made (amoCRM: phone typed "8 (701) …",
+Bitrix24: "+7 (701) …"; every other one with an open lead), and R of them plus R new people
+submit (2R submissions, phone + email or the `--identities` mix); the amoCRM index is synced
+before the run, as a running relay has it. People give a phone and an email (`--identities
+both`) or half of them a phone only (`mix`). amoCRM: `--dedup` is AMOCRM_DEDUP (index,
+search, trust); `--crm-contacts K` gives the account K contacts of other people first
 (made by hand, so not counted), which the index has to read before it can answer (a cold
 start), unless `--warm` has it read them before the clock starts. Prints CRM
 requests per new lead (with N = M every lead is new) and per delivered submission, how amoCRM's
@@ -159,7 +159,8 @@ def seed_returning(sim: Any, args: argparse.Namespace) -> None:
                     [{"name": f"Manager's lead {i}", "_embedded": {"contacts": [{"id": cid}]}}]
                 )
         else:
-            phone = [{"VALUE": local, "VALUE_TYPE": "WORK"}]
+            # Bitrix24 compares phones by their digits: a manager types the +7
+            phone = [{"VALUE": f"+7 (701) {i:07d}", "VALUE_TYPE": "WORK"}]
             cid = sim.store.contact_add({"fields": {"NAME": f"Person {i}", "PHONE": phone}})
             if i % 4 == 0:
                 sim.store.deal_add(
@@ -276,6 +277,9 @@ def summarise(sim: Any, args: argparse.Namespace, limit: float, wall: float) -> 
         "duplicates": report["duplicates"],
         "wall_time_s": round(wall, 1),
     }
+    if os.environ.get("BENCH_TRACE"):  # every request: seconds since the first, endpoint
+        t0 = times[0] if times else 0.0
+        out["trace"] = [(round(e.t - t0, 3), e.endpoint) for e in sim.log.entries]
     if args.crm == "bitrix24":
         out["max_bucket_level"] = report.get("max_bucket_level")
     return out

@@ -169,6 +169,7 @@ def delivery(r: EnvReader) -> DeliverySettings:
     return DeliverySettings(
         worker_batch=r.number("WORKER_BATCH", int, 50, 1, 1000),
         worker_concurrency=r.number("WORKER_CONCURRENCY", int, 100, 1, 10000),
+        worker_round=r.number("WORKER_ROUND", int, 500, 1, 5000),
         lease_s=r.number("LEASE_S", float, 30.0, 1, 3600),
         retry=RetryPolicy(
             base_s=r.number("RETRY_BASE_S", float, 2.0, 0.001, 3600),
@@ -190,9 +191,7 @@ def webhook(r: EnvReader) -> WebhookSettings:
         forward_rate=r.number("WEBHOOK_FORWARD_RATE", float, 10.0, 0.01, 10000),
         forward_timeout_s=r.number("FORWARD_TIMEOUT_S", float, 10.0, 0.1, 600),
         echo_window_s=r.number("ECHO_WINDOW_S", float, 60.0, 0, 86400),
-        max_body_bytes=r.number(
-            "WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024
-        ),
+        max_body_bytes=r.number("WEBHOOK_MAX_BODY_BYTES", int, 1024 * 1024, 1024, 64 * 1024 * 1024),
         qstash_current_signing_key=r.text("QSTASH_CURRENT_SIGNING_KEY"),
         qstash_next_signing_key=r.text("QSTASH_NEXT_SIGNING_KEY"),
     )

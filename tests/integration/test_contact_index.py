@@ -251,8 +251,8 @@ async def test_two_workers_syncing_at_once_share_one_index(
     answers = await asyncio.gather(*(intake.submit("course", p) for p in known + new))
     assert all(a["ok"] for _, a in answers)
     await asyncio.gather(
-        service_factory(Roles(http=False), worker_batch=10),
-        service_factory(Roles(http=False), worker_batch=10),
+        service_factory(Roles(http=False), worker_round=10),
+        service_factory(Roles(http=False), worker_round=10),
     )
     await wait_for(lambda: all_delivered(db, 90), timeout=60)
 

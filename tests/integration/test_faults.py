@@ -56,7 +56,7 @@ async def test_backlog_drains_at_the_limit_without_a_single_429(
         )
     assert await db.fetchval("SELECT count(*) FROM jobs WHERE state = 'pending'") == 300
 
-    await service_factory(Roles(http=False), crm_rate_limit=5.0, worker_concurrency=4)
+    await service_factory(Roles(http=False), crm_rate_limit=5.0, worker_round=4)
     await wait_for(lambda: _requests_after_first(sim, 10.5), timeout=30)
 
     times = sorted(e.t for e in sim.log.entries)
