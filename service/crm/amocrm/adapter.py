@@ -4,9 +4,9 @@ Order of lookups: our link table (what we created before), then — for a person
 for — by `AMOCRM_DEDUP`:
 
 - `index` (default): the local contact index (`amocrm_index`), brought up to date with the
-  CRM's list endpoint once per batch; a hit is read back (`GET /contacts/{id}`) and re-checked,
-  a miss goes straight into the batch's `leads/complex`. Until the index is complete and caught
-  up, people are searched for as below.
+  CRM's list endpoint once per batch; the hits are read back in bulk (`filter[id]`) and
+  re-checked, a miss goes straight into the batch's `leads/complex`. Until the index is
+  complete and caught up, people are searched for as below.
 - `search`: a CRM search by phone, then by email (fuzzy: every hit is re-checked).
 - `trust`: no lookup; amoCRM's own duplicate control merges contacts.
 
@@ -23,6 +23,7 @@ the last one seen; the search finds it too) and updates its open lead instead of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ class AmoCrmAdapter:
             for job_id, link in links.items():
                 out[plan.slot[job_id]] = link  # None: made by `_create_new` or `_flush`
             await self._create_new(plan, out)
-            await self._flush(plan, out)
+            await self._flush(plan, out, items)
         return [r if r is not None else CrmRetryable("not delivered") for r in out]
 
     async def _lookup_for(
@@ -331,11 +332,15 @@ class AmoCrmAdapter:
                 pairs += [(i, res.contact_id) for i in (item.lead.phone, item.lead.email) if i]
         await self._remember(pairs)
 
-    async def _flush(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
+    async def _flush(
+        self, plan: Plan, out: list[Link | CrmError | None], items: Sequence[Delivery]
+    ) -> None:
         """Phones/emails added to contacts, status changes and notes for existing leads, and
         new leads for existing contacts: array calls of 50. A failure fails only the items that
         still needed it (the retry will find what was made), and an item amoCRM refuses fails
-        alone (`send_sparing`)."""
+        alone (`send_sparing`); one refused for a contact deleted since the batch read it is
+        new after all (`_contacts_gone`)."""
+        refused: dict[int, int] = {}  # slot → contact whose write amoCRM refused (400/404)
         for call, bodies in (
             (self.api.update_contacts, plan.contact_patches),
             (self.api.update_leads, plan.patches),
@@ -344,9 +349,11 @@ class AmoCrmAdapter:
             if not bodies:
                 continue
             answers = await _in_batches(no_answer(call), [body for _, body in bodies])
-            for (slot, _), answer in zip(bodies, answers, strict=True):
+            for (slot, body), answer in zip(bodies, answers, strict=True):
                 if isinstance(answer, CrmError):
                     out[slot] = answer
+                    if bodies is plan.contact_patches and _refused(answer):
+                        refused[slot] = int(body["id"])
             if bodies is plan.contact_patches:
                 gained = [plan.gained.get(slot, []) for slot, _ in bodies]
                 ok = [not isinstance(a, CrmError) for a in answers]
@@ -358,8 +365,37 @@ class AmoCrmAdapter:
             for (slot, contact_id, _), lead_id in zip(plan.lead_creates, made, strict=True):
                 if isinstance(lead_id, CrmError):
                     out[slot] = lead_id
+                    if _refused(lead_id):
+                        refused[slot] = contact_id
                 elif out[slot] is None:
                     out[slot] = Link(contact_id, lead_id)
+        await self._contacts_gone(refused, plan, out, items)
+
+    async def _contacts_gone(
+        self,
+        refused: dict[int, int],
+        plan: Plan,
+        out: list[Link | CrmError | None],
+        items: Sequence[Delivery],
+    ) -> None:
+        """Writes refused for contacts deleted in the CRM since the batch read them: those
+        contacts leave the index, and their people are made new in one more `leads/complex`.
+        Contacts still there keep their refusal."""
+        if not refused:
+            return
+        try:
+            alive = await self.api.get_contacts(sorted(set(refused.values())))
+        except CrmError:
+            return  # the refusals stand; the retry reads the contact again
+        gone = {slot: cid for slot, cid in refused.items() if cid not in alive}
+        if self.index is not None:
+            for contact_id in set(gone.values()):
+                with contextlib.suppress(StoreUnavailable):
+                    await self.index.forget_contact(contact_id)
+        plan.new = [items[slot] for slot in sorted(gone)]
+        for slot in gone:
+            out[slot] = None
+        await self._create_new(plan, out)
 
     async def find_contact(self, lead: Lead) -> AmoContact | None:
         """The oldest contact whose phone or email really matches.
@@ -481,6 +517,11 @@ def _as_error(exc: BaseException) -> CrmError:
     if not isinstance(exc, Exception):
         raise exc
     return CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")
+
+
+def _refused(exc: CrmError) -> bool:
+    """amoCRM's answer to a write naming a contact it no longer has."""
+    return isinstance(exc, CrmPermanent) and exc.status in (400, 404)
 
 
 def _newest_leads(contact: AmoContact) -> list[int]:
