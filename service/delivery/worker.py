@@ -42,6 +42,7 @@ STOP_WAIT_S = 8.0  # CRM calls in flight at shutdown get this long to land and b
 LATE_POLL_S = 0.5  # a bind-late wait looks again at least this often (a stop, a long pause)
 OVERLAP_AFTER_S = 1.0  # a round that leaves the gate idle this long lets the next one go
 ROUNDS_IN_FLIGHT = 4  # people in flight: at most this many rounds' worth
+RECORDING = 4  # outcomes recorded at once (connections of the pool)
 
 
 class Worker(JobLoop[Job, list[Job]]):
@@ -208,14 +209,23 @@ class Worker(JobLoop[Job, list[Job]]):
             return [CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")] * len(items)
 
     async def _record(self, jobs: list[Job], results: list[Link | CrmError]) -> list[Link | float]:
-        """Each outcome recorded on its own."""
-        outcomes: list[Link | float] = []
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, CrmError):
-                outcomes.append(await self._failed(job, result))
-            else:
-                outcomes.append(await self._done(job, result))
-        return outcomes
+        """Each outcome recorded on its own, RECORDING at a time (a round of hundreds would
+        otherwise keep the people's later jobs waiting, and the gate idle)."""
+        room = asyncio.Semaphore(RECORDING)
+
+        async def record(job: Job, result: Link | CrmError) -> Link | float:
+            async with room:
+                if isinstance(result, CrmError):
+                    return await self._failed(job, result)
+                return await self._done(job, result)
+
+        answers = await asyncio.gather(
+            *(record(j, r) for j, r in zip(jobs, results, strict=True)), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return [a for a in answers if not isinstance(a, BaseException)]
 
     async def _done(self, job: Job, link: Link) -> Link:
         await self.store.job_done(job, self.owner, link.contact_id, link.lead_id)
