@@ -111,6 +111,15 @@ class JobLoop(abc.ABC, Generic[J, F]):
         """How long to sleep when nothing was claimed; None: until the next job is due."""
         return None
 
+    def claim_limit(self) -> int:
+        """How many to claim now: the free part of `worker_concurrency`, at most a batch."""
+        free = self.settings.worker_concurrency - len(self.in_flight)
+        return min(free, self.settings.worker_batch)
+
+    async def before_claim(self) -> bool:
+        """Called just before a claim; False: do not claim now."""
+        return True
+
     async def listen(self) -> None:
         """Wake the loop on every NOTIFY of `channel` (a side task: it never returns)."""
         await listen_forever(self.dsn, self.channel, self.wake, self.listen_trouble)
@@ -214,10 +223,11 @@ class JobLoop(abc.ABC, Generic[J, F]):
                 await self._sleep(OUTAGE_WAIT_S)
 
     async def _claim(self) -> bool:
-        free = self.settings.worker_concurrency - len(self.in_flight)
-        if free <= 0 or not self.may_claim():
+        limit = self.claim_limit()
+        if limit <= 0 or not self.may_claim() or not await self.before_claim():
             return False
-        limit = min(free, self.settings.worker_batch)
+        if self._stopping or not self.may_claim():  # changed while before_claim waited
+            return False
         jobs = await self.queue.claim(self.owner, limit, self.settings.lease_s)
         for work in self.dispatch(jobs):
             task = asyncio.create_task(work, name=f"{self.role}-work")

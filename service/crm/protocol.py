@@ -24,7 +24,8 @@ class CrmAdapter(Protocol):
     """
 
     name: str
-    max_batch: int
+    max_batch: int  # items one CRM request takes
+    max_round: int  # deliveries one `deliver_batch` call takes (several requests' worth)
 
     async def deliver_batch(
         self, items: Sequence[Delivery], guard: ContactGuard | None = None

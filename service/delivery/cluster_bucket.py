@@ -218,6 +218,10 @@ class ClusterBucket:
             self._in_redis.discard(ticket)
             self._background(self.redis.release(self._member(ticket)))
 
+    def ready_in(self) -> float:
+        """Not known ahead across processes: the claim goes ahead, the call waits its turn."""
+        return 0.0
+
     def share_pause(self, seconds: float) -> None:
         if self.redis is not None:
             self._background(self.redis.pause(seconds))

@@ -61,6 +61,10 @@ class Bucket(Protocol):
 
     def release(self, ticket: int) -> None: ...
 
+    def ready_in(self) -> float:
+        """Seconds until `acquire` would admit a call at once (0: now), as far as known."""
+        ...
+
     def share_pause(self, seconds: float) -> None:
         """Tell the other processes about a pause this one was told to make."""
         ...
@@ -73,14 +77,21 @@ class LocalBucket:
     paused_until = 0.0
 
     def __init__(self, rate: float) -> None:
-        self._limiter = AsyncLimiter(1, SPACING_MARGIN / rate)
+        self._spacing = SPACING_MARGIN / rate
+        self._limiter = AsyncLimiter(1, self._spacing)
+        self._admitted = -self._spacing  # loop time of the last admission
 
     async def acquire(self) -> int:
         await self._limiter.acquire()
+        self._admitted = asyncio.get_running_loop().time()
         return 0
 
     def release(self, ticket: int) -> None:
         pass
+
+    def ready_in(self) -> float:
+        # one token, refilled `spacing` after it was taken
+        return max(0.0, self._admitted + self._spacing - asyncio.get_running_loop().time())
 
     def share_pause(self, seconds: float) -> None:
         pass
@@ -162,6 +173,9 @@ class RateGate:
         self.circuit = CircuitState()
         self._sent: deque[float] = deque(maxlen=10_000)
         self._firsts: deque[asyncio.Future[int]] = deque()  # callers to get the next turn
+        self.waiting = 0  # callers queued for a turn now
+        self.admitted = 0  # turns granted so far
+        self._last_admitted = -float("inf")  # monotonic
 
     @property
     def mode(self) -> str:
@@ -209,12 +223,30 @@ class RateGate:
         already queued (see `front`).
 
         Raises CircuitOpen (a CrmBlocked) while the circuit is open."""
-        ticket = await self._admit(first)
-        self._sent.append(time.monotonic())
+        self.waiting += 1
+        try:
+            ticket = await self._admit(first)
+        finally:
+            self.waiting -= 1
+        self.admitted += 1
+        self._last_admitted = time.monotonic()
+        self._sent.append(self._last_admitted)
         try:
             yield
         finally:
             self._bucket.release(ticket)
+
+    def ready_in(self) -> float:
+        """Seconds until a turn is free that nobody is queued for (no pause either); 0 on an
+        idle gate. The worker claims its next round then (bind late), so that the round's
+        first request carries everything that came due while no turn was free for it. While
+        callers are queued the next turn is theirs: look again after it (at least POLL_S)."""
+        wait = max(0.0, self.paused_until - time.monotonic(), self._bucket.ready_in())
+        return max(wait, POLL_S) if self.waiting else wait
+
+    def idle_for(self) -> float:
+        """Seconds since the last turn was granted with nobody queued since; 0 while queued."""
+        return 0.0 if self.waiting else time.monotonic() - self._last_admitted
 
     def front(self) -> FrontOfLine:
         """This gate with every slot taken ahead of the queue: for a token refresh, which the

@@ -5,10 +5,20 @@ time (see the `claim` query). The loop itself (leases kept alive by a heartbeat,
 wake-ups, idle waits, draining on stop) is `service.jobs.JobLoop`; what a CRM error does is
 `outcomes`. What is the worker's own: people, not jobs, are in flight; their jobs go out in
 rounds of adapter batches; the operator's pause and the open circuit hold claims back.
+
+Binding late: the next round is claimed only when the round before it has finished its CRM
+calls and the rate gate has a turn free that no call is queued for (`RateGate.ready_in`); it
+takes everything due then (up to `worker_round` people). A burst of submissions thus fills
+whole CRM batches instead of each NOTIFY's few people waiting at the gate with what they had;
+an idle service claims at once (the gate is free), so one lead goes out as soon as it is
+committed. A round's outcomes are recorded while the next one is under way. Should a round
+leave the gate unused for OVERLAP_AFTER_S (a CRM answer that hangs), the next round goes ahead
+beside it rather than wait for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -30,6 +40,10 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "relay_jobs"
 STOP_WAIT_S = 8.0  # CRM calls in flight at shutdown get this long to land and be recorded
+LATE_POLL_S = 0.5  # a bind-late wait looks again at least this often (a stop, a long pause)
+OVERLAP_AFTER_S = 1.0  # a round that leaves the gate idle this long lets the next one go
+ROUNDS_IN_FLIGHT = 4  # people in flight: at most this many rounds' worth
+RECORDING = 4  # outcomes recorded at once (connections of the pool)
 
 
 class Worker(JobLoop[Job, list[Job]]):
@@ -56,6 +70,10 @@ class Worker(JobLoop[Job, list[Job]]):
         # one delivery at a time per existing CRM contact, across processes (contact_guard.py)
         self.guard = ContactGuard(dsn, name)
         self.paused = False
+        # rounds making their CRM calls, and the gate's count when the newest was claimed
+        self._sending = 0
+        self._claimed_at = -1
+        self._round_ended = asyncio.Event()
         self.delivered = 0
         # attempts a job took → jobs, per final state, counted as this worker finishes each
         self.finished: dict[str, Tally[int]] = {"done": Tally(), "dead": Tally()}
@@ -65,12 +83,35 @@ class Worker(JobLoop[Job, list[Job]]):
     def may_claim(self) -> bool:
         return not self.paused and not (self.gate.circuit.is_open and self._circuit_waiting())
 
+    def claim_limit(self) -> int:
+        """Everything due, up to a round; at most ROUNDS_IN_FLIGHT rounds' worth of people
+        in flight (outcomes still being recorded included)."""
+        most = ROUNDS_IN_FLIGHT * self.settings.worker_round
+        return min(self.settings.worker_round, most - len(self.in_flight))
+
+    async def before_claim(self) -> bool:
+        """Bind late: wait until no round is making its CRM calls and the gate has a turn free
+        that nobody is queued for; then claim (see the module doc)."""
+        while not self.stopping:
+            wait = self.gate.ready_in()
+            if wait <= 0 and self._sending:
+                # beside a round still at work only once it has used the gate and then left
+                # it idle for OVERLAP_AFTER_S
+                reached = self.gate.admitted != self._claimed_at
+                wait = OVERLAP_AFTER_S - self.gate.idle_for() if reached else LATE_POLL_S
+            if wait <= 0:
+                return True
+            self._round_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._round_ended.wait(), min(wait, LATE_POLL_S))
+        return False
+
     def _circuit_waiting(self) -> bool:
         return time.monotonic() < self.gate.circuit.open_until
 
     def idle_hint(self) -> float | None:
-        if self.paused or len(self.in_flight) >= self.settings.worker_concurrency:
-            return IDLE_WAIT_S
+        if self.paused or self.claim_limit() <= 0:
+            return IDLE_WAIT_S  # the end of a round wakes us
         if self.gate.circuit.is_open:
             return max(0.05, self.gate.circuit.open_until - time.monotonic())
         return None
@@ -83,6 +124,8 @@ class Worker(JobLoop[Job, list[Job]]):
         for job in sorted(jobs, key=lambda j: j.id):
             people.setdefault(job.person_id, []).append(job)
         self.in_flight.update(people)
+        self._sending += 1
+        self._claimed_at = self.gate.admitted
         return [self._deliver_people(people)]
 
     async def extend_leases(self) -> None:
@@ -105,12 +148,18 @@ class Worker(JobLoop[Job, list[Job]]):
         job in adapter-sized batches, so one person never has two deliveries in flight."""
         queues = {pid: list(jobs) for pid, jobs in people.items()}
         links = {pid: Link(jobs[0].contact_id, jobs[0].lead_id) for pid, jobs in people.items()}
+        sending = True
         try:
             while queues and not self.stopping:
                 heads = [q[0] for q in queues.values()]
-                for start in range(0, len(heads), self.adapter.max_batch):
-                    chunk = heads[start : start + self.adapter.max_batch]
-                    outcomes = await self._deliver_chunk(chunk, links)
+                sent: list[tuple[list[Job], list[Link | CrmError]]] = []
+                for start in range(0, len(heads), self.adapter.max_round):
+                    chunk = heads[start : start + self.adapter.max_round]
+                    sent.append((chunk, await self._send_chunk(chunk, links)))
+                if sending:
+                    sending = self._calls_done()
+                for chunk, results in sent:
+                    outcomes = await self._record(chunk, results)
                     for job, outcome in zip(chunk, outcomes, strict=True):
                         await self._advance(job, outcome, queues, links)
             for queue in queues.values():
@@ -122,11 +171,19 @@ class Worker(JobLoop[Job, list[Job]]):
                 extra={"action": "worker_db_down", "error": str(exc)},
             )
         finally:
+            if sending:
+                self._calls_done()
             for pid in people:
                 self.in_flight.pop(pid, None)
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release_people(self.owner, list(people))
             self.wake()
+
+    def _calls_done(self) -> bool:
+        """The round's first CRM calls are done: the next round may be claimed."""
+        self._sending -= 1
+        self._round_ended.set()
+        return False
 
     async def _advance(
         self,
@@ -146,25 +203,37 @@ class Worker(JobLoop[Job, list[Job]]):
         await self._put_back(queue[1:], outcome, "waiting for an earlier job")
         del queues[job.person_id]
 
-    async def _deliver_chunk(self, jobs: list[Job], links: dict[int, Link]) -> list[Link | float]:
-        """One adapter call for `jobs` (one per person); each outcome recorded on its own."""
+    async def _send_chunk(self, jobs: list[Job], links: dict[int, Link]) -> list[Link | CrmError]:
+        """One adapter call for `jobs` (one per person): each one's link or error."""
         items = [
             Delivery(j.id, j.person_id, j.submission_id, j.lead, links[j.person_id]) for j in jobs
         ]
         try:
-            results = await self.adapter.deliver_batch(items, self.guard)
+            return await self.adapter.deliver_batch(items, self.guard)
         except CrmError as exc:
-            results = [exc] * len(items)
+            return [exc] * len(items)
         except Exception as exc:  # a bug in an adapter must not kill the worker or lose jobs
             log.exception("worker: unexpected error", extra={"action": "job_error"})
-            results = [CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")] * len(items)
-        outcomes: list[Link | float] = []
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, CrmError):
-                outcomes.append(await self._failed(job, result))
-            else:
-                outcomes.append(await self._done(job, result))
-        return outcomes
+            return [CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")] * len(items)
+
+    async def _record(self, jobs: list[Job], results: list[Link | CrmError]) -> list[Link | float]:
+        """Each outcome recorded on its own, RECORDING at a time (a round of hundreds would
+        otherwise keep the people's later jobs waiting, and the gate idle)."""
+        room = asyncio.Semaphore(RECORDING)
+
+        async def record(job: Job, result: Link | CrmError) -> Link | float:
+            async with room:
+                if isinstance(result, CrmError):
+                    return await self._failed(job, result)
+                return await self._done(job, result)
+
+        answers = await asyncio.gather(
+            *(record(j, r) for j, r in zip(jobs, results, strict=True)), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return [a for a in answers if not isinstance(a, BaseException)]
 
     async def _done(self, job: Job, link: Link) -> Link:
         if await self.store.job_done(job, self.owner, link.contact_id, link.lead_id):

@@ -282,6 +282,7 @@ def delivery(r: EnvReader) -> DeliverySettings:
     return DeliverySettings(
         worker_batch=r.number("WORKER_BATCH", int, 50, 1, 1000),
         worker_concurrency=r.number("WORKER_CONCURRENCY", int, 100, 1, 10000),
+        worker_round=r.number("WORKER_ROUND", int, 500, 1, 5000),
         lease_s=r.number("LEASE_S", float, 30.0, 1, 3600),
         retry=RetryPolicy(
             base_s=r.number("RETRY_BASE_S", float, 2.0, 0.001, 3600),

@@ -264,8 +264,11 @@ class CrmSettings:
 class DeliverySettings:
     """The delivery loops (worker and forwarder): batches, leases, and what a failure costs."""
 
-    worker_batch: int = 50
-    worker_concurrency: int = 100  # people in flight
+    worker_batch: int = 50  # webhook events claimed at once
+    worker_concurrency: int = 100  # webhook events in flight
+    # people one delivery round packs at most (rounds go one at a time, each claimed when the
+    # rate gate has a turn free: see delivery.worker)
+    worker_round: int = 500
     lease_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit_cooldown_s: float = 60.0

@@ -20,6 +20,7 @@ class CrashAfterCrm:
         self.inner = inner
         self.name = inner.name
         self.max_batch = inner.max_batch
+        self.max_round = inner.max_round
         self.crashed: list[int] = []  # the job ids of the batch that crashed
 
     async def deliver_batch(

@@ -57,7 +57,7 @@ async def test_tokens_expiring_mid_run_deliver_every_lead_once(
     # two worker processes (each its own pool and token cache) share the one stored pair;
     # small batches at a modest rate make the drain last long enough for several expiries
     for _ in range(2):
-        await service_factory(Roles(http=False), crm_rate_limit=24.0, worker_batch=4)
+        await service_factory(Roles(http=False), crm_rate_limit=24.0, worker_round=4)
 
     # every token dies three times mid-run (tokens live an hour, so one expiry per drain is
     # already more than real life: expiring faster than a call's wait for the gate would only

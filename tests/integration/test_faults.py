@@ -60,7 +60,7 @@ async def test_backlog_drains_at_the_limit_without_a_single_429(
     # next 0.8 s (with the quick test retries every tiny batch would re-read at the index's
     # own third of the limit)
     await service_factory(
-        Roles(http=False), crm_rate_limit=5.0, worker_concurrency=4, retry_base_s=1.0
+        Roles(http=False), crm_rate_limit=5.0, worker_round=4, retry_base_s=1.0
     )
     await wait_for(lambda: _requests_after_first(sim, 10.5), timeout=30)
 

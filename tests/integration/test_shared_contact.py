@@ -210,7 +210,7 @@ async def staged_workers(
     """`processes` workers with staged guards; two people in flight in all, one per batch."""
     for _ in range(processes):
         svc = await service_factory(
-            Roles(http=False), worker_batch=1, worker_concurrency=2 // processes
+            Roles(http=False), worker_round=1, worker_concurrency=2 // processes
         )
         worker = svc.app[WORKER]
         worker.guard = StagedGuard(worker.dsn, worker.owner, stage)

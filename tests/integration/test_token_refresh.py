@@ -71,7 +71,7 @@ def crm_settings(simulator: tuple[Simulator, str]) -> dict[str, Any]:
             "bitrix24_client_id": app.client_id,
             "bitrix24_client_secret": app.client_secret,
             "bitrix24_refresh_token": app.refresh_token,
-            "worker_batch": 1,
+            "worker_round": 1,
         }
     cfg = sim.config
     return {
@@ -181,6 +181,11 @@ async def assert_delivered_once(
     assert stored == sim.tokens.refresh_token
 
 
+# amoCRM only: a round searches for its people at once, so they queue at the gate. A Bitrix24
+# round sends its batches one after another, and the worker binds late (claims the next round
+# only when the gate has a turn nobody waits for), so one process never queues Bitrix24 calls;
+# the two-process test below meets the expiry with Bitrix24 calls in flight in both.
+@pytest.mark.parametrize("simulator", ["amocrm"], indirect=True)
 async def test_a_queue_at_the_gate_meets_an_expired_token_with_one_refresh(
     service_factory: ServiceFactory,
     simulator: tuple[Simulator, str],
@@ -215,7 +220,7 @@ async def test_two_processes_on_one_database_exchange_the_refresh_token_once(
     intake = await service_factory(Roles(worker=False))
     # each process takes at most 20 people at a time, so both take part in the drain
     workers = [
-        await service_factory(Roles(http=False), crm_rate_limit=RATE, worker_concurrency=20)
+        await service_factory(Roles(http=False), crm_rate_limit=RATE, worker_round=20)
         for _ in range(2)
     ]
     warm, exchanges_before, refused_before = await queue_behind_expired_token(

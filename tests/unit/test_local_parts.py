@@ -43,6 +43,26 @@ async def test_pause_holds_every_caller() -> None:
     assert time.monotonic() - t0 >= 0.29
 
 
+async def test_gate_tells_when_a_turn_is_free_that_nobody_waits_for() -> None:
+    gate = RateGate(2)  # a turn every 0.51 s
+    assert gate.ready_in() == 0.0  # idle: at once, so a lone lead never waits to be claimed
+    async with gate.slot():
+        pass
+    assert 0.4 < gate.ready_in() <= 0.51  # the next turn, not taken by asking
+    queued = asyncio.create_task(_one_slot(gate))
+    await asyncio.sleep(0.05)
+    assert gate.waiting == 1 and gate.ready_in() > 0.3  # that turn is the queued caller's
+    await queued
+    assert gate.admitted == 2 and gate.ready_in() > 0.4
+    gate.pause(5)
+    assert gate.ready_in() > 4.5
+
+
+async def _one_slot(gate: RateGate) -> None:
+    async with gate.slot():
+        pass
+
+
 def test_open_circuit_refuses_until_cooldown() -> None:
     gate = RateGate(5)
     gate.open_circuit("403 account blocked", cooldown_s=60)

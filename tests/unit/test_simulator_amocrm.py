@@ -166,6 +166,33 @@ async def test_leads_and_contacts_endpoints_link_by_id(amo: Amo) -> None:
     assert got["_embedded"]["leads"] == [{"id": made_lead["id"]}]
 
 
+async def test_contacts_and_leads_are_read_by_many_ids_as_php_reads_filter_id(amo: Amo) -> None:
+    _, made = await amo.call("POST", "/api/v4/leads/complex", [complex_lead() for _ in range(3)])
+    contacts, leads = [m["contact_id"] for m in made], [m["id"] for m in made]
+    # `filter[id][]=` repeated and `filter[id][n]=` are one array to PHP; one id alone works too
+    repeated = "&".join(f"filter[id][]={i}" for i in contacts[:2])
+    status, body = await amo.call("GET", f"/api/v4/contacts?{repeated}&with=leads")
+    got = body["_embedded"]["contacts"]
+    assert status == 200 and [c["id"] for c in got] == contacts[:2]
+    assert got[0]["_embedded"]["leads"] == [{"id": leads[0]}]
+    indexed = "&".join(f"filter[id][{n}]={i}" for n, i in enumerate([leads[2], 999_999]))
+    status, body = await amo.call("GET", f"/api/v4/leads?{indexed}&limit=250")
+    [lead] = body["_embedded"]["leads"]  # an id the account lacks is left out
+    assert status == 200 and lead["id"] == leads[2]
+    assert lead["_embedded"]["contacts"][0]["id"] == contacts[2]
+    _, body = await amo.call("GET", f"/api/v4/leads?filter[id]={leads[1]}")
+    assert [x["id"] for x in body["_embedded"]["leads"]] == [leads[1]]
+    assert (await amo.call("GET", "/api/v4/leads?filter[id][]=999999"))[0] == 204
+    assert (await amo.call("GET", "/api/v4/leads?filter[id][]=x"))[0] == 400
+    assert (await amo.call("GET", "/api/v4/leads?limit=251"))[0] == 400
+    # a page holds `limit` (default 50); `_links.next` while more match
+    _, body = await amo.call(
+        "GET", f"/api/v4/leads?{indexed.replace('999999', str(leads[0]))}&limit=1"
+    )
+    assert len(body["_embedded"]["leads"]) == 1 and "next" in body["_links"]
+    assert amo.sim.api.contact_reads["ids"] == 1
+
+
 async def test_notes_are_added_to_existing_leads(amo: Amo) -> None:
     _, [created] = await amo.call("POST", "/api/v4/leads/complex", [complex_lead()])
     note = {"entity_id": created["id"], "note_type": "common", "params": {"text": "hi"}}

@@ -5,9 +5,9 @@ for — by `AMOCRM_DEDUP`:
 
 - `index` (default): the local contact index (`amocrm_index`), brought up to date with the
   CRM's list endpoint at most every `AMOCRM_INDEX_REFRESH_S`, at its own share of the limit;
-  a hit is read back (`GET /contacts/{id}`) and re-checked, a miss goes straight into the
-  batch's `leads/complex`. Until the index is complete and caught
-  up, people are searched for as below.
+  the hits are read back in bulk (`filter[id]`) and re-checked, a miss goes straight into the
+  batch's `leads/complex`. Until the index is complete and caught up, people are searched for
+  as below.
 - `search`: a CRM search by phone, then by email (fuzzy: every hit is re-checked).
 - `trust`: no lookup; amoCRM's own duplicate control merges contacts.
 
@@ -24,10 +24,11 @@ the last one seen; the search finds it too) and updates its open lead instead of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from service.crm.amocrm.api import (
     MAX_BATCH,
@@ -44,7 +45,7 @@ from service.crm.amocrm.index import (
     national_number,
     phone_identity,
 )
-from service.crm.amocrm.sparing import no_answer, send_sparing
+from service.crm.amocrm.sparing import Send, no_answer, send_sparing
 from service.crm.base import Deferred, Delivery, Link
 from service.crm.contact_guard import ContactClaims
 from service.db.contact_locks import ContactGuard
@@ -63,14 +64,17 @@ MAX_CANDIDATES = 5  # indexed contacts of one person read back before treating t
 class AmoCrmAdapter:
     """Delivers submissions to amoCRM through `AmoCrmApi` (which goes through the rate gate).
 
-    Per batch: people we know (link table) cost one GET each for their lead; new people cost
-    one list request for the whole batch (`index`), or one or two searches each (`search`), or
-    nothing (`trust`), and all the new contacts + leads of the batch go out in one
-    `leads/complex` call; notes and status changes go out as one array call each.
+    Per batch: the leads of people we know (link table) and the contacts the index names
+    are read in bulk (`filter[id]`, BULK_IDS to a request), then the leads of every contact
+    found; new people cost one list request for the whole batch (`index`), or one or two
+    searches each (`search`), or nothing (`trust`), and all the new contacts + leads of the
+    batch go out in `leads/complex` calls of 50; phones/emails added to contacts, new leads of
+    existing contacts, status changes and notes go out as array calls of 50 each.
     """
 
     name = "amocrm"
     max_batch = MAX_BATCH
+    max_round = 500  # one contact-list read for up to ten `leads/complex` of 50
 
     def __init__(
         self,
@@ -115,7 +119,10 @@ class AmoCrmAdapter:
         async with ContactClaims(guard, account_of(self.api.base_url)) as claims:
             lookup = await self._lookup_for(items, plan, out)
             todo = plan.pending(items, out)
+            await self._read_ahead(todo, plan, out, lookup)
+            todo = plan.pending(todo, out)
             found = await _each(todo, plan, out, lambda d: self._resolve(d, plan, lookup))
+            await self._read_leads_of(todo, found, plan, out)
             resolved = [(d, found[d.job_id].contact_id) for d in todo if d.job_id in found]
             for job_id, why in (await claims.hold(resolved)).items():
                 out[plan.slot[job_id]] = why
@@ -124,9 +131,9 @@ class AmoCrmAdapter:
                 ready, plan, out, lambda d: self._act(d, found[d.job_id], plan, claims)
             )
             for job_id, link in links.items():
-                out[plan.slot[job_id]] = link
+                out[plan.slot[job_id]] = link  # None: made by `_create_new` or `_flush`
             await self._create_new(plan, out)
-            await self._flush(plan, out)
+            await self._flush(plan, out, items)
         return [r if r is not None else CrmRetryable("not delivered") for r in out]
 
     async def _lookup_for(
@@ -164,13 +171,75 @@ class AmoCrmAdapter:
                     out[plan.slot[d.job_id]] = exc
             return "search"
 
+    async def _read_ahead(
+        self, items: Sequence[Delivery], plan: Plan, out: list[Link | CrmError | None], lookup: str
+    ) -> None:
+        """In bulk, before anyone is resolved: the leads of people we know, and the contacts
+        the index names. A failed read fails the people that needed it."""
+        linked = [d for d in items if _known(d)]
+        indexed = [d for d in items if lookup == "index" and not _known(d)]
+        wanted = {d.job_id: plan.indexed.get(d.job_id, [])[:MAX_CANDIDATES] for d in indexed}
+        try:
+            await self._read(plan, leads=[int(d.link.lead_id or 0) for d in linked])
+        except CrmError as exc:
+            for d in linked:
+                out[plan.slot[d.job_id]] = exc
+        try:
+            await self._read(plan, contacts=[i for ids in wanted.values() for i in ids])
+        except CrmError as exc:
+            for d in indexed:
+                out[plan.slot[d.job_id]] = exc
+
+    async def _read_leads_of(
+        self,
+        items: Sequence[Delivery],
+        found: dict[int, _Found],
+        plan: Plan,
+        out: list[Link | CrmError | None],
+    ) -> None:
+        """In bulk: the leads of every contact the batch found (the newest MAX_LEADS_CHECKED
+        of each), where the open one is looked for."""
+        contacts = {d.job_id: found[d.job_id].contact for d in items if d.job_id in found}
+        needing = [d for d in items if contacts.get(d.job_id) is not None]
+        ids = [i for c in contacts.values() if c is not None for i in _newest_leads(c)]
+        try:
+            await self._read(plan, leads=ids)
+        except CrmError as exc:
+            for d in needing:
+                out[plan.slot[d.job_id]] = exc
+
+    async def _read(
+        self, plan: Plan, *, contacts: Sequence[int] = (), leads: Sequence[int] = ()
+    ) -> None:
+        """Read what the plan does not hold yet; an id the CRM does not have is None."""
+        contact_ids = sorted({i for i in contacts if i and i not in plan.contacts})
+        if contact_ids:
+            got = await self.api.get_contacts(contact_ids)
+            plan.contacts.update({i: got.get(i) for i in contact_ids})
+        lead_ids = sorted({i for i in leads if i and i not in plan.leads})
+        if lead_ids:
+            got_leads = await self.api.get_leads(lead_ids)
+            plan.leads.update({i: got_leads.get(i) for i in lead_ids})
+
+    async def _contact(self, contact_id: int, plan: Plan) -> AmoContact | None:
+        """A contact as the batch's bulk read found it, else read on its own."""
+        if contact_id in plan.contacts:
+            return plan.contacts[contact_id]
+        return await self.api.get_contact(contact_id)
+
+    async def _lead(self, lead_id: int, plan: Plan) -> AmoLead | None:
+        """A lead as the batch's bulk read found it, else read on its own."""
+        if lead_id in plan.leads:
+            return plan.leads[lead_id]
+        return await self.api.get_lead(lead_id)
+
     async def _resolve(self, item: Delivery, plan: Plan, lookup: str) -> _Found:
         """Whom the delivery goes to, before anything is written."""
         if _known(item):
             return _Found(item.link.contact_id)
         if lookup == "index":
-            contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id])
-            return _Found() if contact is None else _Found(contact.id, contact)
+            contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id], plan)
+            return _Found() if contact is None else _Found(contact.id, contact, indexed=True)
         contact = None if lookup == "trust" else await self.find_contact(item.lead)
         if contact is None:
             return _Found()
@@ -198,11 +267,11 @@ class AmoCrmAdapter:
         else a new lead; their contact deleted in the CRM, they are new."""
         link = item.link
         assert link.contact_id is not None and link.lead_id is not None
-        known = await self.api.get_lead(link.lead_id)
+        known = await self._lead(link.lead_id, plan)
         if known is not None and known.is_open:
             plan.touch(item, known, rule)
             return link
-        contact = await self.api.get_contact(link.contact_id)
+        contact = await self._contact(link.contact_id, plan)
         if contact is None:
             plan.new.append(item)
             return None
@@ -240,11 +309,13 @@ class AmoCrmAdapter:
         plan.new.append(item)
         return None
 
-    async def _indexed_contact(self, lead: Lead, candidates: list[int]) -> AmoContact | None:
+    async def _indexed_contact(
+        self, lead: Lead, candidates: list[int], plan: Plan
+    ) -> AmoContact | None:
         """The first indexed contact that still exists and still holds the phone or email."""
         assert self.index is not None
         for contact_id in candidates[:MAX_CANDIDATES]:
-            contact = await self.api.get_contact(contact_id)
+            contact = await self._contact(contact_id, plan)
             if contact is None:
                 await self.index.forget_contact(contact_id)
             elif not self._matches(contact, lead):
@@ -260,15 +331,18 @@ class AmoCrmAdapter:
         plan: Plan,
         rule: FormRule,
         claims: ContactClaims,
-    ) -> Link:
-        """The person is this contact: their open lead gets the note, else a new lead."""
-        await self._complete_contact(contact, item.lead, claims)
-        open_lead = await self._open_lead(contact, rule)
+    ) -> Link | None:
+        """The person is this contact: their open lead gets the note, else a new lead (made
+        with the batch's others by `_flush`: None until then)."""
+        self._complete_contact(contact, item, plan, claims)
+        open_lead = await self._open_lead(contact, rule, plan)
         if open_lead is not None:
             plan.touch(item, open_lead, rule)
             return Link(contact.id, open_lead.id)
         claims.wrote(contact.id)
-        return Link(contact.id, await self._new_lead(contact.id, item.lead, rule, item))
+        body = linked_lead_body(contact.id, item.lead, rule, item)
+        plan.lead_creates.append((plan.slot[item.job_id], contact.id, body))
+        return None
 
     async def _create_new(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
         """One `leads/complex` call for every new person of the batch (a person amoCRM
@@ -276,7 +350,7 @@ class AmoCrmAdapter:
         if not plan.new:
             return
         bodies = [complex_body(d.lead, self.leads.form_rule(d.lead.form), d) for d in plan.new]
-        created = await send_sparing(self.api.create_complex, bodies)
+        created = await _in_batches(self.api.create_complex, bodies)
         pairs: list[tuple[str, int]] = []
         for res, item in zip(created, plan.new, strict=True):
             if isinstance(res, CrmError):
@@ -287,20 +361,70 @@ class AmoCrmAdapter:
                 pairs += [(i, res.contact_id) for i in (item.lead.phone, item.lead.email) if i]
         await self._remember(pairs)
 
-    async def _flush(self, plan: Plan, out: list[Link | CrmError | None]) -> None:
-        """Status changes and notes for existing leads, one array call each. A failure fails
-        only the items that still needed it (their lead exists; the retry will update it), and
-        an item amoCRM refuses fails alone (`send_sparing`)."""
+    async def _flush(
+        self, plan: Plan, out: list[Link | CrmError | None], items: Sequence[Delivery]
+    ) -> None:
+        """Phones/emails added to contacts, status changes and notes for existing leads, and
+        new leads for existing contacts: array calls of 50. A failure fails only the items that
+        still needed it (the retry will find what was made), and an item amoCRM refuses fails
+        alone (`send_sparing`); one refused for a contact deleted since the batch read it is
+        new after all (`_contacts_gone`)."""
+        refused: dict[int, int] = {}  # slot → contact whose write amoCRM refused (400/404)
         for call, bodies in (
+            (self.api.update_contacts, plan.contact_patches),
             (self.api.update_leads, plan.patches),
             (self.api.add_notes, plan.notes),
         ):
             if not bodies:
                 continue
-            answers = await send_sparing(no_answer(call), [body for _, body in bodies])
-            for (slot, _), answer in zip(bodies, answers, strict=True):
+            answers = await _in_batches(no_answer(call), [body for _, body in bodies])
+            for (slot, body), answer in zip(bodies, answers, strict=True):
                 if isinstance(answer, CrmError):
                     out[slot] = answer
+                    if bodies is plan.contact_patches and _refused(answer):
+                        refused[slot] = int(body["id"])
+            if bodies is plan.contact_patches:
+                gained = [plan.gained.get(slot, []) for slot, _ in bodies]
+                ok = [not isinstance(a, CrmError) for a in answers]
+                await self._remember(
+                    [p for pairs, y in zip(gained, ok, strict=True) if y for p in pairs]
+                )
+        if plan.lead_creates:
+            made = await _in_batches(self.api.create_leads, [b for _, _, b in plan.lead_creates])
+            for (slot, contact_id, _), lead_id in zip(plan.lead_creates, made, strict=True):
+                if isinstance(lead_id, CrmError):
+                    out[slot] = lead_id
+                    if _refused(lead_id):
+                        refused[slot] = contact_id
+                elif out[slot] is None:
+                    out[slot] = Link(contact_id, lead_id)
+        await self._contacts_gone(refused, plan, out, items)
+
+    async def _contacts_gone(
+        self,
+        refused: dict[int, int],
+        plan: Plan,
+        out: list[Link | CrmError | None],
+        items: Sequence[Delivery],
+    ) -> None:
+        """Writes refused for contacts deleted in the CRM since the batch read them: those
+        contacts leave the index, and their people are made new in one more `leads/complex`.
+        Contacts still there keep their refusal."""
+        if not refused:
+            return
+        try:
+            alive = await self.api.get_contacts(sorted(set(refused.values())))
+        except CrmError:
+            return  # the refusals stand; the retry reads the contact again
+        gone = {slot: cid for slot, cid in refused.items() if cid not in alive}
+        if self.index is not None:
+            for contact_id in set(gone.values()):
+                with contextlib.suppress(StoreUnavailable):
+                    await self.index.forget_contact(contact_id)
+        plan.new = [items[slot] for slot in sorted(gone)]
+        for slot in gone:
+            out[slot] = None
+        await self._create_new(plan, out)
 
     async def find_contact(self, lead: Lead) -> AmoContact | None:
         """The oldest contact whose phone or email really matches.
@@ -344,21 +468,23 @@ class AmoCrmAdapter:
                 extra={"action": "contact_index_down", "error": str(exc)},
             )
 
-    async def _open_lead(self, contact: AmoContact, rule: FormRule) -> AmoLead | None:
-        for lead_id in sorted(contact.lead_ids, reverse=True)[:MAX_LEADS_CHECKED]:
-            found = await self.api.get_lead(lead_id)
+    async def _open_lead(self, contact: AmoContact, rule: FormRule, plan: Plan) -> AmoLead | None:
+        for lead_id in _newest_leads(contact):
+            found = await self._lead(lead_id, plan)
             if found is None or not found.is_open:
                 continue
             if rule.pipeline_id is None or found.pipeline_id == rule.pipeline_id:
                 return found
         return None
 
-    async def _complete_contact(
-        self, contact: AmoContact, lead: Lead, claims: ContactClaims
+    def _complete_contact(
+        self, contact: AmoContact, item: Delivery, plan: Plan, claims: ContactClaims
     ) -> None:
-        """Add the phone or email the contact lacks, so the next search finds it either way.
+        """Add the phone or email the contact lacks, so the next search finds it either way
+        (sent with the batch's others by `_flush`).
 
         PATCH replaces all values of a field, so the existing values are sent along."""
+        lead = item.lead
         phones = list(contact.phones)
         emails = list(contact.emails)
         if lead.phone and not self._has_phone(phones, lead.phone):
@@ -373,12 +499,9 @@ class AmoCrmAdapter:
             if values
         ]
         claims.wrote(contact.id)
-        await self.api.update_contacts([{"id": contact.id, "custom_fields_values": fields}])
-        await self._remember([(i, contact.id) for i in (lead.phone, lead.email) if i])
-
-    async def _new_lead(self, contact_id: int, lead: Lead, rule: FormRule, item: Delivery) -> int:
-        ids = await self.api.create_leads([linked_lead_body(contact_id, lead, rule, item)])
-        return ids[0]
+        slot = plan.slot[item.job_id]
+        plan.contact_patches.append((slot, {"id": contact.id, "custom_fields_values": fields}))
+        plan.gained[slot] = [(i, contact.id) for i in (lead.phone, lead.email) if i]
 
 
 @dataclass(frozen=True)
@@ -408,12 +531,30 @@ async def _each(
     return done
 
 
+async def _in_batches(send: Send[T], bodies: Sequence[Mapping[str, Any]]) -> list[T | CrmError]:
+    """`send_sparing` for any number of bodies, MAX_BATCH to a request."""
+    answers: list[T | CrmError] = []
+    for start in range(0, len(bodies), MAX_BATCH):
+        answers += await send_sparing(send, bodies[start : start + MAX_BATCH])
+    return answers
+
+
 def _as_error(exc: BaseException) -> CrmError:
     if isinstance(exc, CrmError):
         return exc
     if not isinstance(exc, Exception):
         raise exc
     return CrmRetryable(f"unexpected {exc.__class__.__name__}: {exc}")
+
+
+def _refused(exc: CrmError) -> bool:
+    """amoCRM's answer to a write naming a contact it no longer has."""
+    return isinstance(exc, CrmPermanent) and exc.status in (400, 404)
+
+
+def _newest_leads(contact: AmoContact) -> list[int]:
+    """The leads of a contact examined for an open one: its newest MAX_LEADS_CHECKED."""
+    return sorted(contact.lead_ids, reverse=True)[:MAX_LEADS_CHECKED]
 
 
 def _known(item: Delivery) -> bool:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from service.crm.amocrm.api import AmoLead, contact_fields
+from service.crm.amocrm.api import AmoContact, AmoLead, contact_fields
 from service.crm.base import Delivery, Link
 from service.errors import CrmError
 from service.model import Lead
@@ -25,6 +25,13 @@ class Plan:
         self.indexed: dict[int, list[int]] = {}  # job id → the person's contacts in the index
         self.patches: list[tuple[int, dict[str, Any]]] = []  # (slot, body)
         self.notes: list[tuple[int, dict[str, Any]]] = []
+        # phones/emails added to existing contacts: (slot, body), and what to index after
+        self.contact_patches: list[tuple[int, dict[str, Any]]] = []
+        self.gained: dict[int, list[tuple[str, int]]] = {}  # slot → (identity, contact id)
+        self.lead_creates: list[tuple[int, int, dict[str, Any]]] = []  # (slot, contact, body)
+        # what the batch's bulk reads found: id → entity, or None when the CRM has no such id
+        self.contacts: dict[int, AmoContact | None] = {}
+        self.leads: dict[int, AmoLead | None] = {}
 
     def pending(
         self, items: Sequence[Delivery], out: list[Link | CrmError | None]

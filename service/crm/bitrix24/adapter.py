@@ -91,6 +91,9 @@ class Bitrix24Adapter:
 
     name = "bitrix24"
     max_batch = MAX_COMMANDS
+    # a round of 500: one request of findbycomm for everyone (25 + 25 commands), then 50
+    # contacts or deals to a request
+    max_round = 500
 
     def __init__(self, api: Bitrix24Api, settings: Bitrix24Settings, leads: LeadSettings) -> None:
         self.api = api
@@ -102,8 +105,8 @@ class Bitrix24Adapter:
         self, items: Sequence[Delivery], guard: ContactGuard | None = None
     ) -> list[Link | CrmError]:
         """Find or create every item's person; one Link or CrmError per item, in order."""
-        if len(items) > self.max_batch:
-            raise ValueError(f"at most {self.max_batch} deliveries per batch, got {len(items)}")
+        if len(items) > self.max_round:
+            raise ValueError(f"at most {self.max_round} deliveries per round, got {len(items)}")
         people = [
             Person(n, item, self.leads.form_rule(item.lead.form)) for n, item in enumerate(items)
         ]

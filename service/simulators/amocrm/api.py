@@ -116,7 +116,8 @@ class AmoApi:
         self.tokens = tokens
         self._config = config
         self._clock = clock
-        # served contact reads by kind: "search" (?query=), "list" (no query), "get" (by id)
+        # served contact reads by kind: "search" (?query=), "list" (no query), "get" (by id),
+        # "ids" (a list read with filter[id])
         self.contact_reads: Counter[str] = Counter()
 
     def routes(self) -> list[web.RouteDef]:
@@ -128,6 +129,7 @@ class AmoApi:
             ("GET", r"/api/v4/contacts/{id:\d+}", self.get_contact),
             ("PATCH", r"/api/v4/contacts/{id:\d+}", self.update_contact),
             ("GET", "/api/v4/leads/pipelines", self.pipelines),
+            ("GET", "/api/v4/leads", self.list_leads),
             ("POST", "/api/v4/leads/complex", self.create_complex),
             ("POST", "/api/v4/leads", self.create_leads),
             ("PATCH", "/api/v4/leads", self.update_leads),
@@ -157,7 +159,11 @@ class AmoApi:
         since = _optional_int(request, "filter[updated_at][from]")
         until = _optional_int(request, "filter[updated_at][to]")
         found = self.store.list_contacts(query, since, until, _order(request))
-        self.contact_reads["search" if query.strip() else "list"] += 1
+        ids = _id_filter(request)
+        if ids is not None:
+            found = [c for c in found if c.id in ids]
+        kind = "ids" if ids is not None else "search" if query.strip() else "list"
+        self.contact_reads[kind] += 1
         shown = found[(page - 1) * limit : page * limit]
         if not shown:
             return web.Response(status=204)
@@ -177,6 +183,27 @@ class AmoApi:
         with_leads = "leads" in request.query.get("with", "").split(",")
         lead_ids = self.store.lead_ids_by_contact().get(contact.id, []) if with_leads else None
         return json_answer(contact.to_json(lead_ids))
+
+    async def list_leads(self, request: web.Request) -> web.Response:
+        """The leads list, by `filter[id]` (one id or an array), `limit` (1..250, default 50),
+        `page`; contacts are embedded (`with=contacts`). Nothing matching is 204 with an empty
+        body, as for contacts. (amocrm.ru/developers/content/crm_platform/leads-api, "Список
+        сделок"; the filter: …/crm_platform/filters-api, `filter[id]` int|array.)"""
+        limit = _int_param(request, "limit", 50)
+        page = _int_param(request, "page", 1)
+        if not 1 <= limit <= LIST_LIMIT or page < 1:
+            detail = f"limit must be 1..{LIST_LIMIT} and page at least 1"
+            raise ValidationFailed.single("InvalidValue", "limit", detail)
+        ids = _id_filter(request)
+        found = [lead for lead in self.store.leads.values() if ids is None or lead.id in ids]
+        shown = found[(page - 1) * limit : page * limit]
+        if not shown:
+            return web.Response(status=204)
+        links = {"self": {"href": str(request.url)}}
+        if len(found) > page * limit:
+            links["next"] = {"href": str(request.url.update_query(page=page + 1))}
+        leads = [lead.to_json() for lead in shown]
+        return json_answer({"_page": page, "_links": links, "_embedded": {"leads": leads}})
 
     async def get_lead(self, request: web.Request) -> web.Response:
         lead = self.store.leads.get(int(request.match_info["id"]))
@@ -256,6 +283,20 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
 
 def _optional_int(request: web.Request, name: str) -> int | None:
     return _int_param(request, name, 0) if name in request.query else None
+
+
+def _id_filter(request: web.Request) -> set[int] | None:
+    """`filter[id]`: one id (`filter[id]=5`) or an array, written as PHP reads one
+    (`filter[id][]=5&filter[id][]=6` or `filter[id][0]=5&filter[id][1]=6`); None when absent."""
+    values = [
+        v for k, v in request.query.items() if k == "filter[id]" or k.startswith("filter[id][")
+    ]
+    if not values:
+        return None
+    try:
+        return {int(v) for v in values}
+    except ValueError:
+        raise ValidationFailed.single("InvalidType", "filter[id]", "Expected integers") from None
 
 
 def _order(request: web.Request) -> tuple[str, str]:
