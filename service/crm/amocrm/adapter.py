@@ -239,7 +239,7 @@ class AmoCrmAdapter:
             return _Found(item.link.contact_id)
         if lookup == "index":
             contact = await self._indexed_contact(item.lead, plan.indexed[item.job_id], plan)
-            return _Found() if contact is None else _Found(contact.id, contact, indexed=True)
+            return _Found() if contact is None else _Found(contact.id, contact)
         contact = None if lookup == "trust" else await self.find_contact(item.lead)
         if contact is None:
             return _Found()
