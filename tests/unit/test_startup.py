@@ -29,7 +29,7 @@ def test_block_for_a_configured_crm_and_database() -> None:
             "CRM": "bitrix24",
             "BITRIX24_WEBHOOK_URL": "https://example.bitrix24.kz/rest/1/s3cr3tw3bh00k/",
             "DATABASE_URL": "postgresql://relay:pa55word@db.internal:5432/relay",
-            "ADMIN_TOKEN": "t" * 40,
+            "ADMIN_TOKEN": "tok-" + "5f0c9e2a7b" * 4,
             "PORT": "9000",
         }
     )

@@ -286,28 +286,8 @@ class AmoCrmAdapter:
         claims: ContactClaims,
     ) -> Link | None:
         """Write to a contact we found (link, search or index). A contact deleted in the CRM
-        since we read it — amoCRM refuses linking or updating it ("Contact is not found": a
-        400/404, and reading it back finds nothing) — is not a dead letter: what we remembered
-        of it is dropped and the person resolved again. A search finding nobody makes them new
-        (no claim needed: nobody else can have read a contact that does not exist); finding
-        another contact (a manager merged the two) defers them to the next round, which reads
-        that contact under the contact claims."""
-        try:
-            return await self._existing(contact, item, plan, rule, claims)
-        except CrmPermanent as exc:
-            if exc.status not in (400, 404) or await self.api.get_contact(contact.id) is not None:
-                raise
-        log.info(
-            "amoCRM contact gone before our write: resolving the person again",
-            extra={"action": "contact_gone", "contact_id": contact.id, "job_id": item.job_id},
-        )
-        if self.index is not None:
-            await self.index.forget_contact(contact.id)
-        again = None if self.dedup == "trust" else await self.find_contact(item.lead)
-        if again is not None and again.id != contact.id:
-            raise Deferred(f"CRM contact {contact.id} is gone; {again.id} holds the person now")
-        plan.new.append(item)
-        return None
+        since we read it is not a dead letter: `_contacts_gone` resolves its person again."""
+        return await self._existing(contact, item, plan, rule, claims)
 
     async def _indexed_contact(
         self, lead: Lead, candidates: list[int], plan: Plan
@@ -407,8 +387,12 @@ class AmoCrmAdapter:
         out: list[Link | CrmError | None],
         items: Sequence[Delivery],
     ) -> None:
-        """Writes refused for contacts deleted in the CRM since the batch read them: those
-        contacts leave the index, and their people are made new in one more `leads/complex`.
+        """Writes refused for contacts deleted in the CRM since the batch read them (amoCRM:
+        "Contact is not found", a 400/404, and reading it back finds nothing): not dead letters.
+        Those contacts leave the index and their people are resolved again: a search finding
+        nobody makes them new, in one more `leads/complex` (no claim needed: nobody else can
+        have read a contact that does not exist); finding another contact (a manager merged the
+        two) defers them to the next round, which reads that contact under the contact claims.
         Contacts still there keep their refusal."""
         if not refused:
             return
@@ -421,9 +405,24 @@ class AmoCrmAdapter:
             for contact_id in set(gone.values()):
                 with contextlib.suppress(StoreUnavailable):
                     await self.index.forget_contact(contact_id)
-        plan.new = [items[slot] for slot in sorted(gone)]
-        for slot in gone:
+        plan.new = []
+        for slot, contact_id in sorted(gone.items()):
+            item = items[slot]
+            log.info(
+                "amoCRM contact gone before our write: resolving the person again",
+                extra={"action": "contact_gone", "contact_id": contact_id, "job_id": item.job_id},
+            )
+            try:
+                again = None if self.dedup == "trust" else await self.find_contact(item.lead)
+            except CrmError as exc:
+                out[slot] = exc
+                continue
+            if again is not None and again.id != contact_id:
+                why = f"CRM contact {contact_id} is gone; {again.id} holds the person now"
+                out[slot] = Deferred(why)
+                continue
             out[slot] = None
+            plan.new.append(item)
         await self._create_new(plan, out)
 
     async def find_contact(self, lead: Lead) -> AmoContact | None:
