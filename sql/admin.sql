@@ -135,3 +135,54 @@ WITH changed AS (
 )
 SELECT paused, changed_at, changed_by, pg_notify('crm_relay_delivery', paused::text) AS notified
   FROM changed;
+
+-- name: rejected
+-- Bad input kept for inspection, newest first: $1 limit. The body's first 300 bytes only.
+SELECT id, endpoint, content_type, errors, received_at, octet_length(body) AS body_bytes,
+       substring(body FROM 1 FOR 300) AS body_start
+  FROM rejected
+ ORDER BY received_at DESC
+ LIMIT $1;
+
+-- name: webhook_events
+-- Webhook events in, newest first ($1 limit), with the state of their outbox jobs: the
+-- process job, and the forward jobs as {destination, state, attempts, last_error}.
+SELECT e.id, e.source, e.kind, e.entity_id, e.received_at, e.outcome, e.processed_at,
+       (SELECT f.state FROM forward_jobs f
+         WHERE f.event_id = e.id AND f.kind = 'process' LIMIT 1) AS process_state,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                    'id', f.id, 'destination', f.destination, 'state', f.state,
+                    'attempts', f.attempts, 'last_error', f.last_error) ORDER BY f.id)
+                   FROM forward_jobs f WHERE f.event_id = e.id AND f.kind = 'forward'),
+                '[]'::jsonb) AS forwards
+  FROM webhook_events e
+ ORDER BY e.received_at DESC, e.id
+ LIMIT $1;
+
+-- name: forwards
+-- Forwards out, most recently changed first: $1 state (NULL = any), $2 limit.
+SELECT f.id, f.event_id, e.source, e.kind, f.destination, f.state, f.attempts, f.run_at,
+       f.last_error, f.created_at, f.updated_at
+  FROM forward_jobs f JOIN webhook_events e ON e.id = f.event_id
+ WHERE f.kind = 'forward' AND ($1::text IS NULL OR f.state = $1)
+ ORDER BY f.updated_at DESC, f.id DESC
+ LIMIT $2;
+
+-- name: form_counts
+-- Per form since $1 (the start of the day): submissions by state, and spam caught; $2 limit
+-- (forms with the most submissions first).
+WITH subs AS (
+    SELECT form, count(*) AS received,
+           count(*) FILTER (WHERE state = 'delivered') AS delivered,
+           count(*) FILTER (WHERE state = 'pending') AS pending,
+           count(*) FILTER (WHERE state = 'dead') AS dead
+      FROM submissions WHERE received_at >= $1 GROUP BY form
+), caught AS (
+    SELECT form, count(*) AS spam FROM spam WHERE received_at >= $1 GROUP BY form
+)
+SELECT coalesce(s.form, c.form) AS form, coalesce(s.received, 0) AS received,
+       coalesce(s.delivered, 0) AS delivered, coalesce(s.pending, 0) AS pending,
+       coalesce(s.dead, 0) AS dead, coalesce(c.spam, 0) AS spam
+  FROM subs s FULL JOIN caught c ON c.form = s.form
+ ORDER BY coalesce(s.received, 0) + coalesce(c.spam, 0) DESC, form
+ LIMIT $2;

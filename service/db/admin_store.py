@@ -74,10 +74,16 @@ def json_ready(values: Mapping[str, Any]) -> Row:
     return {k: _json_value(v) for k, v in values.items()}
 
 
+JSON_COLUMNS = ("lead", "errors", "forwards")
+
+
 def _row(record: asyncpg.Record) -> Row:
     out = json_ready(dict(record.items()))
-    if isinstance(out.get("lead"), str):
-        out["lead"] = orjson.loads(out["lead"])
+    for key in JSON_COLUMNS:
+        if isinstance(out.get(key), str):
+            out[key] = orjson.loads(out[key])
+    if isinstance(out.get("body_start"), bytes):  # a rejected body's start, as text
+        out["body_start"] = out["body_start"].decode("utf-8", "replace")
     return out
 
 
@@ -153,6 +159,22 @@ class AdminStore:
 
     async def timeline(self, minutes: int) -> list[Row]:
         return await self._rows("timeline", minutes)
+
+    async def rejected(self, limit: int) -> list[Row]:
+        """Bad input kept, newest first, each with the first 300 bytes of its body."""
+        return await self._rows("rejected", limit)
+
+    async def webhook_events(self, limit: int) -> list[Row]:
+        """Webhook events in, newest first, with the state of their process and forward jobs."""
+        return await self._rows("webhook_events", limit)
+
+    async def forwards(self, state: str | None, limit: int) -> list[Row]:
+        """Forward jobs (events out), most recently changed first."""
+        return await self._rows("forwards", state, limit)
+
+    async def form_counts(self, since: dt.datetime, limit: int) -> list[Row]:
+        """Per form since `since`: received, delivered, pending, dead, and spam caught."""
+        return await self._rows("form_counts", since, limit)
 
 
 ADMIN_STORE = web.AppKey("admin_store", AdminStore)

@@ -21,6 +21,7 @@ from service.db.admin_store import ADMIN_STORE, AdminStore, DeadFilter, Submissi
 from service.delivery.control import DELIVERY_CONTROL
 from service.errors import BadInput, FieldError
 from service.intake.normalize import normalize_email, normalize_phone
+from service.ops.admin import panels as admin_panels
 from service.ops.admin import privacy as admin_privacy
 from service.ops.admin import webhooks as admin_webhooks
 from service.ops.admin.dashboard import dashboard
@@ -95,6 +96,9 @@ async def submissions(request: web.Request) -> web.Response:
         limit=limit_param(request),
     )
     items = await _store(request).find_submissions(query)
+    template = admin_panels.lead_url_template(request.app[SETTINGS].crm)
+    for item in items:
+        item["crm_lead_url"] = admin_panels.lead_url(template, item.get("crm_lead_id"))
     return answer({"ok": True, "submissions": items})
 
 
@@ -200,7 +204,7 @@ async def _set_paused(request: web.Request, paused: bool) -> web.Response:
 
 
 async def overview(request: web.Request) -> web.Response:
-    """The dashboard's header: queue, dead letters, worker, limiter."""
+    """The dashboard's header: queue, dead letters, worker, circuit, the CRM rate gate."""
     rt = request.app[RUNTIME]
     queue = asdict(await rt.store.queue_counts()) if rt.store else None
     gate = rt.gate
@@ -215,6 +219,7 @@ async def overview(request: web.Request) -> web.Response:
             "circuit": {"open": gate.circuit.is_open, "reason": gate.circuit.reason}
             if gate
             else None,
+            "crm": admin_panels.crm_gate(request),
         }
     )
 
@@ -294,6 +299,7 @@ def routes(enabled: bool) -> list[web.RouteDef]:
     return [
         *admin_webhooks.routes(api),
         *admin_privacy.routes(api),
+        *admin_panels.routes(api),
         web.get("/admin", to_dashboard),
         web.get("/admin/", dashboard),
         web.get("/admin/openapi.json", openapi),

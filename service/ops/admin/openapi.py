@@ -95,7 +95,14 @@ def _paths() -> Json:
         "/admin/openapi.json": {
             "get": _op("This description", "OpenAPI 3.1", {"type": "object"}, public=True)
         },
-        f"{api}/overview": {"get": _op("Queue, dead letters, worker, circuit", "overview")},
+        f"{api}/overview": {
+            "get": _op(
+                "Queue, dead letters, worker, circuit; crm: this process's CRM calls per second "
+                "(last 10 s) against the limit, the 429 pause, the circuit, the CRM's lead page "
+                "URL template ({id})",
+                "overview",
+            )
+        },
         f"{api}/timeline": {
             "get": _op(
                 "Queue depth and deliveries per minute",
@@ -106,7 +113,9 @@ def _paths() -> Json:
         },
         f"{api}/submissions": {
             "get": _op(
-                "Find submissions with delivery state, job state, attempts, error and CRM ids",
+                "Find submissions with delivery state, job state, attempts, error, CRM ids and "
+                "crm_lead_url (the amoCRM lead / Bitrix24 deal page; null without a base URL); "
+                "no filter: the latest",
                 "newest first",
                 params=[
                     _query("phone", "any way of writing it; normalised like intake does"),
@@ -204,6 +213,51 @@ def _paths() -> Json:
         },
         **_webhook_paths(api),
         **_privacy_paths(api),
+        **_panel_paths(api),
+    }
+
+
+def _panel_paths(api: str) -> Json:
+    """service/ops/admin/panels.py: the dashboard's read-only lists."""
+    return {
+        f"{api}/rejected": {
+            "get": _op(
+                "Bad input kept for inspection (forms and webhooks), newest first: endpoint, "
+                "errors, body size and its first 300 bytes",
+                "list",
+                params=[LIMIT],
+                errors=BAD,
+            )
+        },
+        f"{api}/webhook-events": {
+            "get": _op(
+                "Webhook events in, newest first, with their outcome, process job state and "
+                "forwards (destination without query string, state, attempts, last error)",
+                "list",
+                params=[LIMIT],
+                errors=BAD,
+            )
+        },
+        f"{api}/forwards": {
+            "get": _op(
+                "Forwards out (events POSTed downstream), most recently changed first",
+                "list",
+                params=[_query("state", "pending | running | done | dead"), LIMIT],
+                errors=BAD,
+            )
+        },
+        f"{api}/forms/today": {
+            "get": _op(
+                "Per form since 00:00 UTC today (or since): received, delivered, pending, dead, "
+                "spam caught; the busiest forms first",
+                "since, forms",
+                params=[
+                    _query("since", "count from (ISO 8601; default today 00:00 UTC)", TIME),
+                    LIMIT,
+                ],
+                errors=BAD,
+            )
+        },
     }
 
 
