@@ -311,3 +311,38 @@ async def test_openapi_describes_every_admin_route(service_factory: ServiceFacto
     assert len(routes) >= 21
     missing = [(p, m) for p, m in routes if m not in spec["paths"].get(p, {})]
     assert missing == []
+
+
+async def test_dashboard_lists_are_guarded_bounded_and_checked(
+    service_factory: ServiceFactory, db: asyncpg.Connection
+) -> None:
+    svc = await service_factory(admin_token=TOKEN)
+    for i in range(3):  # bad input: no phone or email
+        status, body = await svc.submit("course", {"name": f"Nobody {i}"})
+        assert status == 200 and body["ok"] is False, body
+
+    async def kept() -> bool:
+        return await count(db, "SELECT count(*) FROM rejected") == 3
+
+    await wait_for(kept)
+    lists = ("rejected", "webhook-events", "forwards", "forms/today")
+    for path in lists:
+        assert (await call(svc, "GET", f"/admin/api/{path}", headers={}))[0] == 401, path
+        for bad in ("0", "501", "x", "٣"):
+            status, body = await call(svc, "GET", f"/admin/api/{path}?limit={bad}")
+            assert status == 400 and body["errors"][0]["field"] == "limit", (path, bad)
+    status, body = await call(svc, "GET", "/admin/api/rejected?limit=2")
+    assert status == 200 and len(body["rejected"]) == 2
+    first = body["rejected"][0]
+    assert first["endpoint"] == "forms/course" and first["errors"][0]["field"] == "phone"
+    assert "Nobody 2" in first["body_start"] and first["body_bytes"] > 0  # newest first
+    status, body = await call(svc, "GET", "/admin/api/forwards?state=lost")
+    assert status == 400 and body["errors"][0]["field"] == "state"
+    status, body = await call(svc, "GET", "/admin/api/forms/today?since=yesterday")
+    assert status == 400 and body["errors"][0]["field"] == "since"
+    status, body = await call(svc, "GET", "/admin/api/forms/today")
+    assert status == 200 and body["forms"] == []  # bad input is not a submission
+    status, body = await call(svc, "GET", "/admin/api/overview")
+    crm = body["crm"]
+    assert crm["limit"] == 150.0 and crm["rate"] >= 0 and crm["paused_for_s"] == 0
+    assert crm["circuit"]["open"] is False and crm["lead_url"].endswith("/leads/detail/{id}")
