@@ -160,12 +160,13 @@ SELECT e.id, e.source, e.kind, e.entity_id, e.received_at, e.outcome, e.processe
  LIMIT $1;
 
 -- name: forwards
--- Forwards out, most recently changed first: $1 state (NULL = any), $2 limit.
+-- Forwards out, newest first (by id: the primary key's index, never a sort of the whole
+-- table): $1 state (NULL = any), $2 limit.
 SELECT f.id, f.event_id, e.source, e.kind, f.destination, f.state, f.attempts, f.run_at,
        f.last_error, f.created_at, f.updated_at
   FROM forward_jobs f JOIN webhook_events e ON e.id = f.event_id
  WHERE f.kind = 'forward' AND ($1::text IS NULL OR f.state = $1)
- ORDER BY f.updated_at DESC, f.id DESC
+ ORDER BY f.id DESC
  LIMIT $2;
 
 -- name: form_counts

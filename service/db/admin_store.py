@@ -169,7 +169,7 @@ class AdminStore:
         return await self._rows("webhook_events", limit)
 
     async def forwards(self, state: str | None, limit: int) -> list[Row]:
-        """Forward jobs (events out), most recently changed first."""
+        """Forward jobs (events out), newest first."""
         return await self._rows("forwards", state, limit)
 
     async def form_counts(self, since: dt.datetime, limit: int) -> list[Row]:

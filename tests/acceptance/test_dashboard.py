@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from service.ops.runtime import RUNTIME
 from service.settings import FormRule, RetryPolicy, SpamRule
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import ServiceFactory, wait_for
@@ -275,6 +276,18 @@ async def test_dashboard_panels_replay_release_and_lookup(
     await browser.until("document.querySelectorAll('#lookup-rows tr').length === 1")
     found = await browser.js("document.querySelector('#lookup-rows tr').textContent")
     assert "Айгерим" in found and "delivered" in found and "course" in found
+
+    # the CRM blocked us and answered 429: the now panel says so at its next refresh
+    gate = svc.app[RUNTIME].gate
+    assert gate is not None
+    gate.pause(3.0)  # short: the worker's shutdown waits for it
+    gate.open_circuit("account blocked (403)", 60.0)
+    await browser.js("refresh().then(() => true)")
+    circuit = [(await _texts(browser, f"#{i}"))[0] for i in ("stat-circuit", "crm-circuit-reason")]
+    circuit += await _texts(browser, "#crm-pause")
+    assert circuit[0] == "OPEN" and circuit[1].startswith("account blocked (403), probe in")
+    assert circuit[2].endswith(" s") and float(circuit[2].split()[0]) > 0
+    gate.close_circuit()
 
     errors = [
         e

@@ -240,7 +240,7 @@ def _panel_paths(api: str) -> Json:
         },
         f"{api}/forwards": {
             "get": _op(
-                "Forwards out (events POSTed downstream), most recently changed first",
+                "Forwards out (events POSTed downstream), newest first",
                 "list",
                 params=[_query("state", "pending | running | done | dead"), LIMIT],
                 errors=BAD,
