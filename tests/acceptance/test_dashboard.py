@@ -249,6 +249,8 @@ async def test_dashboard_panels_replay_release_and_lookup(
     events = await _rows(browser, "#events-rows")
     assert len(events) == 1 and events[0][1] == "amocrm" and events[0][3] == str(lead_id)
     assert events[0][5] == "done"
+    href = await browser.js("document.querySelector('#events-rows a').href")
+    assert href == f"{sim_url}/leads/detail/{lead_id}"
     forwards = await _rows(browser, "#forwards-rows")
     assert forwards[0][3] == "done" and "downstream-secret" not in forwards[0][2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.ops.admin.panels import _destination, lead_url, lead_url_template
+from service.ops.admin.panels import _destination, _names_a_lead, lead_url, lead_url_template
 from service.settings import AmoCrmSettings, Bitrix24Settings, CrmSettings
 
 
@@ -55,3 +55,12 @@ def test_lead_url_needs_an_integer_id() -> None:
 def test_destination_drops_user_info_and_query() -> None:
     url = "https://user:pw@hooks.example.com:8443/in/crm?token=abc#x"
     assert _destination(url) == "https://hooks.example.com:8443/in/crm"
+
+
+def test_only_the_configured_crms_lead_events_link_to_a_lead() -> None:
+    assert _names_a_lead("amocrm", "amocrm", "leads.status")
+    assert not _names_a_lead("amocrm", "amocrm", "contacts.update")
+    assert _names_a_lead("bitrix24", "bitrix24", "oncrmdealupdate")
+    assert not _names_a_lead("bitrix24", "bitrix24", "oncrmcontactupdate")
+    assert not _names_a_lead("amocrm", "bitrix24", "oncrmdealupdate")
+    assert not _names_a_lead("amocrm", "generic/shop", "leads.status")

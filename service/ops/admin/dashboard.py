@@ -285,7 +285,8 @@ function rejectedRow(tr, r) {
 }
 function eventRow(tr, e) {
   tr.dataset.eventId = e.id;
-  cell(tr, when(e.received_at)); cell(tr, e.source); cell(tr, e.kind); cell(tr, e.entity_id);
+  cell(tr, when(e.received_at)); cell(tr, e.source); cell(tr, e.kind);
+  link(cell(tr, ""), e.crm_lead_url, e.entity_id ?? "");
   cell(tr, e.outcome || (e.process_state ? "processing: " + e.process_state : ""));
   cell(tr, e.forwards.map((f) => f.state + (f.attempts > 1 ? " ×" + f.attempts : "")).join(", ")
     || "–");

@@ -232,7 +232,8 @@ def _panel_paths(api: str) -> Json:
         f"{api}/webhook-events": {
             "get": _op(
                 "Webhook events in, newest first, with their outcome, process job state and "
-                "forwards (destination without query string, state, attempts, last error)",
+                "forwards (destination without query string, state, attempts, last error); "
+                "crm_lead_url for the configured CRM's own events",
                 "list",
                 params=[LIMIT],
                 errors=BAD,

@@ -65,6 +65,14 @@ def _destination(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else url[:100]
 
 
+def _names_a_lead(crm: str, source: str, kind: str) -> bool:
+    """Whether an event's entity is a lead (deal) of the configured CRM: amoCRM's `leads.*`,
+    Bitrix24's `oncrmdeal*` (a contact's id is not a lead's)."""
+    if source != crm:
+        return False
+    return kind.startswith("leads.") if crm == "amocrm" else kind.lower().startswith("oncrmdeal")
+
+
 def crm_gate(request: web.Request) -> dict[str, Any] | None:
     """This process's view of the CRM rate gate: calls per second now against the limit, the
     pause a 429 started, the circuit."""
@@ -102,9 +110,15 @@ async def rejected(request: web.Request) -> web.Response:
 
 async def webhook_events(request: web.Request) -> web.Response:
     items = await _store(request).webhook_events(params.limit_param(request))
+    crm = request.app[SETTINGS].crm
+    template = lead_url_template(crm)
     for item in items:
         for f in item["forwards"]:
             f["destination"] = _destination(f["destination"])
+        entity = item["entity_id"]
+        ours = _names_a_lead(crm.kind, item["source"], item["kind"])
+        number = isinstance(entity, str) and params.is_number(entity) and len(entity) < 19
+        item["crm_lead_url"] = lead_url(template, int(entity) if ours and number else None)
     return answer({"ok": True, "events": items})
 
 
