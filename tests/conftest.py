@@ -4,6 +4,7 @@ from a migrated template), the amoCRM simulator on a real port, and the service 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -206,3 +207,33 @@ async def wait_for(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(every)
+
+
+async def status_while_sending(url: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+    """The server's own answer to a body it may refuse before reading it all: the status line is
+    read while the body is still being sent, so only a real answer counts — a dropped
+    connection fails the test instead of passing for a 413."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            for i in range(0, len(body), 65536):
+                writer.write(body[i : i + 65536])
+                await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 "), f"no answer, connection dropped: {status_line!r}"
+    return int(status_line.split()[1])
