@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import hypothesis
 import pytest
 from aiohttp import web
 
@@ -31,6 +32,18 @@ from service.settings import (
 )
 from service.simulators.amocrm.server import AmoCrmSimulator, SimulatorConfig, start_simulator
 from tests.overrides import override
+
+# scripts/mutate runs the property tests once per mutant: a tenth of their examples there, drawn
+# the same way every time, so that a mutant's verdict does not depend on the draw
+MUTATION_TESTING = os.environ.get("MUTATION_TESTING") == "1"
+if MUTATION_TESTING:
+    hypothesis.settings.register_profile("mutation", derandomize=True, database=None)
+    hypothesis.settings.load_profile("mutation")
+
+
+def examples(n: int) -> int:
+    """How many examples a property test draws: `n`, or a tenth of it under scripts/mutate."""
+    return max(n // 10, 50) if MUTATION_TESTING else n
 
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)

@@ -90,7 +90,12 @@ async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: P
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 15)
         assert code == 0, (tmp_path / "stderr.log").read_text()[-3000:]
-        assert time.monotonic() - t0 < 10.0
+        # the documented promise (docs/operations.md: exit 0 within 10 s, what Docker and PM2
+        # wait for); with nothing in flight it takes about 2 s, so load alone does not
+        # reach it — only a wait for some timeout would
+        stopped_s = time.monotonic() - t0
+        print(f"stopped {stopped_s:.2f} s after SIGTERM")
+        assert stopped_s < 10.0, f"stopped {stopped_s:.1f} s after SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()

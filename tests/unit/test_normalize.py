@@ -21,6 +21,7 @@ from service.intake.normalize import (
 )
 from service.logs import mask_email, mask_phone
 from service.model import Lead
+from tests.conftest import examples
 
 
 def errors_of(form: str, data: dict[str, Any], **kwargs: Any) -> list[FieldError]:
@@ -77,7 +78,7 @@ def test_quick_path_agrees_on_every_example_number() -> None:
     assert answered > len(_EXAMPLES) * 0.8  # the quick path does answer most real numbers
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(
     code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
     digits=st.text(alphabet="0123456789", min_size=3, max_size=14),
@@ -370,7 +371,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     form=st.one_of(st.just("landing"), st.text(max_size=10)),
     data=st.dictionaries(KEYS, VALUES, max_size=6),
@@ -405,7 +406,7 @@ _VALUES = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=4000, deadline=None)
+@settings(max_examples=examples(4000), deadline=None)
 @given(
     data=st.dictionaries(_NAMES, _VALUES, min_size=1, max_size=7),
     region=st.sampled_from([None, "RU", "KZ"]),
