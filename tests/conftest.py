@@ -45,6 +45,7 @@ def examples(n: int) -> int:
     """How many examples a property test draws: `n`, or a tenth of it under scripts/mutate."""
     return max(n // 10, 50) if MUTATION_TESTING else n
 
+
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)
 
@@ -63,6 +64,17 @@ def dsn_for(base_dsn: str, database: str) -> str:
 def pg_root() -> Iterator[Path]:
     # short path: the server's Unix socket lives in it (108-byte limit on socket paths)
     root = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def embedded_data_dir() -> Iterator[Path]:
+    """A data directory for a service that starts its own embedded PostgreSQL. Not under
+    tmp_path: the server runs as another user when we are root, and that user must traverse
+    every folder above its data — while pytest makes its own temporary root private again
+    (0700) whenever any pytest run on the machine starts, a race the server then loses."""
+    root = Path(tempfile.mkdtemp(prefix="crd-", dir="/tmp"))
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

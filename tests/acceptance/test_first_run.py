@@ -41,11 +41,16 @@ async def wait_ready(
     raise AssertionError(f"{url}/readyz not ready within {timeout} s")
 
 
-async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: Path) -> None:
+async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(
+    tmp_path: Path, embedded_data_dir: Path
+) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AMOCRM_", "BITRIX24_"))}
     env.update(
-        CRM_RELAY_DATA_DIR=str(tmp_path / "var"), PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="INFO"
+        CRM_RELAY_DATA_DIR=str(embedded_data_dir / "var"),
+        PORT=str(port),
+        HOST="127.0.0.1",
+        LOG_LEVEL="INFO",
     )
     for var in ("DATABASE_URL", "CRM", "REDIS_URL", "CRM_RELAY_CONFIG"):
         env.pop(var, None)

@@ -9,12 +9,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-import pytest
 from redis.asyncio.retry import Retry as AsyncRetry
 
 from service.cluster.processes import Cluster, RedisLink, connect_redis
 from service.delivery.cluster_bucket import ClusterBucket, RedisRateLog
-from service.delivery.limits import POLL_S, RateGate, SendLog
+from service.delivery.limits import POLL_S, RateGate
 from service.intake.shared_keys import SharedKeys
 from service.simulators.common import max_in_window
 
@@ -162,22 +161,6 @@ async def test_shared_keys_batch_concurrent_requests_and_step_aside_when_redis_i
     keys.remember("k0", uuid.uuid4())  # dropped quietly
     # it does not wait for Redis (retries, timeouts): seconds would show; the margin is for load
     assert time.monotonic() - t0 < 3.0 and not keys.link.up
-
-
-def test_send_log_counts_calls_until_one_window_after_their_answer() -> None:
-    now = [1000.0]
-    log = SendLog(0.2, clock=lambda: now[0])
-    log.admit(1)
-    log.admit(2)
-    assert log.wait(2) == POLL_S  # both in flight: unknown
-    assert log.wait(3) == 0.0
-    now[0] += 0.05
-    log.release(1)
-    now[0] += 0.05
-    assert log.wait(2) == pytest.approx(0.15)  # one window after the answer, not the admission
-    assert [(t, age) for t, age in log.recent()] == [(2, None), (1, pytest.approx(0.05))]
-    now[0] += 0.16  # past the window after the answer
-    assert log.wait(2) == 0.0 and log.count() == 1
 
 
 # --- hand-overs: two processes, Redis killed and started again ---------------------------------
