@@ -23,12 +23,12 @@ KILLED = {"killed", "timeout", "caught by type check"}
 
 
 def explained() -> set[str]:
-    """Survivor names (or glob patterns of them) listed in docs/mutation.md, each as `name` at
-    the start of a list item."""
+    """Survivor names (or glob patterns of them) listed in docs/mutation.md: each list item
+    names one or more, `in backticks`, before its " — " and the reason."""
     names = set()
     for line in (ROOT / "docs" / "mutation.md").read_text().splitlines():
-        if line.startswith("- `") and "`" in line[3:]:
-            names.add(line[3 : line.index("`", 3)])
+        if line.startswith("- `") and " — " in line:
+            names.update(line.split(" — ", 1)[0].split("`")[1::2])
     return names
 
 
