@@ -199,27 +199,35 @@ async def test_the_spool_makes_its_directory_and_starts_a_new_file_after_closing
 async def test_a_cancelled_appender_leaves_the_others_answered_and_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The appender doing the write is cancelled (its request timed out) while the disk is
-    slow: the others in its write, and those who came after, are still written and answered."""
+    """The appender doing a write for others too is cancelled (its request timed out) while
+    the disk is slow: the others in its write, and those who came after, are still written
+    and answered."""
     real_fsync = spool_module.os.fsync
+    at_disk: list[int] = []
 
     def slow_fsync(fd: int) -> None:
+        at_disk.append(fd)
         time.sleep(0.2)
         real_fsync(fd)
 
     monkeypatch.setattr(spool_module.os, "fsync", slow_fsync)
     spool = Spool(tmp_path)
-    writer = asyncio.create_task(spool.append({"type": "submission", "n": 0}))
-    others = [asyncio.create_task(spool.append({"type": "submission", "n": n})) for n in (1, 2)]
-    await asyncio.sleep(0.05)  # the first write (of all three) is at the disk
-    later = asyncio.create_task(spool.append({"type": "submission", "n": 3}))
+
+    def append(n: int) -> asyncio.Task[None]:
+        return asyncio.create_task(spool.append({"type": "submission", "n": n}))
+
+    first = append(0)  # writes alone, slowly; the next three queue behind it
+    await asyncio.sleep(0)
+    writer, others = append(1), [append(2), append(3)]
+    await asyncio.wait_for(first, HUNG_S)
+    for _ in range(int(HUNG_S / 0.01)):  # the writer's write, of all three, is at the disk
+        if len(at_disk) == 2:
+            break
+        await asyncio.sleep(0.01)
+    later = append(4)
     await asyncio.sleep(0)
     writer.cancel()
     await asyncio.wait_for(asyncio.gather(*others, later), HUNG_S)
     spool.close()
-    written = [
-        orjson.loads(line)["n"]
-        for f in spool.pending_files()
-        for line in f.read_bytes().splitlines()
-    ]
-    assert {1, 2, 3} <= set(written)  # a line written twice is a repeat its key drops
+    lines = [line for f in spool.pending_files() for line in f.read_bytes().splitlines()]
+    assert {2, 3, 4} <= {orjson.loads(line)["n"] for line in lines}  # (a repeat's key drops it)
