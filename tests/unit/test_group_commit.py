@@ -310,7 +310,7 @@ async def test_why_an_item_went_to_the_spool_is_logged(
     ]
     errors = [str(getattr(r, "error", "")) for r in caplog.records]
     assert "the pool is closing" in errors[0]
-    assert "repeated transaction rollbacks" in errors[1]
+    assert errors[1] == "repeated transaction rollbacks"
     assert "cannot store the replacement" in errors[2] and "UntranslatableCharacter" in errors[2]
 
 
