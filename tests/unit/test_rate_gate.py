@@ -10,12 +10,13 @@ turns, so a lost or doubled turn shows without waiting for the real limiter.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
 import pytest
 
-from service.delivery.limits import POLL_S, RateGate, SendLog, capacity_window
+from service.delivery.limits import POLL_S, FrontOfLine, RateGate, SendLog, capacity_window
 from service.errors import CircuitOpen
 
 HUNG_S = 5.0
@@ -37,21 +38,34 @@ class CountedBucket:
     paused_until = 0.0
 
     def __init__(self) -> None:
-        self._turns: asyncio.Queue[int] = asyncio.Queue()
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._ready: collections.deque[int] = collections.deque()
+        self._next = 100
         self.issued: list[int] = []
         self.released: list[int] = []
         self.shared_pauses: list[float] = []
         self.fail: Exception | None = None
 
     def grant(self, n: int = 1) -> None:
+        """The next `n` turns: to the callers waiting, first come first served, else kept."""
         for _ in range(n):
-            ticket = 100 + len(self.issued) + self._turns.qsize()
-            self._turns.put_nowait(ticket)
+            ticket, self._next = self._next, self._next + 1
+            while self._waiters and self._waiters[0].done():  # cancelled
+                self._waiters.popleft()
+            if self._waiters:
+                self._waiters.popleft().set_result(ticket)
+            else:
+                self._ready.append(ticket)
 
     async def acquire(self) -> int:
         if self.fail is not None:
             raise self.fail
-        ticket = await self._turns.get()
+        if self._ready:
+            ticket = self._ready.popleft()
+        else:
+            turn: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._waiters.append(turn)
+            ticket = await turn
         self.issued.append(ticket)
         return ticket
 
@@ -62,6 +76,11 @@ class CountedBucket:
 
     def share_pause(self, seconds: float) -> None:
         self.shared_pauses.append(seconds)
+
+
+async def take(gate: RateGate | FrontOfLine) -> None:
+    async with gate.slot():
+        pass
 
 
 async def settle() -> None:
@@ -276,3 +295,69 @@ async def test_a_failing_bucket_fails_the_front_of_the_line_instead_of_hanging_i
     gate = RateGate(10, bucket)
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(gate.front().slot().__aenter__(), HUNG_S)
+
+
+def test_a_limit_between_one_and_two_a_second_allows_one_call_in_any_second() -> None:
+    assert capacity_window(1.5) == (1, 1.0)  # not one call every 0.67 s: two in some second
+
+
+async def test_the_observed_rate_is_over_the_last_minute_and_its_history_is_bounded() -> None:
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    bucket.grant(10_050)
+    for _ in range(10_050):
+        async with gate.slot():
+            pass
+    assert gate.observed_rate() == pytest.approx(10_000 / 60)  # at most 10,000 send times kept
+    assert gate.observed_rate(1e9) == pytest.approx(10_000 / 1e9)
+
+
+async def test_a_pause_that_begins_while_a_caller_waits_for_its_turn_gives_the_turn_back() -> None:
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    caller = asyncio.create_task(take(gate))
+    await settle()  # queued for a turn
+    gate.pause(0.2)  # a 429 meanwhile
+    bucket.grant(2)  # its turn comes during the pause: given back, and the next one taken after
+    await asyncio.wait_for(caller, HUNG_S)
+    assert bucket.issued == bucket.released == [100, 101]
+
+
+async def test_a_refresh_with_nobody_queued_takes_and_gives_back_the_buckets_own_turn() -> None:
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    bucket.grant(1)
+    async with gate.front().slot():
+        pass
+    assert bucket.issued == bucket.released == [100]
+
+
+async def test_a_turn_the_refresh_no_longer_needs_goes_back_to_the_bucket() -> None:
+    """Two turns at once: the queued caller's, handed to the refresh, and the refresh's own,
+    which comes too late and must go back (in Redis, a turn never given back blocks a slot
+    of the shared limit until it ages out)."""
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    queued = asyncio.create_task(take(gate))
+    await settle()
+    refresh = asyncio.create_task(take(gate.front()))
+    await settle()
+    bucket.grant(2)
+    await asyncio.wait_for(refresh, HUNG_S)
+    await settle()
+    assert bucket.issued == [100, 101] and sorted(bucket.released) == [100, 101]
+    bucket.grant(1)
+    await asyncio.wait_for(queued, HUNG_S)
+    assert bucket.issued == sorted(bucket.released) == [100, 101, 102]
+
+
+async def test_refreshes_on_an_idle_line_leave_no_waiter_behind() -> None:
+    """Token refreshes with no other call going: each takes its own turn and leaves the line
+    of front waiters empty (it would grow by one a refresh, for ever)."""
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    for _ in range(3):
+        bucket.grant(1)
+        async with gate.front().slot():
+            pass
+    assert len(gate._firsts) == 0
