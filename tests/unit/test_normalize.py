@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.errors import BadInput, FieldError
+from service.intake import normalize as normalize_module
 from service.intake.normalize import (
     _canonical,
     _flat,
@@ -434,3 +435,108 @@ def test_the_flat_path_answers_the_usual_forms() -> None:
         assert fast is not None and fast == _general("landing", data, None, 10_000)
     nested = {"contact": {"phone": "+77011234567"}}
     assert _flat("landing", nested, None, 10_000) is None
+
+
+# --- found by mutation testing (scripts/mutate normalize) ---------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches() -> None:
+    """Every test computes its own answers: the module's caches (parsed phones, form plans)
+    would otherwise answer from an earlier test — or, under scripts/mutate, from the unmutated
+    code — and hide what the code under test does."""
+    for value in vars(normalize_module).values():
+        clear = getattr(value, "cache_clear", None)
+        if callable(clear):
+            clear()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"phone": "(202) 555-0143"},  # a usual flat form
+        {"contact": {"tel": "(202) 555-0143"}, "x": [1]},  # the general path
+    ],
+)
+def test_the_default_region_completes_a_number_sent_without_its_country_code(
+    data: dict[str, Any],
+) -> None:
+    assert normalize("f", data, default_region="US").phone == "+12025550143"
+    assert errors_of("f", data, default_region=None)  # without it, the number is refused
+
+
+def test_a_long_phone_text_is_parsed_with_the_default_region_too() -> None:
+    padded = "(202) 555-0143" + " " * 80  # past the cached lengths
+    assert normalize_phone(padded, "US") == "+12025550143"
+
+
+def test_eleven_digits_from_8_or_7_are_a_kazakh_or_russian_number_without_a_region() -> None:
+    for text in ("8 (701) 123-45-67", "7 701 123 45 67", "87011234567"):
+        assert _parsed_e164(text, None) == "+77011234567", text
+    assert _parsed_e164("8 (916) 123-45-67", None) == "+79161234567"
+    assert _parsed_e164("97011234567", None) is None  # not 8 or 7: not guessed
+    assert _parsed_e164("870112345678", None) is None  # twelve digits: not guessed
+    assert _parsed_e164("+1 202 555 0143", None) == "+12025550143"
+
+
+def test_what_is_wrong_with_a_phone_or_email_is_said_in_words() -> None:
+    """The `errors` the sender reads (and the form shows) under each field."""
+    assert errors_of("f", {"phone": "12345"})[0].message.endswith(
+        " (add the country code, e.g. +7)"
+    )
+    assert not errors_of("f", {"phone": "12345"}, default_region="KZ")[0].message.endswith(")")
+    assert not errors_of("f", {"phone": "+12345"})[0].message.endswith(")")
+    with pytest.raises(BadInput) as empty:
+        normalize_phone("  ", None)
+    assert empty.value.errors == [FieldError("phone", "phone is empty")]
+    for value, message in [
+        ("a b@c.kz", "must not contain spaces"),
+        ("no-at-sign", "must look like name@example.com"),
+        ("a@localhost", "the part after @ must be a domain such as example.com"),
+    ]:
+        with pytest.raises(BadInput) as info:
+            normalize_email(value)
+        assert info.value.errors == [FieldError("email", message)], value
+    assert errors_of("a b", {"email": "a@b.kz"}) == [
+        FieldError("form", "form name must be 1-64 characters: letters, digits, _ . -")
+    ]
+
+
+def test_values_exactly_at_their_limits_are_kept_whole() -> None:
+    exactly = "x" * 100
+    assert normalize("f", {"email": "a@b.kz", "c": exactly}, max_field_chars=100)
+    assert normalize("f", {"email": "a@b.kz", "c": {"d": exactly}}, max_field_chars=100)
+    name = "Я" * 255
+    for data in ({"name": name, "email": "a@b.kz"}, {"name": name, "email": "a@b.kz", "x": [1]}):
+        lead = normalize("f", data)
+        assert lead.name == name and "name_raw" not in lead.fields
+    email = "a" * 64 + "@" + "b" * 63 + "." + "c" * 60 + "." + "d" * 61 + ".kz"
+    assert len(email) == 254
+    assert normalize_email(email) == email
+
+
+@pytest.mark.parametrize("extra", [{}, {"x": [1]}])  # the flat path, then the general one
+def test_a_name_too_long_is_cut_at_a_word_and_kept_whole_in_the_fields(
+    extra: dict[str, Any],
+) -> None:
+    long = "Анна " * 50 + "Ли " + "Мария " * 10
+    lead = normalize("f", {"name": long, "email": "a@b.kz", **extra})
+    assert lead.name is not None and lead.name == lead.name.strip()
+    assert 250 <= len(lead.name) <= 255 and long.startswith(lead.name)
+    if extra:
+        assert lead.fields["name_raw"] == " ".join(long.split())
+
+
+def test_blank_values_of_every_shape_give_way_to_the_next_alias() -> None:
+    for blank in (None, [], [""], ["  "], "  "):
+        lead = normalize("f", {"phone": blank, "tel": "+77011234567"})
+        assert lead.phone == "+77011234567", blank
+    lead = normalize("f", {"phone": ["+77011234567", "+77017654321"], "email": "a@b.kz"})
+    assert lead.phone is None or lead.phone.startswith("+7")  # a list of two is not blank
+
+
+def test_numbers_sent_as_numbers_are_kept_as_written() -> None:
+    lead = normalize("f", {"phone": "+77011234567", "name": 2.5, "x": [1]})
+    assert lead.name == "2.5"
+    lead = normalize("f", {"phone": "+77011234567", "name": 3.0, "x": [1]})
+    assert lead.name == "3"
