@@ -546,3 +546,37 @@ def test_a_field_is_at_most_10000_characters_by_default() -> None:
     """What the form endpoint applies (it passes no limit of its own)."""
     assert normalize("f", {"email": "a@b.kz", "c": "x" * 10_000})
     assert errors_of("f", {"email": "a@b.kz", "c": "x" * 10_001})[0].field == "c"
+
+
+def test_utm_tags_nested_alone_or_blank_and_other_objects_left_alone() -> None:
+    nested_only = normalize("f", {"email": "a@b.kz", "utm": {"source": "ads"}, "x": [1]})
+    assert nested_only.utm == {"source": "ads"}
+    blank = normalize("f", {"email": "a@b.kz", "utm_source": "  ", "x": [1]})
+    assert blank.utm == {} and blank.fields["utm_source"] == "  "  # not a tag, kept as sent
+    other = normalize("f", {"email": "a@b.kz", "meta": {"source": "newsletter"}, "x": [1]})
+    assert other.utm == {} and other.fields["meta"] == {"source": "newsletter"}
+
+
+def test_the_fields_keep_what_was_not_taken_as_contact_or_utm_as_sent() -> None:
+    lead = normalize(
+        "f",
+        {
+            "contact": {"phone": "+77011234567", "city": "Almaty"},
+            "extra": {"phone": "second", "b": 1},  # not a contact object: kept whole
+            "empty": {},
+            "x": [1],
+        },
+    )
+    assert lead.phone == "+77011234567"
+    assert lead.fields == {
+        "contact": {"city": "Almaty"},
+        "extra": {"phone": "second", "b": 1},
+        "empty": {},
+        "x": [1],
+    }
+
+
+def test_a_key_that_is_not_text_does_not_hide_the_keys_after_it() -> None:
+    data: dict[Any, Any] = {1: "one", "phone": "+77011234567", "utm_source": "ads", "x": [1]}
+    lead = normalize("f", data)
+    assert lead.phone == "+77011234567" and lead.utm == {"source": "ads"}
