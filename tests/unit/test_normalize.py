@@ -580,3 +580,8 @@ def test_a_key_that_is_not_text_does_not_hide_the_keys_after_it() -> None:
     data: dict[Any, Any] = {1: "one", "phone": "+77011234567", "utm_source": "ads", "x": [1]}
     lead = normalize("f", data)
     assert lead.phone == "+77011234567" and lead.utm == {"source": "ads"}
+
+
+def test_a_utm_tag_that_is_not_text_is_left_in_the_fields() -> None:
+    lead = normalize("f", {"email": "a@b.kz", "utm_source": {"a": 1}, "x": [1]})
+    assert lead.utm == {} and lead.fields["utm_source"] == {"a": 1}
