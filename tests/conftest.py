@@ -4,6 +4,7 @@ from a migrated template), the amoCRM simulator on a real port, and the service 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import hypothesis
 import pytest
 from aiohttp import web
 
@@ -34,6 +36,19 @@ from tests.overrides import override
 # PgBouncer in front of the embedded server (tests/pgbouncer_fixtures.py), for any test module
 pytest_plugins = ("tests.pgbouncer_fixtures",)
 
+# scripts/mutate runs the property tests once per mutant: a tenth of their examples there, drawn
+# the same way every time, so that a mutant's verdict does not depend on the draw
+MUTATION_TESTING = os.environ.get("MUTATION_TESTING") == "1"
+if MUTATION_TESTING:
+    hypothesis.settings.register_profile("mutation", derandomize=True, database=None)
+    hypothesis.settings.load_profile("mutation")
+
+
+def examples(n: int) -> int:
+    """How many examples a property test draws: `n`, or a tenth of it under scripts/mutate."""
+    return max(n // 10, 50) if MUTATION_TESTING else n
+
+
 TEMPLATE = "relay_template"
 _db_numbers = itertools.count(1)
 
@@ -52,6 +67,17 @@ def dsn_for(base_dsn: str, database: str) -> str:
 def pg_root() -> Iterator[Path]:
     # short path: the server's Unix socket lives in it (108-byte limit on socket paths)
     root = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def embedded_data_dir() -> Iterator[Path]:
+    """A data directory for a service that starts its own embedded PostgreSQL. Not under
+    tmp_path: the server runs as another user when we are root, and that user must traverse
+    every folder above its data — while pytest makes its own temporary root private again
+    (0700) whenever any pytest run on the machine starts, a race the server then loses."""
+    root = Path(tempfile.mkdtemp(prefix="crd-", dir="/tmp"))
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -213,3 +239,33 @@ async def wait_for(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(every)
+
+
+async def status_while_sending(url: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+    """The server's own answer to a body it may refuse before reading it all: the status line is
+    read while the body is still being sent, so only a real answer counts — a dropped
+    connection fails the test instead of passing for a 413."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            for i in range(0, len(body), 65536):
+                writer.write(body[i : i + 65536])
+                await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 "), f"no answer, connection dropped: {status_line!r}"
+    return int(status_line.split()[1])

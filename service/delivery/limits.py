@@ -106,29 +106,30 @@ class SendLog:
     at the CRM can see more than `n` of them, whatever the network and event-loop delays were.
     """
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
+        self._clock = clock  # tests move time on without waiting for it
         self._open: dict[int, float] = {}  # ticket → admitted at (in flight)
         self._closed: deque[tuple[float, int]] = deque()  # (released at, ticket), in order
 
     def admit(self, ticket: int) -> None:
-        self._open[ticket] = time.monotonic()
+        self._open[ticket] = self._clock()
 
     def release(self, ticket: int) -> None:
         if self._open.pop(ticket, None) is not None:
-            self._closed.append((time.monotonic(), ticket))
+            self._closed.append((self._clock(), ticket))
 
     def _prune(self, now: float) -> None:
         while self._closed and self._closed[0][0] <= now - self.window_s:
             self._closed.popleft()
 
     def count(self) -> int:
-        self._prune(time.monotonic())
+        self._prune(self._clock())
         return len(self._open) + len(self._closed)
 
     def wait(self, capacity: int) -> float:
         """0 when one more call fits, else how long until it may (POLL_S if unknown)."""
-        now = time.monotonic()
+        now = self._clock()
         self._prune(now)
         excess = len(self._open) + len(self._closed) - capacity
         if excess < 0:
@@ -139,7 +140,7 @@ class SendLog:
 
     def recent(self) -> Iterator[tuple[int, float | None]]:
         """(ticket, seconds since release, or None while in flight) of every counted call."""
-        now = time.monotonic()
+        now = self._clock()
         self._prune(now)
         yield from ((t, None) for t in self._open)
         yield from ((t, now - released) for released, t in self._closed)

@@ -93,7 +93,9 @@ def image_env(docker_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-async def test_docker_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_docker_command_serves_and_stops_on_sigterm(
+    tmp_path: Path, embedded_data_dir: Path
+) -> None:
     command, docker_env, health = docker_command()
     env = image_env(docker_env)
     assert Path(command[0]).is_file(), (
@@ -104,7 +106,7 @@ async def test_docker_command_serves_and_stops_on_sigterm(tmp_path: Path) -> Non
     assert script, f"{command[2]} is not on the image's PATH moved here: {env['PATH']}"
     port = free_port()
     # the image's data volume and port, moved to this test's own
-    env.update(CRM_RELAY_DATA_DIR=str(tmp_path / "data"), PORT=str(port))
+    env.update(CRM_RELAY_DATA_DIR=str(embedded_data_dir / "data"), PORT=str(port))
     with open(tmp_path / "stderr.log", "wb") as errlog:
         proc = subprocess.Popen(command, env=env, stdout=errlog, stderr=errlog)
         try:
@@ -122,7 +124,7 @@ async def test_docker_command_serves_and_stops_on_sigterm(tmp_path: Path) -> Non
     json_lines = [line for line in log.splitlines() if line.startswith("{")]
     assert json_lines, "LOG_FORMAT=json from the Dockerfile gave no JSON log lines"
     assert all("level" in json.loads(line) for line in json_lines)
-    assert list((tmp_path / "data" / "run").glob("*.json")) == []  # a clean stop
+    assert list((embedded_data_dir / "data" / "run").glob("*.json")) == []  # a clean stop
 
 
 async def _serves(

@@ -70,11 +70,16 @@ def pasted_curl(terminal: str) -> tuple[str, dict[str, str]]:
     return words[-1], fields
 
 
-async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: Path) -> None:
+async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(
+    tmp_path: Path, embedded_data_dir: Path
+) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AMOCRM_", "BITRIX24_"))}
     env.update(
-        CRM_RELAY_DATA_DIR=str(tmp_path / "var"), PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="INFO"
+        CRM_RELAY_DATA_DIR=str(embedded_data_dir / "var"),
+        PORT=str(port),
+        HOST="127.0.0.1",
+        LOG_LEVEL="INFO",
     )
     for var in ("DATABASE_URL", "CRM", "REDIS_URL", "CRM_RELAY_CONFIG"):
         env.pop(var, None)
@@ -86,7 +91,7 @@ async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: P
     try:
         await wait_ready(url, proc, log=tmp_path / "stderr.log")
         terminal = (tmp_path / "stderr.log").read_text()
-        state_url = check_startup_block(terminal, port, tmp_path / "var")
+        state_url = check_startup_block(terminal, port, embedded_data_dir / "var")
         async with aiohttp.ClientSession() as http:
             # the block's own curl line, as a new user pastes it
             first_url, first_fields = pasted_curl(terminal)
@@ -123,7 +128,12 @@ async def test_serve_on_embedded_defaults_delivers_and_stops_cleanly(tmp_path: P
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 15)
         assert code == 0, (tmp_path / "stderr.log").read_text()[-3000:]
-        assert time.monotonic() - t0 < 10.0
+        # the documented promise (docs/operations.md: exit 0 within 10 s, what Docker and PM2
+        # wait for); with nothing in flight it takes about 2 s, so load alone does not
+        # reach it — only a wait for some timeout would
+        stopped_s = time.monotonic() - t0
+        print(f"stopped {stopped_s:.2f} s after SIGTERM")
+        assert stopped_s < 10.0, f"stopped {stopped_s:.1f} s after SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()

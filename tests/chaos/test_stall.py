@@ -20,7 +20,10 @@ from tests.integration.test_resilience import no_duplicates, person
 
 PEOPLE = 40
 STALL_S = 4.0
-ANSWER_WITHIN_S = 2.0 + 1.5  # the write timeout, plus the spool's fsync on a busy machine
+# The write timeout, plus room for the spool's fsync and a loaded machine. The lock is held
+# until every answer is in, so a sender that waited for the database would never be answered
+# (the test's timeout); this bound is that the timeout, not something longer, sent it to the spool.
+ANSWER_WITHIN_S = 2.0 + 3.0
 
 
 async def test_stalled_database_answers_from_the_spool_and_stores_once(

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -258,15 +257,17 @@ async def test_restart_after_a_crash_is_reported_and_clean_stop_leaves_no_marker
 async def test_a_hanging_channel_blocks_neither_intake_nor_delivery(
     service_factory: ServiceFactory, inbox: Inbox, db: asyncpg.Connection
 ) -> None:
-    inbox.hang_s = 3.0
+    inbox.hang_s = 6.0
     svc = await service_factory(**inbox.settings(alert_interval_s=0))
     svc.app[GATE].open_circuit("CrmUnauthorized: 401", 0.01)  # an alert now stuck in sending
     await asyncio.sleep(0.3)
     svc.app[GATE].close_circuit()
     for i in range(5):
-        t0 = time.monotonic()
         status, body = await svc.submit("course", {"phone": f"+7701555060{i}"})
-        assert status == 200 and body["ok"] and time.monotonic() - t0 < 1.0
+        assert status == 200 and body["ok"]
+    # all answered while the alert still hangs (the channel answers after 6 s): intake did not
+    # wait for it, however slow the machine
+    assert inbox.webhook == []
 
     async def delivered() -> bool:
         return bool(await db.fetchval("SELECT count(*) = 5 FROM jobs WHERE state = 'done'"))

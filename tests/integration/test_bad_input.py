@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.conftest import Service, ServiceFactory
+from tests.conftest import Service, ServiceFactory, status_while_sending
 
 JSON = {"Content-Type": "application/json"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -62,32 +60,10 @@ async def post(svc: Service, body: bytes, headers: dict[str, str]) -> tuple[int,
 
 
 async def post_raw(svc: Service, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-    """The server's own answer to a body it will not read: the status line is read while the
-    body is still being sent, so only a real answer counts (a dropped connection fails)."""
-    host, port = svc.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    writer.write(
-        f"POST /api/v1/forms/landing HTTP/1.1\r\nHost: {host}\r\n{head}"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-    )
-
-    async def send() -> None:
-        with contextlib.suppress(ConnectionError):
-            for i in range(0, len(body), 65536):
-                writer.write(body[i : i + 65536])
-                await writer.drain()
-
-    sending = asyncio.create_task(send())
-    try:
-        status_line = await asyncio.wait_for(reader.readline(), 30)
-    finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sending
-        writer.close()
-    assert status_line.startswith(b"HTTP/1.1 "), f"no answer, connection dropped: {status_line!r}"
-    return int(status_line.split()[1]), {"ok": False}
+    """A body too large to send whole: the status line the server answers while it comes."""
+    return await status_while_sending(svc.url, "/api/v1/forms/landing", body, headers), {
+        "ok": False
+    }
 
 
 @pytest.mark.parametrize(

