@@ -197,7 +197,11 @@ class Spool:
                 await asyncio.to_thread(self._set_aside, left.unknown)
                 log.error(
                     "spool entry of unknown type kept",
-                    extra={"action": "spool_unknown", "entries": len(left.unknown)},
+                    extra={
+                        "action": "spool_unknown",
+                        "entries": len(left.unknown),
+                        "types": sorted({str(e.get("type")) for e in left.unknown}),
+                    },
                 )
             if left.poison:
                 await self._quarantine(path, left.poison)
