@@ -77,18 +77,39 @@ def upgrade_data(
     new_major = major_of(new_bin)
     dump = data_dir.resolve() / f"upgrade-{old_major}-to-{new_major}.dump"
     say(f"dumping {pgdata} (PostgreSQL {old_major}) to {dump}")
+    # the new pg_dump first (PostgreSQL's advice); the old major's own as the fallback: a newer
+    # major's pg_dump of an older minor release can write what the new server refuses (seen:
+    # pg_dump 18.1 copies PostgreSQL 15.20's internal `pg_attver` column options verbatim)
+    dumps = [(new_bin, dump)]
+    if old_bin != new_bin and (old_bin / "pg_dump").is_file():
+        dumps.append((old_bin, dump.with_suffix(f".pg_dump{old_major}.dump")))
     with old_server(pgdata, old_bin) as uri:
-        _run([str(new_bin / "pg_dump"), "--format=custom", f"--file={dump}", uri])
+        for bin_dir, path in dumps:
+            _run([str(bin_dir / "pg_dump"), "--format=custom", f"--file={path}", uri])
     kept = _set_aside(pgdata, old_major)
     say(f"kept the old directory as {kept}; restoring into a new one (PostgreSQL {new_major})")
+    for n, (bin_dir, path) in enumerate(dumps):
+        try:
+            _restore(data_dir, new_bin, path)
+            break
+        except UpgradeError as exc:
+            if n == len(dumps) - 1:
+                raise
+            fallback = dumps[n + 1][0] / "pg_dump"
+            say(f"the dump of {bin_dir / 'pg_dump'} was refused ({exc}); using {fallback}'s")
+            shutil.rmtree(pgdata)
+    say(f"done: {pgdata} is PostgreSQL {new_major}; once crm-relay runs well, delete {kept}")
+    return kept
+
+
+def _restore(data_dir: Path, new_bin: Path, dump: Path) -> None:
+    """A fresh directory of the installed binaries, `dump` restored into it (any error stops)."""
     server = EmbeddedPostgres(data_dir)
     uri = server.start()
     try:
         _run([str(new_bin / "pg_restore"), "--exit-on-error", f"--dbname={uri}", str(dump)])
     finally:
         server.stop()
-    say(f"done: {pgdata} is PostgreSQL {new_major}; once crm-relay runs well, delete {kept}")
-    return kept
 
 
 @contextlib.contextmanager
