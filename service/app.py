@@ -249,7 +249,7 @@ def _amocrm_adapter(app: web.Application, api: AmoCrmApi) -> AmoCrmAdapter:
         sessions=app[SESSIONS],
         region=settings.intake.default_phone_region,
         index_rate=settings.crm.rate_limit * amo.index_share,
-        index_reuse_s=reuse_window(amo.index_refresh_s, delivery.retry, delivery.lease_s),
+        index_reuse_s=reuse_window(amo.index_refresh_s, delivery.lease_s),
     )
 
 

@@ -154,7 +154,13 @@ def make_settings(db_dsn: str, crm_url: str, data_dir: Path, **overrides: Any) -
             kind="amocrm",
             rate_limit=150.0,
             timeout_s=5.0,
-            amocrm=AmoCrmSettings(base_url=crm_url, access_token=SimulatorConfig().access_token),
+            # the index re-reads before every batch (a manager's contact made a moment ago is
+            # found): tests of the re-read window set `amocrm_index_refresh_s`
+            amocrm=AmoCrmSettings(
+                base_url=crm_url,
+                access_token=SimulatorConfig().access_token,
+                index_refresh_s=0.0,
+            ),
         ),
         delivery=DeliverySettings(
             retry=RetryPolicy(base_s=0.05, max_s=0.5, max_attempts=6),

@@ -28,6 +28,8 @@ class Delivery:
     submission_id: uuid.UUID
     lead: Lead
     link: Link
+    # counted attempts before this one: an earlier attempt's write may have landed unanswered
+    attempts: int = 0
 
 
 class Deferred(CrmRetryable):

@@ -206,7 +206,8 @@ class Worker(JobLoop[Job, list[Job]]):
     async def _send_chunk(self, jobs: list[Job], links: dict[int, Link]) -> list[Link | CrmError]:
         """One adapter call for `jobs` (one per person): each one's link or error."""
         items = [
-            Delivery(j.id, j.person_id, j.submission_id, j.lead, links[j.person_id]) for j in jobs
+            Delivery(j.id, j.person_id, j.submission_id, j.lead, links[j.person_id], j.attempts)
+            for j in jobs
         ]
         try:
             return await self.adapter.deliver_batch(items, self.guard)

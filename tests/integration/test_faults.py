@@ -56,11 +56,11 @@ async def test_backlog_drains_at_the_limit_without_a_single_429(
         )
     assert await db.fetchval("SELECT count(*) FROM jobs WHERE state = 'pending'") == 300
 
-    # retries as slow as by default: the contact index's sync then answers the batches of the
-    # next 0.8 s (with the quick test retries every tiny batch would re-read at the index's
-    # own third of the limit)
+    # the contact index's re-read window as by default: its sync answers the batches of the
+    # next 2 s (re-reading before every tiny batch would go at the index's own third of the
+    # limit)
     await service_factory(
-        Roles(http=False), crm_rate_limit=5.0, worker_round=4, retry_base_s=1.0
+        Roles(http=False), crm_rate_limit=5.0, worker_round=4, amocrm_index_refresh_s=2.0
     )
     await wait_for(lambda: _requests_after_first(sim, 10.5), timeout=30)
 

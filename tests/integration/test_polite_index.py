@@ -6,6 +6,7 @@ stopped, and changes re-read at most every few seconds rather than before every 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,11 +14,15 @@ import asyncpg
 import pytest
 
 from service.app import Roles
+from service.crm.amocrm.adapter import AmoCrmAdapter
 from service.crm.amocrm.api import AmoCrmApi, StaticToken
 from service.crm.amocrm.index import ContactIndex, reuse_window
+from service.crm.base import Delivery, Link
 from service.db.database import create_pool
 from service.delivery.limits import RateGate
-from service.settings import RetryPolicy
+from service.errors import CrmRetryable
+from service.model import Lead
+from service.settings import AmoCrmSettings, LeadSettings
 from service.simulators.amocrm.server import AmoCrmSimulator
 from service.simulators.common import max_in_window
 from tests.conftest import ServiceFactory, wait_for
@@ -113,11 +118,45 @@ async def test_changes_are_re_read_at_most_every_reuse_window(
     assert reads(sim) == {"list": 2}
 
 
-def test_the_reuse_window_is_shorter_than_any_retry_of_a_lost_write() -> None:
-    retry = RetryPolicy(base_s=2.0, jitter=0.2)
-    assert reuse_window(5.0, retry, lease_s=30.0) == pytest.approx(1.6)  # 2 s less 20 %
-    assert reuse_window(1.0, retry, lease_s=30.0) == 1.0
-    assert reuse_window(5.0, RetryPolicy(base_s=60.0), lease_s=4.0) == 2.0  # half a lease
+def test_the_reuse_window_is_at_most_half_a_lease() -> None:
+    assert reuse_window(5.0, lease_s=30.0) == 5.0
+    assert reuse_window(5.0, lease_s=4.0) == 2.0  # a dead worker's delivery: half a lease
+
+
+async def test_a_retry_after_a_lost_answer_reads_within_the_window_and_finds_its_contact(
+    amo_parts: tuple[AmoCrmApi, asyncpg.Pool, asyncpg.Pool],
+    simulator: tuple[AmoCrmSimulator, str],
+) -> None:
+    """Batches of first attempts share a round for the whole window, the contacts they make
+    going into the index from the CRM's answers; a retry (a counted attempt before: its write
+    may have landed unanswered) has a round of its own and finds the contact it made."""
+    sim, url = simulator
+    api, pool, _ = amo_parts
+    adapter = AmoCrmAdapter(api, AmoCrmSettings(base_url=url), LeadSettings(), pool)
+    adapter.index = ContactIndex(api, pool, reuse_s=60.0)
+    first = Lead(form="course", phone="+77010000041", email=None, name=None)
+    [made] = await adapter.deliver_batch([Delivery(1, 1, uuid.uuid4(), first, Link())])
+    assert isinstance(made, Link)
+    assert reads(sim) == {"list": 1}
+
+    lost = Lead(form="course", phone="+77010000042", email="lost@example.kz", name=None)
+    sim.config.reset_rate = 1.0  # the contact and lead are made, the answer never comes
+    [failed] = await adapter.deliver_batch([Delivery(2, 2, uuid.uuid4(), lost, Link())])
+    sim.config.reset_rate = 0.0
+    assert isinstance(failed, CrmRetryable)
+    assert reads(sim) == {"list": 1}  # the first round answered: within the window
+    assert len(sim.report()["contacts"]) == 2
+
+    [retried] = await adapter.deliver_batch(
+        [Delivery(2, 2, uuid.uuid4(), lost, Link(), attempts=1)]
+    )
+    assert reads(sim)["list"] == 2  # its own round, then its contact read back
+    report = sim.report()
+    assert len(report["contacts"]) == 2 and len(report["leads"]) == 2
+    assert isinstance(retried, Link) and retried.contact_id == max(
+        c["id"] for c in report["contacts"]
+    )
+    no_duplicates(report)
 
 
 async def test_the_service_reads_a_big_account_in_the_background(

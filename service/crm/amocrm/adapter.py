@@ -150,7 +150,9 @@ class AmoCrmAdapter:
         if self.index is None or not unknown:
             return "search"
         try:
-            if not await self.index.refresh():
+            # a retry after a counted attempt: that attempt's write may have landed unanswered
+            retrying = any(d.attempts for d in unknown)
+            if not await self.index.refresh(fresh=retrying):
                 if self.index.worth_waiting:  # a new account being read: its people wait
                     for d in unknown:
                         why = "the contact index is still reading the account"

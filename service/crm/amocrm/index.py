@@ -26,11 +26,16 @@ again):
 - a batch re-reads changes only when the last round that reached the end started more than
   `reuse_s` ago (`AMOCRM_INDEX_REFRESH_S`, capped by `reuse_window`), not before every batch.
 
-Every answer comes from a round that started at most `reuse_s` before the caller asked, and
-`reuse_s` is shorter than the shortest retry delay and half a lease: that is what lets the retry
-of a `leads/complex` whose answer was lost (the write landed), or of a delivery whose worker died
-after writing, find the contact it made, as the search did. Callers that arrive during a round
-wait for it or the next one, which they share.
+Contacts we create or complete go into the index at once, from the CRM's answer; only a write
+whose answer was lost is unknown to it. So a batch of first attempts is answered by a round that
+started at most `reuse_s` before it asked (`reuse_s` is at most half a lease: a delivery whose
+worker died after writing is claimed again only when its lease ran out, after such a round), and
+a batch holding a retry (`refresh(fresh=True)`: an earlier attempt's write may have landed
+unanswered) only by a round that started after it asked. That is what lets the retry of a
+`leads/complex` whose answer was lost find the contact it made, as the search did. Callers that
+arrive during a round wait for it or the next one, which they share. In a burst of new people
+the contacts our own rounds make are thus read once, by the first round after the window, not
+by every round.
 
 Identities are normalised as intake does (`service.intake.normalize`): a phone a manager typed as
 "8 (916) 123-45-67" is +79161234567; values that are no valid phone/email are not indexed.
@@ -54,7 +59,6 @@ from service.db.store import Pool
 from service.errors import BadInput, CrmError, StoreUnavailable
 from service.intake.normalize import normalize_email, normalize_phone
 from service.model import Lead
-from service.settings import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +75,14 @@ SCAN_RETRY_S = 5.0  # the background read after a failure: then doubling, up to 
 SCAN_RETRY_MAX_S = 60.0
 
 
-def reuse_window(refresh_s: float, retry: RetryPolicy, lease_s: float) -> float:
-    """How long a round that reached the end answers later batches: `refresh_s`, but shorter
-    than the shortest retry delay (`base_s` less its jitter) and half a lease. A write whose
-    answer was lost is retried no sooner than that, and one whose worker died is re-claimed
-    only when its lease ran out (at least two thirds of a lease after its last heartbeat): the
-    retry then always reads from a round that started after the write."""
-    return max(0.0, min(refresh_s, retry.base_s * (1 - retry.jitter), lease_s / 2))
+def reuse_window(refresh_s: float, lease_s: float) -> float:
+    """How long a round that reached the end answers later batches of first attempts:
+    `refresh_s`, but at most half a lease. A delivery whose worker died after writing (no
+    attempt counted) is claimed again only when its lease ran out, at least two thirds of a
+    lease after its last heartbeat: it then reads from a round that started after the write.
+    (A retry after a counted attempt — a lost answer — asks for a round of its own:
+    `ContactIndex.refresh(fresh=True)`.)"""
+    return max(0.0, min(refresh_s, lease_s / 2))
 
 
 class ContactIndex:
@@ -122,17 +127,19 @@ class ContactIndex:
         began = self._scan_began
         return began is not None and self.clock() - began < SCAN_PATIENCE_S
 
-    async def refresh(self) -> bool:
+    async def refresh(self, *, fresh: bool = False) -> bool:
         """Bring the index up to date; True when its lookups can replace the CRM search.
 
         Raises the `CrmError` of a failed list request and `StoreUnavailable` when the database
-        is not there. A round that started after this call, or at most `reuse_s` before it, and
-        got to the end answers the caller; else (none, more to read, or it failed) the caller
-        runs its own.
+        is not there. A round that started after this call, or (unless `fresh`: the caller may
+        have written what the index has not seen) at most `reuse_s` before it, and got to the
+        end answers the caller; else (none, more to read, or it failed) the caller runs its own.
         """
         arrived, arrived_at = self._started, self.clock()
         async with self._local:
-            recent = self._fresh_from > arrived or self._fresh_at >= arrived_at - self.reuse_s
+            recent = self._fresh_from > arrived or (
+                not fresh and self._fresh_at >= arrived_at - self.reuse_s
+            )
             if self._trusted and recent:
                 return True
             self._started += 1
