@@ -110,13 +110,16 @@ async def pg_template(pg_server: tuple[EmbeddedPostgres, str]) -> str:
     return dsn
 
 
-@pytest.fixture
-async def db_dsn(pg_template: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test."""
-    name = f"t{os.getpid()}_{next(_db_numbers)}"
+@contextlib.asynccontextmanager
+async def scratch_database(
+    pg_template: str, name: str, template: str | None = None
+) -> AsyncIterator[str]:
+    """A database of its own (a copy of `template`, or empty) for one test, dropped after."""
     conn = await asyncpg.connect(pg_template)
     try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        copy = f" TEMPLATE {template}" if template else ""
+        await conn.execute(f"CREATE DATABASE {name}{copy}")
     finally:
         await conn.close()
     yield dsn_for(pg_template, name)
@@ -125,6 +128,14 @@ async def db_dsn(pg_template: str) -> AsyncIterator[str]:
         await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def db_dsn(pg_template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t{os.getpid()}_{next(_db_numbers)}"
+    async with scratch_database(pg_template, name, TEMPLATE) as dsn:
+        yield dsn
 
 
 @pytest.fixture

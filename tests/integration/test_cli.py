@@ -15,7 +15,7 @@ import pytest
 from service import __version__, cli
 from service.db.store import Store
 from service.settings import DatabaseSettings, Settings
-from tests.conftest import dsn_for
+from tests.conftest import scratch_database
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -76,19 +76,8 @@ def test_status_of_a_stopped_embedded_database_starts_nothing(tmp_path: Path) ->
 @pytest.fixture
 async def bare_dsn(pg_template: str) -> AsyncIterator[str]:
     """An empty database: no crm-relay schema."""
-    name = f"bare{os.getpid()}"
-    conn = await asyncpg.connect(pg_template)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    yield dsn_for(pg_template, name)
-    conn = await asyncpg.connect(pg_template)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    async with scratch_database(pg_template, f"bare{os.getpid()}") as dsn:
+        yield dsn
 
 
 async def test_status_applies_no_migration(

@@ -259,7 +259,7 @@ class AmoCrmAdapter:
             return None
         if found.contact is None:
             return await self._linked(item, plan, rule, claims)
-        return await self._written(found.contact, item, plan, rule, claims)
+        return await self._existing(found.contact, item, plan, rule, claims)
 
     async def _linked(
         self, item: Delivery, plan: Plan, rule: FormRule, claims: ContactClaims
@@ -277,18 +277,6 @@ class AmoCrmAdapter:
         if contact is None:
             plan.new.append(item)
             return None
-        return await self._written(contact, item, plan, rule, claims)
-
-    async def _written(
-        self,
-        contact: AmoContact,
-        item: Delivery,
-        plan: Plan,
-        rule: FormRule,
-        claims: ContactClaims,
-    ) -> Link | None:
-        """Write to a contact we found (link, search or index). A contact deleted in the CRM
-        since we read it is not a dead letter: `_contacts_gone` resolves its person again."""
         return await self._existing(contact, item, plan, rule, claims)
 
     async def _indexed_contact(
@@ -314,8 +302,10 @@ class AmoCrmAdapter:
         rule: FormRule,
         claims: ContactClaims,
     ) -> Link | None:
-        """The person is this contact: their open lead gets the note, else a new lead (made
-        with the batch's others by `_flush`: None until then)."""
+        """The person is this contact (found by link, search or index): their open lead gets
+        the note, else a new lead (made with the batch's others by `_flush`: None until then).
+        A contact deleted in the CRM since we read it is not a dead letter: `_contacts_gone`
+        resolves its person again."""
         self._complete_contact(contact, item, plan, claims)
         open_lead = await self._open_lead(contact, rule, plan)
         if open_lead is not None:
