@@ -205,9 +205,16 @@ async def test_dashboard_panels_replay_release_and_lookup(
         f"document.getElementById('token').value = '{TOKEN}';"
         "document.getElementById('signin').click(); true"
     )
+    # every panel read below has loaded (each fills on its own answer; a loaded machine lets
+    # some come later than others)
     await browser.until(
         "document.querySelectorAll('#dead-rows tr').length === 1"
         " && document.querySelectorAll('#forwards-rows tr').length === 1"
+        " && document.querySelectorAll('#rejected-rows tr').length === 1"
+        " && document.querySelectorAll('#events-rows tr').length === 1"
+        " && document.querySelectorAll('#spam-rows tr').length === 1"
+        " && document.querySelectorAll('#latest-rows tr').length === 2"
+        " && document.querySelectorAll('#forms-rows tr').length === 3"
         " && document.getElementById('crm-limit').textContent !== '–'"
     )
     assert await browser.js("sessionStorage.getItem('crm-relay-admin-token')") == TOKEN
