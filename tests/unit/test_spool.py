@@ -455,10 +455,12 @@ async def test_one_poison_entry_alone_is_quarantined_after_one_try(tmp_path: Pat
     ]
     assert q["entry"] == {"type": "submission", "n": 7}
     assert q["error"] == ("RuntimeError: " + "x" * 1000)[:500]
-    # a second pass quarantines into a file of its own, and the count goes on
-    spool, _ = await spooled(tmp_path, [{"type": "submission", "n": 7}])
+    # a later pass quarantines into a file of its own; the count and the bytes add up
+    await spool.append({"type": "submission", "n": 7, "again": True})
     assert await spool.drain({"submission": handler}, ping) == 0
-    assert len(spool.quarantine_files()) == 2 and spool.quarantined == 1
+    files = spool.quarantine_files()
+    assert len(files) == 2 and spool.quarantined == 2
+    assert spool.quarantine_bytes() == sum(f.stat().st_size for f in files)
 
 
 async def test_no_lost_lead_when_the_database_goes_away_during_the_one_by_one_pass(
