@@ -254,14 +254,16 @@ class Spool:
 
     async def _quarantine(self, path: Path, poison: list[tuple[dict[str, Any], str]]) -> None:
         """Move entries that cannot be stored aside, fsync'd, so the file they came from can go."""
-        at = dt.datetime.now(dt.UTC).isoformat()
+        now = dt.datetime.now(dt.UTC)
+        at = now.isoformat()
         lines = b"".join(
             orjson.dumps({"quarantined_at": at, "file": path.name, "error": why, "entry": e})
             + b"\n"
             for e, why in poison
         )
-        target = self.directory / QUARANTINE / f"quarantine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        await asyncio.to_thread(_write_new, target.with_suffix(".jsonl"), lines)
+        # named by when, so that name order is time order (the admin API lists newest first)
+        name = f"quarantine-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        await asyncio.to_thread(_write_new, self.directory / QUARANTINE / name, lines)
         self.quarantined += len(poison)
         log.error(
             "spool entry quarantined",
@@ -274,8 +276,8 @@ class Spool:
         )
 
     def quarantine_files(self) -> list[Path]:
-        folder = self.directory / QUARANTINE
-        return sorted(folder.glob("quarantine-*.jsonl")) if folder.exists() else []
+        # a folder not made yet globs to nothing
+        return sorted((self.directory / QUARANTINE).glob("quarantine-*.jsonl"))
 
     def quarantine_bytes(self) -> int:
         total = 0
@@ -294,7 +296,9 @@ class Spool:
                         return shown
                     with contextlib.suppress(orjson.JSONDecodeError):
                         q = orjson.loads(line)
-                        entry = q.get("entry") if isinstance(q, dict) else None
+                        if not isinstance(q, dict):
+                            continue  # not a line `_quarantine` wrote
+                        entry = q.get("entry")
                         text = orjson.dumps(entry).decode()
                         shown.append(
                             {
