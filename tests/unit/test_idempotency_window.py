@@ -158,6 +158,18 @@ def test_a_long_key_is_held_as_its_start_and_hash_and_never_merges_with_another(
     assert window.bytes <= 2 * (ENTRY_OVERHEAD + 200)  # not the 100,000 characters sent
 
 
+def test_a_key_written_like_another_keys_hash_is_still_another_key() -> None:
+    """No lost event: a short key spelled as a long key's start, "#" and SHA-256 (what the window
+    holds for the long one) must not answer for it, or the long key's event would be taken for a
+    repeat of the short one's and never stored."""
+    long = "e:partner\x1f" + "y" * 300
+    lookalike = long[:64] + "#" + hashlib.sha256(long.encode()).hexdigest()
+    assert lookalike != long and window_key(lookalike) != window_key(long)
+    assert event_key("partner", lookalike.removeprefix("e:partner\x1f")) != event_key(
+        "partner", long.removeprefix("e:partner\x1f")
+    )
+
+
 def test_a_long_key_with_a_lone_surrogate_is_held_too() -> None:
     """A key is any text a sender chose, lone surrogates included (JSON's "\\ud800"): hashing it
     must neither fail nor make two such keys one."""
