@@ -24,8 +24,9 @@ from service.model import Lead
 
 MAX_HEADER_KEY = 200
 # a key longer than this (an event key built from what a sender chose) is kept in the window as
-# its beginning and a hash of the whole: each entry costs at most a few hundred bytes
-MAX_WINDOW_KEY = 256
+# its beginning and a hash of the whole: each entry costs at most a few hundred bytes. Shorter
+# than that form (64 + 1 + 64 characters), so no key kept as itself can equal another's hash
+MAX_WINDOW_KEY = 128
 # what one entry costs besides its key: the ordered dict's node, the (expiry, id) tuple and its
 # float and int (measured: ~215 bytes on CPython 3.11, 64-bit)
 ENTRY_OVERHEAD = 224

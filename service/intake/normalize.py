@@ -171,14 +171,13 @@ def _plan(names: tuple[Any, ...]) -> _Plan | None:
 
 
 def _work_out_plan(names: tuple[Any, ...]) -> _Plan | None:
-    """Where each part of a lead is in a flat form with these field names; None when the names
-    call for the general path (a container such as `contact` or `utm`, a name that is not a
-    string)."""
+    """Where each part of a lead is in a flat form with these field names; None when a name is
+    not a string (the general path's). A field named like a container (`contact`, `utm`) is an
+    ordinary field here: `_flat` took only string values, and the general path too looks into
+    a container only when it holds an object."""
     if not all(isinstance(n, str) for n in names):
         return None
     folded = {n: n.strip().casefold() for n in names}
-    if any(f in _CONTAINERS for f in folded.values()) or any(n.casefold() == "utm" for n in names):
-        return None
 
     def ranked(aliases: tuple[str, ...]) -> tuple[str, ...]:
         found = [(aliases.index(f), n) for n, f in folded.items() if f in aliases]

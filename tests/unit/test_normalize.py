@@ -101,6 +101,11 @@ def test_quick_path_leaves_what_parse_rewrites() -> None:
     assert _canonical("+39 06 1234 5678") is None  # Italian leading zero
     assert _canonical("+7 916 123 45 67 ext. 12") is None
     assert _canonical("+7 ٩١٦ ١٢٣ ٤٥ ٦٧") is None  # non-ASCII digits
+    # valid as it stands, but it starts with Belarus's trunk prefix 8, which parse strips
+    # (leaving no valid number): the quick path must not answer what the full one refuses
+    assert _canonical("+375 810 433 85 24") is None
+    with pytest.raises(BadInput):
+        normalize_phone("+375 810 433 85 24", None)
 
 
 @pytest.mark.parametrize(
@@ -398,6 +403,7 @@ _NAMES = st.sampled_from([
     "phone", "Phone", " PHONE ", "tel", "telephone", "mobile", "телефон", "email", "E-mail",
     "mail", "почта", "name", "Name", "fio", "имя", "first_name", "last_name", "utm_source",
     "UTM_Source", "utm_medium", "utm_campaign", "utm_term", " utm_content", "comment", "city",
+    "contact", "Data ", "utm", "UTM",  # containers' names, holding text: ordinary fields
 ])  # fmt: skip
 _VALUES = st.one_of(
     st.sampled_from(["", "  ", "+7 701 123-45-67", "87011234567", "+77010000000",
@@ -603,3 +609,68 @@ def test_a_key_that_is_not_text_does_not_hide_the_keys_after_it() -> None:
 def test_a_utm_tag_that_is_not_text_is_left_in_the_fields() -> None:
     lead = normalize("f", {"email": "a@b.kz", "utm_source": {"a": 1}, "x": [1]})
     assert lead.utm == {} and lead.fields["utm_source"] == {"a": 1}
+
+
+def test_a_number_written_with_plus_is_taken_as_written_not_guessed() -> None:
+    """The 8/7 guess is for numbers typed without a country code: "+8 701 …" names country
+    code 8…, not +7, and is refused rather than made someone else's number."""
+    assert _parsed_e164("+8 701 123 45 67", None) is None
+    assert _parsed_e164("+87011234567", "KZ") is None
+    assert _parsed_e164("8 701 123 45 67", None) == "+77011234567"
+
+
+def test_between_two_contact_objects_the_one_whose_name_sorts_first_gives_the_contact() -> None:
+    """Equal input, equal Lead, whatever the key order: after alias order and level, by the
+    path's keys in order ("contact" before "contact ")."""
+    data = {
+        "contact ": {"phone": "+77017654321"},
+        "contact": {"phone": "+77011234567"},
+    }
+    for ordered in (data, dict(reversed(data.items()))):
+        lead = normalize("f", ordered)
+        assert lead.phone == "+77011234567"
+        assert lead.fields == {"contact ": {"phone": "+77017654321"}}
+
+
+def test_the_phone_cache_keeps_short_texts_only() -> None:
+    """Bounded memory: a repeat's phone is answered from a cache of 4,096 texts of at most 64
+    characters; a longer text (up to a field's 10,000) is parsed every time, never kept."""
+    cache = normalize_module._e164_cached
+    edge = "+7 701" + " " * 49 + "123 45 67"
+    assert len(edge) == 64
+    assert normalize_phone(edge, None) == "+77011234567"
+    assert normalize_phone(edge, None) == "+77011234567"
+    assert (cache.cache_info().currsize, cache.cache_info().hits) == (1, 1)
+    longer = "+7 701" + " " * 50 + "123 45 67"
+    assert normalize_phone(longer, None) == "+77011234567"
+    assert cache.cache_info().currsize == 1
+
+
+def flat_form(names: int, chars: int) -> dict[str, str]:
+    """A flat form with a phone and `names` field names of `chars` characters in all."""
+    filler = [f"f{n:03d}" for n in range(names - 1)]
+    filler[-1] += "x" * (chars - len("phone") - sum(map(len, filler)))
+    return {"phone": "+77011234567", **dict.fromkeys(filler, "v")}
+
+
+def test_field_name_plans_are_cached_only_for_small_sets_of_names() -> None:
+    """Bounded memory: the plan of a usual form's field names (up to 64 names, 2,048
+    characters) is worked out once; a body of more, or longer, names is worked out each time
+    and never kept, so no sender fills the cache with its names. Either way, the same lead."""
+    cache = normalize_module._cached_plan
+    for names, chars in ((64, 2048), (65, 65 * 5), (64, 2049)):
+        data = flat_form(names, chars)
+        assert (len(data), sum(map(len, data))) == (names, chars)
+        cache.cache_clear()
+        for _ in range(2):
+            lead = normalize("f", data)
+            assert lead.phone == "+77011234567" and len(lead.fields) == names - 1
+        kept = names <= 64 and chars <= 2048
+        assert (cache.cache_info().currsize, cache.cache_info().hits) == (
+            (1, 1) if kept else (0, 0)
+        ), (names, chars)
+
+
+def test_a_flat_form_with_a_name_that_is_not_text_goes_the_general_way() -> None:
+    data: dict[Any, Any] = {1: "one", "phone": "+77011234567"}
+    assert normalize("f", data) == Lead("f", "+77011234567", None, None, {}, {1: "one"})
