@@ -16,7 +16,7 @@ import pytest
 
 from service.db.store import translated
 from service.errors import BadInput, FieldError, StoreRefused, StoreUnavailable
-from service.intake.group_commit import ROLLBACK_RETRIES, GroupCommit
+from service.intake.group_commit import PRUNE_AT, ROLLBACK_RETRIES, GroupCommit
 from service.intake.spool import Spool
 
 BAD = "bad"  # an item the fake database refuses (as Postgres refuses, say, a NUL in jsonb)
@@ -349,3 +349,140 @@ async def test_the_timeout_still_works_after_every_waiter_was_answered(tmp_path:
         db.gate = asyncio.Event()  # now the database hangs
         assert await asyncio.wait_for(commit.write("b"), 5.0) is None
     assert spooled(spool) == ["b"]
+
+
+# --- the one timer and the queue, on the loop's clock moved by hand ----------------------------
+
+
+class LoopClock:
+    """The running loop's clock, moved only by the test: a timer fires once the clock is moved
+    to its deadline, never by real time passing (nothing here sleeps)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def __enter__(self) -> LoopClock:
+        self.loop.time = self  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.loop.time  # the class's method again
+
+
+class ListSpool:
+    """A spool that keeps its entries in a list (durable at once, no file, no thread)."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    async def append(self, entry: dict[str, Any]) -> None:
+        self.items.append(entry["item"])
+
+    def close(self) -> None:
+        pass
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Let the loop run until `done()`; fail if it never is (nothing here waits for time)."""
+    for _ in range(10_000):
+        if done():
+            return
+        await asyncio.sleep(0)
+    pytest.fail("never happened")
+
+
+async def test_each_waiter_gives_up_at_its_own_deadline_and_the_timer_moves_to_the_next() -> None:
+    """No lost lead while the database hangs: every waiter is answered (from the spool) at its
+    own deadline — exactly then, not before, not with an earlier waiter's — by the one timer,
+    which re-arms for the next deadline each time."""
+    db = FakeDb()
+    db.gate = asyncio.Event()  # the database hangs
+    spool = ListSpool()
+    with LoopClock() as clock:
+        async with running(db, spool, timeout_s=2.0) as commit:  # type: ignore[arg-type]
+            deadlines: dict[str, float] = {}
+            writers: dict[str, asyncio.Task[str | None]] = {}
+            for n, name in enumerate(("a", "b", "c")):
+                deadlines[name] = clock.now + 2.0  # as write() computes it
+                writers[name] = asyncio.create_task(commit.write(name))
+                await until(lambda: len(commit._waiting) == n + 1)  # noqa: B023
+                clock.now += 0.5
+            assert db.batches == [["a"]]  # "a" hangs in its transaction; "b", "c" are queued
+            for name, later in (("a", "bc"), ("b", "c"), ("c", "")):
+                clock.now = deadlines[name]
+                await until(lambda: writers[name].done())  # noqa: B023
+                assert writers[name].result() is None
+                assert not any(writers[n].done() for n in later), "timed out with an earlier one"
+                commit.skip_database(0)  # what a second of real time would do
+            assert spool.items == ["a", "b", "c"]
+            assert commit._timer is None  # nobody left to time out
+            # the timer is armed again for the next writer
+            deadline_d = clock.now + 2.0
+            d = asyncio.create_task(commit.write("d"))
+            await until(lambda: commit._timer is not None)
+            clock.now = deadline_d
+            await until(d.done)
+            assert d.result() is None and spool.items == ["a", "b", "c", "d"]
+    assert db.batches == [["a"]]  # the queued ones, given up on, are never written
+
+
+async def test_given_up_waiters_are_dropped_from_a_long_queue_and_the_live_ones_kept() -> None:
+    """No lost lead, and no memory growing without bound, while a stalled transaction holds
+    the writer: once PRUNE_AT waiters are queued, the ones that gave up (and spooled) are dropped
+    from the queue; the ones still waiting stay and are written when the database answers. The
+    queue is pruned again only once it has doubled (linear work for a long stall)."""
+    db = FakeDb()
+    db.gate = asyncio.Event()
+    spool = ListSpool()
+    timeout_s = 2.0
+    with LoopClock() as clock:
+        async with running(db, spool, timeout_s=timeout_s) as commit:  # type: ignore[arg-type]
+            stalled = asyncio.create_task(commit.write("stalled"))
+            await until(lambda: len(db.batches) == 1)
+            doomed = [asyncio.create_task(commit.write(f"d{n}")) for n in range(PRUNE_AT - 600)]
+            await until(lambda: len(commit._queue) == len(doomed))
+            clock.now += timeout_s / 2
+            live = [asyncio.create_task(commit.write(f"l{n}")) for n in range(600)]
+            await until(lambda: len(commit._queue) == PRUNE_AT)
+            clock.now += timeout_s / 2  # the first lot and "stalled" give up; the rest wait on
+            await until(lambda: stalled.done() and all(t.done() for t in doomed))
+            assert len(spool.items) == 1 + len(doomed)
+            assert not any(t.done() for t in live)
+            commit.skip_database(0)
+            last = asyncio.create_task(commit.write("last"))
+            await until(lambda: len(commit._queue) == 601)  # pruned: the live ones and "last"
+            assert [item for item, _ in commit._queue][-1] == "last"
+            assert commit._prune_at == 2 * 600
+            db.gate.set()
+            await until(lambda: last.done() and all(t.done() for t in live))
+            assert [t.result() for t in live] == [f"ok:l{n}" for n in range(600)]
+            assert last.result() == "ok:last"
+    assert sorted(db.stored) == sorted(["stalled", "last", *(f"l{n}" for n in range(600))])
+
+
+async def test_a_full_queue_of_given_up_waiters_is_emptied_before_the_next_one_joins() -> None:
+    """Exactly PRUNE_AT waiters queued, every one given up on: the next writer finds the queue
+    pruned to nothing and is written alone when the database answers."""
+    db = FakeDb()
+    db.gate = asyncio.Event()
+    spool = ListSpool()
+    with LoopClock() as clock:
+        async with running(db, spool, timeout_s=2.0) as commit:  # type: ignore[arg-type]
+            stalled = asyncio.create_task(commit.write("stalled"))
+            await until(lambda: len(db.batches) == 1)
+            doomed = [asyncio.create_task(commit.write(f"d{n}")) for n in range(PRUNE_AT)]
+            await until(lambda: len(commit._queue) == PRUNE_AT)
+            clock.now += 2.0
+            await until(lambda: stalled.done() and all(t.done() for t in doomed))
+            commit.skip_database(0)
+            last = asyncio.create_task(commit.write("last"))
+            await until(lambda: len(commit._queue) == 1)
+            assert commit._prune_at == PRUNE_AT  # never below it
+            db.gate.set()
+            await until(last.done)
+            assert last.result() == "ok:last"
+    assert db.batches[1:] == [["last"]]

@@ -16,7 +16,14 @@ import time
 
 import pytest
 
-from service.delivery.limits import POLL_S, FrontOfLine, RateGate, SendLog, capacity_window
+from service.delivery.limits import (
+    POLL_S,
+    FrontOfLine,
+    LocalBucket,
+    RateGate,
+    SendLog,
+    capacity_window,
+)
 from service.errors import CircuitOpen
 
 HUNG_S = 5.0
@@ -45,6 +52,10 @@ class CountedBucket:
         self.released: list[int] = []
         self.shared_pauses: list[float] = []
         self.fail: Exception | None = None
+        self.ready = 0.0  # what `ready_in` says
+
+    def ready_in(self) -> float:
+        return self.ready
 
     def grant(self, n: int = 1) -> None:
         """The next `n` turns: to the callers waiting, first come first served, else kept."""
@@ -361,3 +372,77 @@ async def test_refreshes_on_an_idle_line_leave_no_waiter_behind() -> None:
         async with gate.front().slot():
             pass
     assert len(gate._firsts) == 0
+
+
+async def test_the_worker_looks_again_later_while_callers_are_queued_for_the_next_turn() -> None:
+    """Bind late without taking a queued caller's turn: with a caller queued, a turn the bucket
+    has free is that caller's, so `ready_in` says "look again after it" (POLL_S), never "now"
+    (the worker would claim a round that then waits behind the queue)."""
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    assert gate.ready_in() == 0.0  # idle: a lone lead is claimed at once
+    caller = asyncio.create_task(take(gate))
+    await settle()
+    assert gate.waiting == 1 and gate.ready_in() == POLL_S
+    bucket.ready = 0.3
+    assert gate.ready_in() == 0.3  # the bucket's own wait, when longer
+    bucket.grant(1)
+    await asyncio.wait_for(caller, HUNG_S)
+    bucket.ready = 0.0
+    assert gate.ready_in() == 0.0
+
+
+async def test_the_gate_is_idle_from_its_last_turn_and_never_while_a_caller_is_queued() -> None:
+    """The worker overlaps a round still at work only once the gate has been idle for a while
+    (`idle_for`): a gate never used has been idle for ever; one with a caller queued is not
+    idle at all; otherwise the time since the last turn was granted."""
+    bucket = CountedBucket()
+    gate = RateGate(10, bucket)
+    assert gate.idle_for() == float("inf")
+    caller = asyncio.create_task(take(gate))
+    await settle()
+    assert gate.idle_for() == 0.0  # queued: not idle, even though no turn was ever granted
+    before = time.monotonic()
+    bucket.grant(1)
+    await asyncio.wait_for(caller, HUNG_S)
+    assert 0.0 <= gate.idle_for() <= time.monotonic() - before
+
+
+async def test_a_bucket_never_used_has_a_turn_free_at_once_however_young_the_clock() -> None:
+    """A lone lead is claimed and sent at once, even on a loop clock that started moments ago
+    (the monotonic clock counts from boot) and a slow limit: the first turn is free before
+    any was taken."""
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    loop.time = lambda: 0.0  # type: ignore[method-assign]
+    try:
+        assert LocalBucket(0.01).ready_in() == 0.0  # a turn every 102 s, none taken yet
+    finally:
+        loop.time = real_time  # type: ignore[method-assign]
+
+
+def test_the_probe_may_go_at_the_instant_the_cool_down_ends() -> None:
+    """The worker claims again once `now < open_until` no longer holds (worker.py); the gate
+    must let that probe through at the same instant, not refuse the round it just claimed."""
+    clock = Clock()
+    gate = RateGate(10, CountedBucket(), clock=clock)
+    gate.open_circuit("403", 60)
+    clock.now += 59.5
+    with pytest.raises(CircuitOpen):
+        gate.check_circuit()
+    clock.now = gate.circuit.open_until
+    gate.check_circuit()
+
+
+def test_a_call_stops_counting_exactly_one_window_after_its_answer() -> None:
+    """The shared limit is kept, not undercut: a call answered `window_s` ago no longer counts,
+    so the next call may go then (a window later than that would waste a turn each second)."""
+    clock = Clock()
+    log = SendLog(1.0, clock=clock)
+    log.admit(1)
+    clock.now += 0.5
+    log.release(1)
+    clock.now += 0.5
+    assert log.count() == 1 and log.wait(1) == 0.5
+    clock.now += 0.5  # exactly one window after the answer (1000.5 → 1001.5)
+    assert log.count() == 0 and log.wait(1) == 0.0
