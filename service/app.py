@@ -420,7 +420,7 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[WORKER] = app[RUNTIME].worker = worker
     # an operator's pause holds for every process, this one from its first claim on
-    control = app[DELIVERY_CONTROL]
+    control = app[RUNTIME].control = app[DELIVERY_CONTROL]
     with contextlib.suppress(StoreUnavailable):
         await control.read()
     control.follow(lambda paused: _apply_pause(worker, paused))

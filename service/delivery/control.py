@@ -5,6 +5,9 @@ memory, a pause left the other processes sending and was forgotten by a restart.
 in `delivery_control` (sql/migrations/009_delivery_control.sql); a change is announced on a NOTIFY
 channel, and each process that runs a worker applies it at once, re-reading the row at start and
 after every reconnect of its LISTEN connection (so a missed notification cannot leave it wrong).
+While that connection is down (say, DATABASE_DIRECT_URL unreachable while the pool still works),
+the row is read every `POLL_S` instead, and /readyz names the failing LISTEN: a pause still
+reaches a process that cannot hear the NOTIFY.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from service.db.admin_store import Switch, read_switch, set_switch
 from service.db.database import listen_forever
 from service.db.store import Pool
 from service.errors import StoreUnavailable
+from service.logs import Trouble
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "crm_relay_delivery"
+POLL_S = 5.0  # how often the switch is read while the LISTEN connection is down
 
 
 class DeliveryControl:
@@ -38,6 +43,9 @@ class DeliveryControl:
         self.changed_by = ""
         self._followers: list[Callable[[bool], None]] = []
         self._reads: set[asyncio.Task[Any]] = set()
+        self.listen_trouble = Trouble(
+            log, f"delivery pause: LISTEN {CHANNEL}", "delivery_control_listen_down"
+        )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -61,8 +69,22 @@ class DeliveryControl:
         apply(self.paused)
 
     async def run(self) -> None:
-        """Follow changes made by any process, until cancelled."""
-        await listen_forever(self.dsn, CHANNEL, self._changed)
+        """Follow changes made by any process, until cancelled: on each NOTIFY, and by reading
+        the switch every `POLL_S` while the LISTEN connection is down."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(listen_forever(self.dsn, CHANNEL, self._changed, self.listen_trouble))
+            group.create_task(self._poll_while_deaf())
+
+    def problems(self) -> list[str]:
+        """Why a pause may reach this process late (/readyz, the alerts): its LISTEN failing."""
+        reason = self.listen_trouble.reason()
+        return [] if reason is None else [reason]
+
+    async def _poll_while_deaf(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            if self.listen_trouble.failing:
+                await self._reread()
 
     def _changed(self, *_notification: object) -> None:
         task = asyncio.ensure_future(self._reread())

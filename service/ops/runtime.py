@@ -12,6 +12,7 @@ from aiohttp import web
 from service.cluster.processes import Cluster
 from service.db.event_store import EventStore
 from service.db.store import Store
+from service.delivery.control import DeliveryControl
 from service.delivery.limits import RateGate
 from service.delivery.worker import Worker
 from service.intake.ingest import Intake
@@ -29,6 +30,7 @@ class Runtime:
     gate: RateGate | None = None
     worker: Worker | None = None
     worker_expected: bool = True
+    control: DeliveryControl | None = None  # the cluster's pause switch the worker follows
     events: EventIntake | None = None
     event_store: EventStore | None = None
     forwarder: Forwarder | None = None
@@ -51,6 +53,8 @@ class Runtime:
         ):
             if expected:
                 found = [f"{name} not running"] if loop is None else loop.problems()
+                if name == "worker" and self.control is not None:
+                    found += self.control.problems()
                 if found:
                     parts[name] = found
         beat = self.cluster.beat_trouble.reason() if self.cluster is not None else None
