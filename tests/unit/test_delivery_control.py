@@ -6,7 +6,8 @@ itself is tests/integration/test_admin.py's."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import pytest
@@ -59,6 +60,18 @@ def listen(up: bool) -> Callable[..., Any]:
     return listen_forever
 
 
+@contextlib.asynccontextmanager
+async def following(control: DeliveryControl) -> AsyncIterator[None]:
+    """`control` following the switch (as the worker's process does) until the block ends."""
+    task = asyncio.create_task(control.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_a_pause_reaches_a_process_whose_listen_connection_is_down(
     database: FakeDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,8 +79,7 @@ async def test_a_pause_reaches_a_process_whose_listen_connection_is_down(
     control = DeliveryControl(pool=None, dsn="postgresql://direct")
     applied: list[bool] = []
     control.follow(applied.append)
-    following = asyncio.create_task(control.run())
-    try:
+    async with following(control):
         # an operator pauses through another process: this one cannot hear the NOTIFY
         database.switch = Switch(paused=True, changed_at=None, changed_by="ops")
 
@@ -76,14 +88,9 @@ async def test_a_pause_reaches_a_process_whose_listen_connection_is_down(
 
         await wait_for(paused, timeout=10, every=0.01)
         # and /readyz says why a pause may come late here (the worker's part, its alert)
-        rt = Runtime(worker=cast(Worker, FakeWorker()), forwarder_expected=False, control=control)
-        [reason] = rt.stopped_parts()["worker"]
+        [reason] = runtime(control).stopped_parts()["worker"]
         assert reason.startswith("delivery pause: LISTEN crm_relay_delivery failing for ")
         assert reason.endswith("cannot connect: ConnectionRefusedError(111)")
-    finally:
-        following.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await following
 
 
 async def test_with_its_listen_connection_up_the_switch_is_not_polled(
@@ -91,8 +98,7 @@ async def test_with_its_listen_connection_up_the_switch_is_not_polled(
 ) -> None:
     monkeypatch.setattr(control_module, "listen_forever", listen(up=True))
     control = DeliveryControl(pool=None, dsn="postgresql://direct")
-    following = asyncio.create_task(control.run())
-    try:
+    async with following(control):
 
         async def connected() -> bool:
             return database.reads == 1
@@ -101,10 +107,9 @@ async def test_with_its_listen_connection_up_the_switch_is_not_polled(
         for _ in range(5):  # five poll intervals: the NOTIFY, not the timer, carries changes
             await asyncio.sleep(0.01)
         assert database.reads == 1
-        assert control.problems() == []
-        rt = Runtime(worker=cast(Worker, FakeWorker()), forwarder_expected=False, control=control)
-        assert rt.stopped_parts() == {}
-    finally:
-        following.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await following
+        assert control.problems() == [] and runtime(control).stopped_parts() == {}
+
+
+def runtime(control: DeliveryControl) -> Runtime:
+    """A process running a worker (that works) and no forwarder, following `control`."""
+    return Runtime(worker=cast(Worker, FakeWorker()), forwarder_expected=False, control=control)
