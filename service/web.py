@@ -40,19 +40,22 @@ def is_ops_path(path: str) -> bool:
     return path in OPS_PATHS or path.startswith("/admin/")
 
 
+def arrived_on(request: web.Request, port: int) -> bool:
+    """Whether the request came in on `port`: the connection's own local port, not a header."""
+    transport = request.transport
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    return isinstance(local, tuple) and len(local) >= 2 and local[1] == port
+
+
 def split_ports(ops_port: int) -> Middleware:
     """A middleware: 404 for an ops path on the public port and for anything else but the
-    probes on `ops_port` (the connection's own local port decides, not a header)."""
+    probes on `ops_port`."""
 
     @web.middleware
     async def split(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path not in PROBES:
-            transport = request.transport
-            local = transport.get_extra_info("sockname") if transport is not None else None
-            on_ops = isinstance(local, tuple) and len(local) >= 2 and local[1] == ops_port
-            if on_ops != is_ops_path(path):
-                raise web.HTTPNotFound()
+        if path not in PROBES and arrived_on(request, ops_port) != is_ops_path(path):
+            raise web.HTTPNotFound()
         return await handler(request)
 
     return split

@@ -20,7 +20,7 @@ from service.delivery.worker import Worker
 from service.errors import StoreUnavailable
 from service.ops.metrics import METRICS
 from service.ops.runtime import RUNTIME, Runtime
-from service.web import SETTINGS, answer
+from service.web import SETTINGS, answer, arrived_on
 from service.webhooks.forwarder import Forwarder
 
 if TYPE_CHECKING:  # webhooks imports intake, as we do; only the type is needed here
@@ -36,9 +36,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready or not, and why not. With OPS_PORT set, the public port answers the bare verdict:
+    the reasons (a database error, a host that cannot be reached) are for the internal one."""
     rt = request.app[RUNTIME]
     reasons = await _not_ready(rt)
-    return answer({"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200)
+    body: dict[str, Any] = {"ready": not reasons}
+    ops_port = request.app[SETTINGS].http.ops_port
+    if ops_port is None or arrived_on(request, ops_port):
+        body["reasons"] = reasons
+    return answer(body, status=503 if reasons else 200)
 
 
 async def _not_ready(rt: Runtime) -> list[str]:

@@ -17,6 +17,7 @@ from yarl import URL
 from service import logs
 from service.db.database import create_pool
 from service.db.store import Store, StoredTokens
+from service.ops.runtime import RUNTIME
 from tests.conftest import Service, ServiceFactory
 
 TOKEN = "admin-token-0123456789abcdef0123456789"
@@ -60,8 +61,11 @@ async def _raw_get(svc: Service, path: str, headers: bytes) -> int:
     reader, writer = await asyncio.open_connection(url.host, url.port)
     try:
         writer.write(
-            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            + headers + b"\r\n"
+            b"GET "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + headers
+            + b"\r\n"
         )
         await writer.drain()
         status_line = await reader.readline()
@@ -106,7 +110,8 @@ async def test_metrics_health_and_admin_kept_off_the_public_port(
 ) -> None:
     """/health and /metrics (queue sizes, error texts, CRM state) and the admin API were on the
     port the internet reaches, kept off it only by an Ingress's rules. With OPS_PORT they are
-    served there alone; the public port serves forms, webhooks and the bare probes."""
+    served there alone; the public port serves forms, webhooks and the bare probes (`/readyz`
+    without its reasons)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         ops_port = s.getsockname()[1]
@@ -126,6 +131,13 @@ async def test_metrics_health_and_admin_kept_off_the_public_port(
         assert r.status == 404
     status, _ = await svc.submit("contact", {"phone": "+77011234567"})
     assert status == 200
+    # not ready: why (a database error, a host) is said on the internal port alone
+    svc.app[RUNTIME].shutting_down = True
+    async with svc.http.get(f"{svc.url}/readyz") as r:
+        assert (r.status, await r.json()) == (503, {"ready": False})
+    async with svc.http.get(f"{ops}/readyz") as r:
+        assert (r.status, await r.json()) == (503, {"ready": False, "reasons": ["shutting down"]})
+    svc.app[RUNTIME].shutting_down = False
 
 
 async def test_oauth_tokens_not_readable_from_a_database_dump(
