@@ -63,6 +63,18 @@ def take_controls(rule: SpamRule, data: dict[str, Any]) -> tuple[dict[str, Any],
     return {k: v for k, v in data.items() if k not in used}, Controls(**taken)
 
 
+# every reason a submission is kept as spam for (the `spam` table's `reason`, the metric's label)
+REASONS = (
+    "honeypot",
+    "no_render_time",
+    "too_fast",
+    "rate_limited",
+    "captcha_missing",
+    "captcha_failed",
+    "captcha_unavailable",
+)
+
+
 def captcha_field(rule: SpamRule) -> str | None:
     if rule.captcha is None:
         return None

@@ -29,6 +29,7 @@ from service.cluster.processes import list_processes
 from service.db.admin_store import AdminStore
 from service.db.store import QueueCounts
 from service.errors import StoreUnavailable
+from service.intake.spam import REASONS
 from service.ops.runtime import Runtime
 
 ATTEMPT_BUCKETS = (1, 2, 3, 5, 8, 12, 20)
@@ -134,6 +135,13 @@ class RuntimeCollector:
         yield subs
         if intake is None:
             return
+        spam = CounterMetricFamily(
+            "crm_relay_spam", "Submissions kept as spam, by reason", labels=["reason"]
+        )
+        caught = intake.guard.counts
+        for reason in sorted(set(REASONS) | set(caught)):  # reasons are ours, never a client's
+            spam.add_metric([reason], caught.get(reason, 0))
+        yield spam
         yield _counter(
             "crm_relay_lock_waits", "Key-lock acquisitions that waited", intake.locks.waits
         )

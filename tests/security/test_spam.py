@@ -13,6 +13,7 @@ import pytest
 from service.settings import FormRule, SpamRule
 from service.simulators.amocrm.server import AmoCrmSimulator
 from tests.conftest import Service, ServiceFactory, wait_for
+from tests.integration.test_metrics import scrape, value
 from tests.security.captcha_vendor import SECRET, FakeVendor, vendor
 
 __all__ = ["vendor"]  # the fixture, used by name
@@ -64,6 +65,10 @@ async def test_bot_filling_the_honeypot_never_reaches_the_crm(
     await delivered(sim, 1)
     assert await spam_rows(db) == [("honeypot", "+77014440001")]
     assert await submissions(db) == 1
+    # counted by reason for the dashboards (every reason there from the start, at 0)
+    m = await scrape(svc)
+    assert value(m, "crm_relay_spam_total", reason="honeypot") == 1
+    assert value(m, "crm_relay_spam_total", reason="too_fast") == 0
     stored = await db.fetchval("SELECT lead FROM submissions")
     assert "website" not in stored, "the control field is not the person's data"
     assert [lead.name for lead in sim.store.leads.values()] != [] and len(sim.store.leads) == 1
