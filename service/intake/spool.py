@@ -139,16 +139,11 @@ class Spool:
                     f.set_result(None)
 
     def pending_files(self) -> list[Path]:
-        if not self.directory.exists():
-            return []
+        # a directory not made yet globs to nothing
         return sorted(self.directory.glob("spool-*.jsonl"))
 
     def pending_bytes(self) -> int:
-        total = 0
-        for p in self.pending_files():
-            with contextlib.suppress(OSError):
-                total += p.stat().st_size
-        return total
+        return _bytes_in(self.pending_files())
 
     async def _rotate(self) -> None:
         async with self._lock:
@@ -276,15 +271,10 @@ class Spool:
         )
 
     def quarantine_files(self) -> list[Path]:
-        # a folder not made yet globs to nothing
         return sorted((self.directory / QUARANTINE).glob("quarantine-*.jsonl"))
 
     def quarantine_bytes(self) -> int:
-        total = 0
-        for p in self.quarantine_files():
-            with contextlib.suppress(OSError):
-                total += p.stat().st_size
-        return total
+        return _bytes_in(self.quarantine_files())
 
     def quarantined_entries(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` quarantined entries: when, from which file, why, what (its start)."""
@@ -347,6 +337,15 @@ async def _database_answers(exc: Exception, ping: Ping | None) -> None:
             await ping()
     except (StoreUnavailable, TimeoutError) as down:
         raise StoreUnavailable(f"database away while draining the spool: {down}") from exc
+
+
+def _bytes_in(paths: list[Path]) -> int:
+    """The files' sizes together; one drained or expired away meanwhile counts nothing."""
+    total = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total
 
 
 def _describe(exc: Exception) -> str:

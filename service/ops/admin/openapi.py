@@ -77,6 +77,7 @@ DEAD_FILTER = [
     _query("since", "died at or after (ISO 8601; no zone = UTC)", TIME),
     _query("until", "died before (ISO 8601)", TIME),
 ]
+JOB_STATE = _query("state", "pending | running | done | dead")
 BAD = {"400": {"description": "a parameter cannot be used", "content": _error()}}
 NOT_FOUND = {"404": {"description": "no such dead letter", "content": _error()}}
 
@@ -133,7 +134,7 @@ def _paths() -> Json:
             "get": _op(
                 "Jobs by state",
                 "most recently changed first",
-                params=[_query("state", "pending | running | done | dead"), LIMIT],
+                params=[JOB_STATE, LIMIT],
                 errors=BAD,
             )
         },
@@ -243,7 +244,7 @@ def _panel_paths(api: str) -> Json:
             "get": _op(
                 "Forwards out (events POSTed downstream), newest first",
                 "list",
-                params=[_query("state", "pending | running | done | dead"), LIMIT],
+                params=[JOB_STATE, LIMIT],
                 errors=BAD,
             )
         },
